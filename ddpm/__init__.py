@@ -1,0 +1,17 @@
+"""ddpm: a small library for denoising diffusion models (tensors in, tensors out).
+
+Modules, one job each:
+  schedules    β schedules in float64
+  diffusion    tables, forward process q_sample, posterior, x0/ε/v conversions, respacing
+  predictions  model output → (x̂_0, ε̂) for prediction = eps | x0 | v | mean
+  objectives   training losses
+  unet         the DDPM U-Net
+  samplers     the sampling loop and one step function per sampler
+  training     the training loop (AdamW, warm-up, clipping, EMA)
+  checkpoint   self-describing, atomically written checkpoints
+  data         data sets as uint8 tensors
+  classifier   the feature-extractor classifier for offline FID
+  metrics      FID / KID / IS through torch-fidelity
+
+It never imports YAML, Typer, DVC or MLflow.
+"""

@@ -1,0 +1,62 @@
+"""Self-describing checkpoints.
+
+A checkpoint is one ``torch.save`` file holding plain data only, so it loads with
+``weights_only=True``:
+
+    {"format": FORMAT, "step": int, "config": {...}, "model": state_dict, ...extra}
+
+(a diffusion model adds "ema", the EMA weights).
+
+``config`` holds everything needed to rebuild the network and the diffusion
+(``config["unet"]`` is a ``UNetConfig`` as a dict). Files are written to a temporary
+name and renamed into place, so a crash never leaves a half-written checkpoint.
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "ddpm-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or not one of ours."""
+
+
+def atomic_save(obj, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path, *, step: int, config: dict, model: dict, **extra) -> None:
+    atomic_save({"format": FORMAT, "step": step, "config": config, "model": model, **extra}, path)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load and check a checkpoint; raises ``CheckpointError`` naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, pickle of foreign objects, …
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
+    missing = {"step", "config", "model"} - ckpt.keys()
+    if missing:
+        raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
+    return ckpt

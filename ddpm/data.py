@@ -1,0 +1,179 @@
+"""Data sets as uint8 tensors.
+
+Every loader returns a ``Split``: images uint8 [N, C, H, W], labels int64 [N] and the
+class names. Reading goes through torchvision's own dataset classes (its IDX, CIFAR
+pickle and image-folder readers); downloads happen only when asked for.
+
+- ``fashion_mnist`` / ``mnist``: a folder with the four IDX files
+  ({train,t10k}-{images-idx3,labels-idx1}-ubyte, optionally .gz) — Debian's
+  ``dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist — else
+  torchvision's download into ``cache``.
+- ``cifar10``: a folder holding ``cifar-10-batches-py`` (python pickle batches), else
+  torchvision's download.
+- ``folder``: an image folder, one sub-folder per class; resized and centre-cropped to
+  ``image_size``; the test split is a seeded ``test_fraction`` of it.
+"""
+
+import gzip
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torchvision.transforms import v2 as T
+
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+SPLITS = ("train", "test")
+
+
+class DataError(ValueError):
+    """Data files are missing or unreadable."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # uint8 [N, C, H, W]
+    labels: torch.Tensor  # int64 [N]
+    classes: list[str]
+
+    def validate(self, name: str = "split") -> "Split":
+        im, lb = self.images, self.labels
+        if not (isinstance(im, torch.Tensor) and im.dtype == torch.uint8 and im.ndim == 4):
+            raise DataError(f"{name}: images must be a uint8 tensor [N, C, H, W]")
+        if im.shape[1] not in (1, 3):
+            raise DataError(f"{name}: images must have 1 or 3 channels, got {im.shape[1]}")
+        if not (isinstance(lb, torch.Tensor) and lb.ndim == 1 and lb.shape[0] == im.shape[0]):
+            raise DataError(f"{name}: labels must be a tensor [N] matching {im.shape[0]} images")
+        if im.shape[0] == 0:
+            raise DataError(f"{name}: no images")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"images": self.images, "labels": self.labels, "classes": list(self.classes)}
+
+
+def save_split(split: Split, path) -> None:
+    from ddpm.checkpoint import atomic_save
+
+    atomic_save(split.validate(str(path)).to_dict(), path)
+
+
+def load_split(path) -> Split:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (run the prepare stage first)")
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        split = Split(d["images"], d["labels"].long(), list(d["classes"]))
+    except Exception as e:
+        raise DataError(f"data file {path} is corrupt or not a prepared split: {e}") from e
+    return split.validate(str(path))
+
+
+# ------------------------------------------------------------------ MNIST-like IDX
+def _stage_idx_files(src: Path, raw: Path) -> None:
+    """Copy (decompressing .gz) the four IDX files into torchvision's raw/ layout."""
+    raw.mkdir(parents=True, exist_ok=True)
+    for name in IDX_FILES:
+        dst = raw / name
+        if dst.exists():
+            continue
+        plain, gz = src / name, src / f"{name}.gz"
+        tmp = raw / f".{name}.tmp"
+        if plain.is_file():
+            shutil.copyfile(plain, tmp)
+        else:
+            with gzip.open(gz, "rb") as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        tmp.replace(dst)
+
+
+def _has_idx_files(src: Path) -> bool:
+    return all((src / n).is_file() or (src / f"{n}.gz").is_file() for n in IDX_FILES)
+
+
+def load_mnist_like(name: str, root, cache, download: bool = False) -> dict[str, Split]:
+    cls = {"fashion_mnist": torchvision.datasets.FashionMNIST, "mnist": torchvision.datasets.MNIST}[name]
+    root, cache = Path(root), Path(cache)
+    raw = cache / cls.__name__ / "raw"
+    if _has_idx_files(root):
+        try:
+            _stage_idx_files(root, raw)
+        except (OSError, EOFError, gzip.BadGzipFile) as e:
+            shutil.rmtree(raw, ignore_errors=True)
+            raise DataError(f"cannot read IDX files in {root}: {e}") from e
+    elif not download:
+        raise DataError(f"no {name} IDX files ({', '.join(IDX_FILES)}[.gz]) in {root}, and download is off")
+    out = {}
+    for split in SPLITS:
+        try:
+            ds = cls(root=str(cache), train=split == "train", download=download)
+        except Exception as e:  # torchvision asserts on malformed IDX headers
+            raise DataError(f"cannot load {name} {split} split from {root} (staged in {raw}): {e!r}") from e
+        out[split] = Split(ds.data[:, None].contiguous(), ds.targets.long(), list(ds.classes)).validate(f"{name}/{split}")
+    return out
+
+
+# ------------------------------------------------------------------ CIFAR-10
+class _CIFAR10(torchvision.datasets.CIFAR10):
+    """torchvision's CIFAR-10 reader; integrity means the batch files exist (md5 checked only on download)."""
+
+    def _check_integrity(self) -> bool:
+        base = Path(self.root) / self.base_folder
+        return all((base / f).is_file() for f, _ in self.train_list + self.test_list)
+
+
+def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
+    root = Path(root)
+    where = root if (root / "cifar-10-batches-py").is_dir() else Path(cache)
+    if not (where / "cifar-10-batches-py").is_dir() and not download:
+        raise DataError(f"no cifar-10-batches-py folder in {root}, and download is off")
+    out = {}
+    for split in SPLITS:
+        try:
+            cls = torchvision.datasets.CIFAR10 if download and where == Path(cache) else _CIFAR10
+            ds = cls(root=str(where), train=split == "train", download=download and where == Path(cache))
+        except Exception as e:
+            raise DataError(f"cannot load cifar10 {split} split from {where}: {e}") from e
+        images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
+        out[split] = Split(images, torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)).validate(f"cifar10/{split}")
+    return out
+
+
+# ------------------------------------------------------------------ image folder
+def load_image_folder(root, image_size: int, channels: int, test_fraction: float, seed: int) -> dict[str, Split]:
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist")
+    if image_size < 1:
+        raise DataError("an image folder needs data.image_size >= 1")
+    tf = [T.Resize(image_size), T.CenterCrop(image_size)]
+    if channels == 1:
+        tf.append(T.Grayscale(1))
+    try:
+        ds = torchvision.datasets.ImageFolder(str(root), transform=T.Compose([T.PILToTensor(), *tf]))
+        images = torch.stack([ds[i][0] for i in range(len(ds))])
+    except Exception as e:
+        raise DataError(f"cannot read image folder {root}: {e}") from e
+    if images.shape[1] != channels:
+        images = images[:, :1].expand(-1, 3, -1, -1) if channels == 3 else images[:, :channels]
+    labels = torch.tensor(ds.targets, dtype=torch.long)
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))
+    n_test = max(1, round(test_fraction * len(ds)))
+    if n_test >= len(ds):
+        raise DataError(f"image folder {root} has {len(ds)} images: too few for a test split")
+    test_idx, train_idx = perm[:n_test].sort().values, perm[n_test:].sort().values
+    return {
+        "train": Split(images[train_idx].contiguous(), labels[train_idx], list(ds.classes)).validate("folder/train"),
+        "test": Split(images[test_idx].contiguous(), labels[test_idx], list(ds.classes)).validate("folder/test"),
+    }
+
+
+def resize_split(split: Split, image_size: int) -> Split:
+    """Resize square images to ``image_size`` (antialiased bilinear)."""
+    if image_size in (0, split.images.shape[-1]):
+        return split
+    images = T.functional.resize(split.images, [image_size, image_size], antialias=True)
+    return Split(images.contiguous(), split.labels, split.classes)

@@ -1,0 +1,63 @@
+"""One conversion layer between what the network outputs and what samplers and
+losses need.
+
+``prediction`` names the network's target:
+- ``eps``  the noise ε (Ho et al. 2020, eq. 11)
+- ``x0``   the clean image x_0
+- ``v``    v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0 (Salimans & Ho 2022)
+- ``mean`` the posterior mean μ̃_t(x_t, x_0) directly (Ho et al. 2020, Table 2)
+
+``to_prediction`` turns a raw output into x̂_0 and ε̂ (both always available), and
+``training_target`` gives the regression target for L_simple-style losses.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, v_from_x0_eps, x0_from_eps,
+                            x0_from_posterior_mean, x0_from_v)
+
+PREDICTIONS = ("eps", "x0", "v", "mean")
+
+
+@dataclass
+class Prediction:
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                  clip_x0: bool = False) -> Prediction:
+    """Model output → (x̂_0, ε̂). With ``clip_x0`` x̂_0 is clamped to [-1, 1] and ε̂ recomputed from it."""
+    if prediction == "eps":
+        x0 = x0_from_eps(d, xt, t, output)
+        eps = output
+    elif prediction == "x0":
+        x0, eps = output, None
+    elif prediction == "v":
+        x0, eps = x0_from_v(d, xt, t, output), None
+    elif prediction == "mean":
+        x0, eps = x0_from_posterior_mean(d, xt, t, output), None
+    else:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if clip_x0:
+        x0 = x0.clamp(-1.0, 1.0)
+        eps = None
+    if eps is None:
+        eps = eps_from_x0(d, xt, t, x0)
+    return Prediction(x0=x0, eps=eps)
+
+
+def training_target(d: Diffusion, prediction: str, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                    noise: torch.Tensor) -> torch.Tensor:
+    """What the network regresses onto for ``prediction``."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return v_from_x0_eps(d, x0, t, noise)
+    if prediction == "mean":
+        return q_posterior_mean_variance(d, x0, xt, t)[0]
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")

@@ -1,0 +1,154 @@
+"""The DDPM U-Net (Ho et al. 2020, Appendix B), sized by ``UNetConfig``.
+
+A PixelCNN++-style U-Net: per resolution level ``num_res_blocks`` residual blocks
+(GroupNorm → SiLU → 3×3 conv, with the sinusoidal timestep embedding added after the
+first conv, dropout before the second), self-attention at the resolutions listed in
+``attn_resolutions``, and skip connections from every block of the encoder into the
+decoder. ``ch_mult[i]`` multiplies the base width ``ch`` at level i; each level but
+the last halves the resolution. The DDPM CIFAR-10 model is ch=128,
+ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1 (35.7M
+parameters). The image size and channel counts come from the data and the objective,
+not from the config.
+"""
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class UNetConfig:
+    ch: int = 64
+    ch_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (14,)
+    dropout: float = 0.1
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
+        return d
+
+    def validate(self, image_size: int) -> None:
+        levels = len(self.ch_mult)
+        if self.ch < 1 or self.num_res_blocks < 1 or levels < 1 or min(self.ch_mult) < 1:
+            raise ValueError("model: ch, num_res_blocks and every ch_mult entry must be >= 1")
+        if image_size % 2 ** (levels - 1):
+            raise ValueError(f"model: image size {image_size} is not divisible by 2^{levels - 1} "
+                             f"(ch_mult has {levels} levels)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017; DDPM's get_timestep_embedding)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(math.gcd(32, channels), channels)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, temb_dim: int, dropout: float):
+        super().__init__()
+        self.norm1, self.conv1 = norm(cin), nn.Conv2d(cin, cout, 3, padding=1)
+        self.temb = nn.Linear(temb_dim, cout)
+        self.norm2, self.drop = norm(cout), nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, temb):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.temb(F.silu(temb))[:, :, None, None]
+        h = self.conv2(self.drop(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H·W positions, with a residual connection."""
+
+    def __init__(self, ch: int):
+        super().__init__()
+        self.norm, self.qkv, self.proj = norm(ch), nn.Conv2d(ch, 3 * ch, 1), nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
+        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+
+
+class Block(nn.Module):
+    """A ResBlock, followed by attention when the level asks for it."""
+
+    def __init__(self, cin, cout, temb_dim, dropout, attn: bool):
+        super().__init__()
+        self.res = ResBlock(cin, cout, temb_dim, dropout)
+        self.attn = AttnBlock(cout) if attn else nn.Identity()
+
+    def forward(self, x, temb):
+        return self.attn(self.res(x, temb))
+
+
+class UNet(nn.Module):
+    def __init__(self, config: UNetConfig, *, image_size: int, in_channels: int, out_channels: int):
+        super().__init__()
+        config.validate(image_size)
+        self.config = c = config
+        temb_dim = 4 * c.ch
+        self.temb = nn.Sequential(nn.Linear(c.ch, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
+        self.conv_in = nn.Conv2d(in_channels, c.ch, 3, padding=1)
+
+        # Encoder: record the channels of every activation pushed onto the skip stack.
+        self.down = nn.ModuleList()
+        skips, cur, res = [c.ch], c.ch, image_size
+        for level, mult in enumerate(c.ch_mult):
+            for _ in range(c.num_res_blocks):
+                self.down.append(Block(cur, c.ch * mult, temb_dim, c.dropout, res in c.attn_resolutions))
+                cur = c.ch * mult
+                skips.append(cur)
+            if level != len(c.ch_mult) - 1:
+                self.down.append(nn.Conv2d(cur, cur, 3, stride=2, padding=1))
+                res //= 2
+                skips.append(cur)
+
+        self.mid = nn.ModuleList([Block(cur, cur, temb_dim, c.dropout, True), Block(cur, cur, temb_dim, c.dropout, False)])
+
+        # Decoder: one more block per level than the encoder, each eating one skip.
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.ch_mult))):
+            for _ in range(c.num_res_blocks + 1):
+                self.up.append(Block(cur + skips.pop(), c.ch * mult, temb_dim, c.dropout, res in c.attn_resolutions))
+                cur = c.ch * mult
+            if level != 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(cur, cur, 3, padding=1)))
+                res *= 2
+        self.norm_out, self.conv_out = norm(cur), nn.Conv2d(cur, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        temb = self.temb(timestep_embedding(t, self.config.ch))
+        h = self.conv_in(x)
+        hs = [h]
+        for layer in self.down:
+            h = layer(h, temb) if isinstance(layer, Block) else layer(h)
+            hs.append(h)
+        for layer in self.mid:
+            h = layer(h, temb)
+        for layer in self.up:
+            h = layer(torch.cat([h, hs.pop()], dim=1), temb) if isinstance(layer, Block) else layer(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

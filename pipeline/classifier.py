@@ -1,0 +1,32 @@
+"""Stage `classifier`: train the feature-extractor classifier for offline FID and
+report its test accuracy."""
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import save_checkpoint
+from ddpm.classifier import Classifier, accuracy, train_classifier
+from ddpm.data import load_split
+from pipeline.common import progress, resolve_device, write_json
+from pipeline.params import for_stage, load_params
+
+
+def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: str) -> None:
+    c = for_stage(load_params(params_path), "classifier").classifier
+    train, test = load_split(data_dir / "train.pt"), load_split(data_dir / "test.pt")
+    dev = resolve_device(device)
+    torch.manual_seed(c.seed)
+    model = Classifier(c.arch, in_channels=train.images.shape[1], num_classes=len(train.classes))
+    start = time.perf_counter()
+    with progress(c.steps, "classifier") as bar:
+        losses = train_classifier(model, train.images, train.labels, steps=c.steps, batch_size=c.batch_size,
+                                  lr=c.lr, seed=c.seed, device=dev, progress=bar)
+    acc = accuracy(model, test.images, test.labels, dev)
+    config = {"classifier": {"arch": asdict(c.arch), "in_channels": train.images.shape[1],
+                             "num_classes": len(train.classes)}, "classes": train.classes}
+    save_checkpoint(out, step=c.steps, config=config, model={k: v.cpu() for k, v in model.state_dict().items()})
+    write_json(metrics, {"test_accuracy": round(acc, 6), "final_loss": round(losses[-1][1], 6)})
+    print(f"classifier: test accuracy {acc:.4f} after {c.steps} steps ({time.perf_counter() - start:.0f} s) → {out}")

@@ -1,0 +1,124 @@
+"""The command line: ``python -m pipeline <stage> [options]``, one command per DVC stage.
+
+Heavy imports (torch, mlflow, torch-fidelity) happen inside the commands so that
+``--help`` stays instant. Expected failures (bad params, missing or corrupt files)
+print one line naming the key or file and exit with status 1.
+"""
+
+import functools
+import sys
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
+DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
+def clear_errors(fn):
+    """Turn expected errors into a one-line message and exit status 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from ddpm.checkpoint import CheckpointError
+        from ddpm.data import DataError
+        from pipeline.params import ParamsError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ParamsError, DataError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError,
+                RuntimeError) as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@app.command()
+@clear_errors
+def prepare(params: Path = PARAMS,
+            out: Path = typer.Option(Path("data/prepared"), help="folder for train.pt, test.pt, info.json")):
+    """Read the data set (data.*) and write its train/test splits."""
+    from pipeline import prepare as stage
+
+    stage.main(params, out)
+
+
+@app.command()
+@clear_errors
+def classifier(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared"), help="prepared data folder"),
+               out: Path = typer.Option(Path("models/classifier.pt")),
+               metrics: Path = typer.Option(Path("metrics/classifier.json")), device: str = DEVICE):
+    """Train the feature-extractor classifier used for offline FID (classifier.*)."""
+    from pipeline import classifier as stage
+
+    stage.main(params, data, out, metrics, device)
+
+
+@app.command()
+@clear_errors
+def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/train.pt")),
+          out: Path = typer.Option(Path("models/model.pt"), help="checkpoint to write"),
+          metrics: Path = typer.Option(Path("metrics/train.json")),
+          plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
+          timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
+          device: str = DEVICE):
+    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, model.*, train.*)."""
+    from pipeline import train as stage
+
+    stage.main(params, data, out, metrics, plot, timing, device)
+
+
+@app.command()
+@clear_errors
+def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+           sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
+           steps: int = typer.Option(..., help="number of sampling steps"),
+           out: Path = typer.Option(..., help="folder for samples.pt, grid.png, info.json"), device: str = DEVICE):
+    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>)."""
+    from pipeline import sample as stage
+
+    stage.main(params, checkpoint, sampler, steps, out, device)
+
+
+@app.command()
+@clear_errors
+def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.pt of one cell"),
+        reference: Path = typer.Option(Path("data/prepared/test.pt")),
+        classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
+        out: Path = typer.Option(..., help="metrics JSON of the cell"), device: str = DEVICE):
+    """FID, KID and Inception Score of one cell against the test split (fid.*)."""
+    from pipeline import fid as stage
+
+    stage.main(params, samples, reference, classifier, out, device)
+
+
+@app.command()
+@clear_errors
+def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells")),
+           metrics: Path = typer.Option(Path("metrics/fid.json")),
+           plot: Path = typer.Option(Path("plots/fid_vs_steps.csv")),
+           figure: Path = typer.Option(Path("reports/fid_vs_steps.png")),
+           markdown: Path = typer.Option(Path("reports/report.md"))):
+    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and a table."""
+    from pipeline import report as stage
+
+    stage.main(params, cells, metrics, plot, figure, markdown)
+
+
+@app.command()
+@clear_errors
+def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                                                 help="default: sqlite:///<repo root>/mlflow.db"),
+        experiment: str = typer.Option("ddpm", help="MLflow experiment name")):
+    """Log this pipeline run to MLflow: params, metrics, loss curve, grids, plots."""
+    from pipeline import log as stage
+
+    stage.main(params, tracking_uri, experiment)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,81 @@
+"""Small helpers shared by the stage commands: devices, files, progress, repo root."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return torch.device(device)
+
+
+def write_atomic(path, data: bytes | str) -> None:
+    """Write to a temporary file beside ``path``, then rename over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist (has the stage that writes it run?)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def write_csv(path, header: list[str], rows) -> None:
+    lines = [",".join(header)] + [",".join(str(v) for v in r) for r in rows]
+    write_atomic(path, "\n".join(lines) + "\n")
+
+
+@contextmanager
+def progress(total: int, desc: str):
+    """A tqdm bar that stays readable in logs: redrawn at most every 10 s off a terminal."""
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=total, desc=desc, mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive,
+               ascii=not interactive)
+    try:
+        yield bar.update
+    finally:
+        bar.close()
+
+
+def repo_root() -> Path:
+    """The project root: DVC_ROOT for stages (mapped back out of DVC's temporary
+    experiment workspaces under .dvc/tmp/exps), else the working directory."""
+    root = Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def git_revision(cwd=None) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"

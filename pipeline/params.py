@@ -1,0 +1,200 @@
+"""The schema of params.yaml, its validation, and per-stage views.
+
+``load_params`` validates the whole file before any work: an unknown key, a wrong
+type or an invalid choice raises ``ParamsError`` naming the key and, for choices, the
+allowed values. ``for_stage`` returns a view of the params restricted to the keys the
+stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the tests):
+reading an undeclared key fails loudly instead of letting the stage go stale.
+"""
+
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ddpm.classifier import ClassifierConfig
+from ddpm.data import DATASETS
+from ddpm.schedules import SCHEDULES
+from ddpm.training import TrainConfig
+from ddpm.unet import UNetConfig
+
+
+class ParamsError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(Strict):
+    name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
+    root: str = "/usr/share/datasets/fashion-mnist"
+    download: bool = True
+    image_size: int = Field(0, ge=0)  # 0 keeps the native size
+    channels: Literal[1, 3] = 1  # image folders only
+    test_fraction: float = Field(0.1, gt=0, lt=1)  # image folders only
+
+
+class ClassifierParams(Strict):
+    arch: ClassifierConfig = Field(default_factory=ClassifierConfig)
+    steps: int = Field(2000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    lr: float = Field(1.0e-3, gt=0)
+    seed: int = 0
+
+
+class DDPMSampler(Strict):
+    kind: Literal["ddpm"]
+    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
+
+
+class DDIMSampler(Strict):
+    kind: Literal["ddim"]
+    eta: float = Field(0.0, ge=0)
+
+
+SamplerParams = Annotated[Union[DDPMSampler, DDIMSampler], Field(discriminator="kind")]
+
+
+class SampleParams(Strict):
+    samplers: list[str] = Field(default_factory=lambda: ["ddpm", "ddim"], min_length=1)
+    steps: list[int] = Field(default_factory=lambda: [10, 50, 100, 1000], min_length=1)
+    num_samples: int = Field(5000, ge=2)
+    batch_size: int = Field(1000, ge=1)
+    spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
+    clip: Literal["static", "none"] = "static"
+    seed: int = 1
+
+
+class FidParams(Strict):
+    extractor: Literal["ddpm-classifier", "inception-v3-compat"] = "ddpm-classifier"
+    weights_path: str | None = None  # local Inception weights; None downloads them
+    batch_size: int = Field(500, ge=1)
+    kid_subset_size: int = Field(1000, ge=2)
+
+
+class Params(Strict):
+    seed: int = 0
+    schedule: Literal[SCHEDULES] = "linear"  # type: ignore[valid-type]
+    prediction: Literal["eps", "x0", "v", "mean"] = "eps"
+    timesteps: int = Field(1000, ge=1)
+    data: DataParams = Field(default_factory=DataParams)
+    model: UNetConfig = Field(default_factory=UNetConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    classifier: ClassifierParams = Field(default_factory=ClassifierParams)
+    sample: SampleParams = Field(default_factory=SampleParams)
+    samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {
+        "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim")})
+    fid: FidParams = Field(default_factory=FidParams)
+
+    @model_validator(mode="after")
+    def _check(self):
+        unknown = [s for s in self.sample.samplers if s not in self.samplers]
+        if unknown:
+            raise ValueError(f"sample.samplers names {unknown}, not defined under 'samplers' "
+                             f"(defined: {', '.join(self.samplers)})")
+        bad = [s for s in self.sample.steps if not 1 <= s <= self.timesteps]
+        if bad:
+            raise ValueError(f"sample.steps {bad} must lie in [1, timesteps={self.timesteps}]")
+        if len(set(self.sample.steps)) != len(self.sample.steps) or len(set(self.sample.samplers)) != len(self.sample.samplers):
+            raise ValueError("sample.samplers and sample.steps must not repeat entries")
+        for name in self.samplers:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"sampler name {name!r} must be letters, digits and '_' (it names files and metrics)")
+        try:
+            self.model.validate(self.data.image_size or {"cifar10": 32}.get(self.data.name, 28))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        return self
+
+
+def _format(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        msg = err["msg"]
+        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+            msg = "unknown key"
+        lines.append(f"  {key or '(top level)'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: Any, source: str = "params") -> Params:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping of params at the top level")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"invalid params in {source}:\n{_format(e)}") from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    return parse_params(raw, str(path))
+
+
+# --------------------------------------------------------------------------- stage views
+STAGE_PARAMS: dict[str, list[str]] = {
+    "prepare": ["data"],
+    "classifier": ["classifier"],
+    "train": ["seed", "schedule", "prediction", "timesteps", "model", "train"],
+    "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.seed",
+               "samplers.${item.sampler}"],
+    "fid": ["fid"],
+    "report": ["sample.samplers", "sample.steps"],
+}
+
+
+class View:
+    """Attribute access to ``obj`` limited to ``allowed`` dotted keys (prefixes allowed)."""
+
+    def __init__(self, obj, allowed: list[str], stage: str, prefix: str = ""):
+        self._obj, self._allowed, self._stage, self._prefix = obj, allowed, stage, prefix
+
+    def __getattr__(self, name: str):
+        key = f"{self._prefix}{name}"
+        if key in self._allowed:
+            return getattr(self._obj, name) if not isinstance(self._obj, dict) else self._obj[name]
+        if any(a.startswith(key + ".") for a in self._allowed):
+            value = getattr(self._obj, name) if not isinstance(self._obj, dict) else self._obj[name]
+            return View(value, self._allowed, self._stage, key + ".")
+        raise AttributeError(f"stage {self._stage!r} reads param {key!r}, which it does not declare "
+                             f"(declared: {', '.join(self._allowed)})")
+
+    def __getitem__(self, name: str):
+        return self.__getattr__(name)
+
+
+def for_stage(params: Params, stage: str, **item: str) -> View:
+    """The params ``stage`` may read; ``item`` fills ``${item.x}`` of a matrix stage."""
+    allowed = []
+    for key in STAGE_PARAMS[stage]:
+        for k, v in item.items():
+            key = key.replace(f"${{item.{k}}}", str(v))
+        allowed.append(key)
+    return View(params, allowed, stage)
+
+
+def to_flat_dict(params: Params) -> dict[str, Any]:
+    """``{"train.lr": 0.0002, ...}`` for logging."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            out[prefix[:-1]] = value
+
+    walk("", params.model_dump(mode="json"))
+    return out

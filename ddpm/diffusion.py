@@ -171,10 +171,12 @@ def timestep_subsequence(num_timesteps: int, steps: int, spacing: str = "linspac
         ts = (torch.linspace(0, (0.8 * T) ** 0.5, S, dtype=torch.float64) ** 2).round().long().tolist()
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
-    ts = sorted(set(min(max(t, 0), T - 1) for t in ts))
-    if len(ts) != S:
-        raise ValueError(f"spacing {spacing!r} gives only {len(ts)} distinct timesteps for steps={S}, T={T}")
-    return ts
+    # Rounding can collide near 0 (quadratic) — push collisions forward, keep within [0, T-1].
+    out = []
+    for i, t in enumerate(sorted(ts)):
+        t = max(t, out[-1] + 1 if out else 0)
+        out.append(min(t, T - S + i))
+    return out
 
 
 def respace(d: Diffusion, timesteps: list[int]) -> Diffusion:

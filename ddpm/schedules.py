@@ -5,12 +5,13 @@ paper's β_{t+1} (see ``ddpm.diffusion`` for the timestep convention).
 
 - ``linear``    Ho et al. 2020, β from 1e-4 to 0.02 at T=1000. For other T the end
                 points are scaled by 1000/T (as improved-diffusion does) so ᾱ_T stays
-                close to the T=1000 value.
+                close to the T=1000 value; β is clipped at 0.999 (for T < 20).
 - ``cosine``    Nichol & Dhariwal 2021, eq. 17: ᾱ(t) = f(t)/f(0),
                 f(t) = cos²(((t/T)+s)/(1+s) · π/2), s = 0.008, β clipped at 0.999.
 - ``quadratic`` β linear in sqrt-space between the linear schedule's ends (DDIM code).
 - ``sigmoid``   β = sigmoid(linspace(-6, 6, T)) rescaled to the linear schedule's ends
                 (Xu et al. 2022, GeoDiff).
+The linear-family schedules are clipped at 0.999 like the cosine one.
 """
 
 import math
@@ -18,6 +19,7 @@ import math
 import torch
 
 SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
+MAX_BETA = 0.999
 
 
 def _linear_ends(num_timesteps: int) -> tuple[float, float]:
@@ -41,7 +43,7 @@ def sigmoid_betas(num_timesteps: int) -> torch.Tensor:
     return torch.sigmoid(x) * (end - start) + start
 
 
-def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = MAX_BETA) -> torch.Tensor:
     t = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
     f = torch.cos((t + s) / (1 + s) * math.pi / 2) ** 2
     alphas_cumprod = f / f[0]
@@ -61,4 +63,4 @@ def make_betas(name: str, num_timesteps: int) -> torch.Tensor:
         raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     if num_timesteps < 1:
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
-    return builders[name](num_timesteps)
+    return builders[name](num_timesteps).clamp(max=MAX_BETA)

@@ -70,8 +70,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
 
     client = mlflow.MlflowClient()
     flat = to_flat_dict(params)
-    tags = {"dvc.exp_name": exp_name, "git.revision": revision, "pipeline.fingerprint": fp}
-    with mlflow.start_run(run_name=exp_name, tags=tags) as parent:
+    tags = {"dvc.exp_name": exp_name, "git.revision": revision}
+    with mlflow.start_run(run_name=exp_name, tags={**tags, "pipeline.fingerprint": fp}) as parent:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         summary = {**_numeric(run["train"], "train."), **_numeric(run["classifier"], "classifier."),
                    **_numeric(run["fid"])}

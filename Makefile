@@ -1,0 +1,40 @@
+# make repro   set up (apt + .venv) and run the pipeline: `dvc repro` on params.yaml
+# make repro PRESET=cpu   the CPU preset (finishes in minutes on 2 cores) as a DVC experiment
+# make test    set up and run the test suite
+SHELL := /bin/bash
+VENV ?= .venv
+STAMP := $(VENV)/.installed
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+# The CPU preset: a small U-Net, short training, a smaller sample matrix.
+CPU_PRESET := -S model.ch=16 -S model.num_res_blocks=1 -S 'model.attn_resolutions=[7]' \
+	-S train.steps=800 -S train.batch_size=64 -S train.warmup_steps=100 -S train.ema_decay=0.995 \
+	-S classifier.steps=300 -S classifier.batch_size=128 \
+	-S 'sample.steps=[10,20,50]' -S sample.num_samples=500 -S sample.batch_size=500 -S fid.kid_subset_size=250
+
+.PHONY: setup repro test clean-venv
+
+setup: $(STAMP)
+
+$(STAMP): requirements.txt
+	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	fi
+	@[ -x $(VENV)/bin/python ] || python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install -q --upgrade pip
+	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	@touch $(STAMP)
+
+repro: setup
+ifeq ($(PRESET),cpu)
+	dvc exp run $(CPU_PRESET)
+else
+	dvc repro
+endif
+
+test: setup
+	python -m pytest
+
+clean-venv:
+	rm -rf $(VENV)

@@ -25,6 +25,8 @@ PREDICTIONS = ("eps", "x0", "v", "mean")
 class Prediction:
     x0: torch.Tensor
     eps: torch.Tensor
+    # log σ_t² of p(x_{t-1} | x_t) when the network predicts it (variance = learned), else None
+    log_variance: torch.Tensor | None = None
 
 
 def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,

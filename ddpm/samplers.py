@@ -32,7 +32,8 @@ def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator, variance: 
 
     ``fixed_small``: σ_t² = β̃_t; ``fixed_large``: σ_t² = β_t (with β̃_2 in place of β_1,
     as improved-diffusion does, so the first step's variance is not ~0 but tiny).
-    On a respaced diffusion these are the respaced β and β̃.
+    On a respaced diffusion these are the respaced β and β̃. When the network predicts
+    its variance (``pred.log_variance`` is set), that is used instead.
     """
     t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
     # (1) posterior mean, eq. (7), with the predicted x_0
@@ -40,6 +41,8 @@ def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator, variance: 
     if i == 0:
         return mean
     # (2) σ_t: the square root of the variance, σ_t = sqrt(β̃_t) or sqrt(β_t)
+    if pred.log_variance is not None:
+        return mean + torch.exp(0.5 * pred.log_variance) * _noise_like(x, generator)
     if variance == "fixed_small":
         log_var = d.posterior_log_variance_clipped
     elif variance == "fixed_large":

@@ -86,12 +86,14 @@ def sample(
     options: dict | None = None,
     progress: Callable[[int], None] | None = None,
     x_T: torch.Tensor | None = None,
+    on_step: Callable[[int, torch.Tensor, Prediction], None] | None = None,
 ) -> torch.Tensor:
     """Generate a batch of shape ``shape`` in [-1, 1] (not clamped) with ``sampler``.
 
     ``model(x, t)`` is called with the original timesteps. ``steps`` defaults to T.
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
-    ``progress``, when given, is called with 1 after every step.
+    ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
+    when given, sees every step's result (original timestep t), e.g. for denoising strips.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -108,6 +110,8 @@ def sample(
             out = model(x, t_orig[idx])
             pred = to_prediction(d, prediction, out.float(), x, idx, clip_x0=clip_x0)
             x = step_fn(x, i, pred, d, state, generator, **(options or {}))
+            if on_step is not None:
+                on_step(timesteps[i], x, pred)
             if progress is not None:
                 progress(1)
     return x

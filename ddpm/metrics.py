@@ -9,8 +9,20 @@ Two feature extractors:
 
 Inputs are uint8 image tensors [N, C, H, W]; 1-channel images are repeated to RGB
 for Inception.
+
+The work is split so that a reference set is processed once: ``extract_features``
+runs the extractor (features for FID/KID/precision-recall, logits for the Inception
+Score), ``reference_statistics`` adds the mean and covariance, and
+``metrics_from_features`` computes FID, KID, precision/recall and IS from two sets of
+features with torch-fidelity's own metric functions. Nothing goes through
+torch-fidelity's on-disk cache.
 """
 
+import os
+import socket
+from contextlib import contextmanager
+
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -18,6 +30,12 @@ from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.classifier import Classifier, ClassifierConfig
 
 EXTRACTORS = ("ddpm-classifier", "inception-v3-compat")
+# Seconds a download of the Inception weights may stall before it fails.
+DOWNLOAD_TIMEOUT = 20.0
+
+
+class ExtractorUnavailable(RuntimeError):
+    """The feature extractor's weights can neither be read nor downloaded."""
 
 
 class TensorImages(Dataset):
@@ -93,33 +111,136 @@ def register_classifier_extractor(name: str = "ddpm-classifier") -> None:
         register_feature_extractor(name, _extractor_class())
 
 
-def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = "ddpm-classifier",
-                    weights_path=None, cuda: bool = False, batch_size: int = 500, kid_subset_size: int = 1000,
-                    isc: bool = True, verbose: bool = False) -> dict[str, float]:
-    """FID, KID (mean, std) and Inception Score of ``samples`` against ``reference``."""
-    import torch_fidelity
+@contextmanager
+def _socket_timeout(seconds: float):
+    """Bound every socket operation (torch.hub's download sets no timeout of its own)."""
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(old)
+
+
+def feature_layers(extractor: str) -> dict[str, str]:
+    """torch-fidelity layer names: ``features`` (FID/KID/PRC) and ``logits`` (IS)."""
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if extractor not in EXTRACTORS:
         raise ValueError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     if extractor == "ddpm-classifier":
         register_classifier_extractor()
-        channels = None
-    else:
-        channels = 3
-    n = min(samples.shape[0], reference.shape[0])
+    cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
+    return {"features": cls.get_default_feature_layer_for_metric("fid"),
+            "logits": cls.get_default_feature_layer_for_metric("isc")}
+
+
+def create_extractor(extractor: str, weights_path=None, cuda: bool = False):
+    """The torch-fidelity feature extractor, or a one-line ``ExtractorUnavailable``."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    layers = feature_layers(extractor)
+    if weights_path is not None and not os.path.isfile(str(weights_path)):
+        raise ExtractorUnavailable(f"{extractor}: weights file {weights_path} does not exist")
+    if extractor == "ddpm-classifier" and weights_path is None:
+        raise ExtractorUnavailable("ddpm-classifier needs a classifier checkpoint as its weights file")
+    kwargs = dict(cuda=cuda, verbose=False, feature_extractor_compile=False,
+                  feature_extractor_weights_path=None if weights_path is None else str(weights_path))
     try:
-        m = torch_fidelity.calculate_metrics(
-            input1=TensorImages(samples, channels), input2=TensorImages(reference, channels),
-            feature_extractor=extractor, feature_extractor_weights_path=None if weights_path is None else str(weights_path),
-            fid=True, kid=True, isc=isc, kid_subset_size=min(kid_subset_size, n), cuda=cuda,
-            batch_size=batch_size, cache=False, save_cpu_ram=True, verbose=verbose)
+        with _socket_timeout(DOWNLOAD_TIMEOUT):
+            return create_feature_extractor(extractor, list(layers.values()), **kwargs)
+    except (CheckpointError, ExtractorUnavailable):
+        raise
     except Exception as e:
         if extractor == "inception-v3-compat" and weights_path is None:
-            raise RuntimeError("inception-v3-compat could not load its weights: it downloads them from the internet "
-                               f"unless a local weights file is given ({e})") from e
-        raise
+            from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+            reason = " ".join(str(e).split())[:200]
+            raise ExtractorUnavailable(
+                f"inception-v3-compat: cannot download its weights from {URL_INCEPTION_V3} ({type(e).__name__}: "
+                f"{reason}); set fid.weights_path to a local copy of that file, or use fid.extractor "
+                f"ddpm-classifier") from e
+        raise ExtractorUnavailable(f"{extractor}: cannot load weights {weights_path}: {type(e).__name__}: {e}") from e
+
+
+@torch.no_grad()
+def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier", weights_path=None,
+                     cuda: bool = False, batch_size: int = 500, progress=None, model=None) -> dict[str, torch.Tensor]:
+    """``{"features": [N, D] float64, "logits": [N, K] float64}`` of uint8 images [N, C, H, W].
+
+    ``progress``, when given, is called with the number of images of every batch.
+    ``model`` reuses an extractor from ``create_extractor``.
+    """
+    if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
+        raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+    layers = feature_layers(extractor)
+    model = model or create_extractor(extractor, weights_path, cuda)
+    out: dict[str, list[torch.Tensor]] = {"features": [], "logits": []}
+    for i in range(0, images.shape[0], batch_size):
+        x = images[i:i + batch_size]
+        if extractor == "inception-v3-compat" and x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if cuda:
+            x = x.cuda(non_blocking=True)
+        d = model.convert_features_tuple_to_dict(model(x))
+        for key, layer in layers.items():
+            out[key].append(d[layer].detach().cpu().double())
+        if progress is not None:
+            progress(x.shape[0])
+    return {k: torch.cat(v) for k, v in out.items()}
+
+
+def reference_statistics(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Features plus their mean ``mu`` and covariance ``sigma`` (float64), as stored for a reference set."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+
+    if features["features"].shape[0] < 2:
+        raise ValueError("reference statistics need at least 2 images")
+    stats = fid_features_to_statistics(features["features"].double())
+    return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"]))}
+
+
+def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *,
+                          kid_subset_size: int = 1000, isc: bool = True, seed: int = 2020) -> dict[str, float]:
+    """FID, KID (mean, std), precision/recall/F-score and Inception Score of ``generated``
+    against ``reference`` (dicts from ``extract_features``; ``reference`` may carry
+    ``mu``/``sigma`` from ``reference_statistics``), computed by torch-fidelity."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g, r = generated["features"].double(), reference["features"].double()
+    if g.shape[1] != r.shape[1]:
+        raise ValueError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
+                         "(were they made by the same extractor?)")
+    if g.shape[0] < 2:
+        raise ValueError("metrics need at least 2 generated images")
+    s1 = fid_features_to_statistics(g)
+    if "mu" in reference:
+        s2 = {"mu": reference["mu"].double().numpy(), "sigma": reference["sigma"].double().numpy()}
+    else:
+        s2 = fid_features_to_statistics(r)
+    s1["sigma"], s2["sigma"] = np.atleast_2d(s1["sigma"]), np.atleast_2d(s2["sigma"])
+    m = dict(fid_statistics_to_metric(s1, s2, verbose=False))
+    subset = min(kid_subset_size, g.shape[0], r.shape[0])
+    m.update(kid_features_to_metric(g, r, kid_subsets=100, kid_subset_size=subset, rng_seed=seed, verbose=False))
+    m.update(prc_features_to_metric(g.float(), r.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                    save_cpu_ram=True, verbose=False))
     out = {"fid": m["frechet_inception_distance"], "kid_mean": m["kernel_inception_distance_mean"],
-           "kid_std": m["kernel_inception_distance_std"]}
-    if isc:
-        out.update(isc_mean=m["inception_score_mean"], isc_std=m["inception_score_std"])
+           "kid_std": m["kernel_inception_distance_std"], "precision": m["precision"], "recall": m["recall"],
+           "f_score": m["f_score"]}
+    if isc and generated.get("logits") is not None:
+        i = isc_features_to_metric(generated["logits"], splits=10, shuffle=True, rng_seed=seed)
+        out.update(isc_mean=i["inception_score_mean"], isc_std=i["inception_score_std"])
     return {k: float(v) for k, v in out.items()}
+
+
+def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = "ddpm-classifier",
+                    weights_path=None, cuda: bool = False, batch_size: int = 500, kid_subset_size: int = 1000,
+                    isc: bool = True, verbose: bool = False) -> dict[str, float]:
+    """All metrics of ``samples`` against ``reference`` images in one call (features of both extracted here)."""
+    model = create_extractor(extractor, weights_path, cuda)
+    kw = dict(extractor=extractor, cuda=cuda, batch_size=batch_size, model=model)
+    return metrics_from_features(extract_features(samples, **kw), extract_features(reference, **kw),
+                                 kid_subset_size=kid_subset_size, isc=isc)

@@ -84,13 +84,25 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
     stage.main(params, checkpoint, sampler, steps, out, device)
 
 
+@app.command("fid-ref")
+@clear_errors
+def fid_ref(params: Path = PARAMS, reference: Path = typer.Option(Path("data/prepared/test.pt"), help="reference split"),
+            classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
+            out: Path = typer.Option(Path("data/reference"), help="folder for stats.pt and info.json"),
+            device: str = DEVICE):
+    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...)."""
+    from pipeline import fid_ref as stage
+
+    stage.main(params, reference, classifier, out, device)
+
+
 @app.command()
 @clear_errors
 def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.pt of one cell"),
-        reference: Path = typer.Option(Path("data/prepared/test.pt")),
+        reference: Path = typer.Option(Path("data/reference/stats.pt"), help="reference statistics (fid-ref)"),
         classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
         out: Path = typer.Option(..., help="metrics JSON of the cell"), device: str = DEVICE):
-    """FID, KID and Inception Score of one cell against the test split (fid.*)."""
+    """FID, KID, precision/recall and Inception Score of one cell against the reference (fid.*)."""
     from pipeline import fid as stage
 
     stage.main(params, samples, reference, classifier, out, device)
@@ -102,11 +114,16 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            metrics: Path = typer.Option(Path("metrics/fid.json")),
            plot: Path = typer.Option(Path("plots/fid_vs_steps.csv")),
            figure: Path = typer.Option(Path("reports/fid_vs_steps.png")),
-           markdown: Path = typer.Option(Path("reports/report.md"))):
-    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and a table."""
+           markdown: Path = typer.Option(Path("reports/report.md")),
+           html: Path = typer.Option(Path("reports/report.html"), help="self-contained HTML report"),
+           classifier_metrics: Path = typer.Option(Path("metrics/classifier.json"), help="extractor test accuracy"),
+           loss: Path = typer.Option(Path("plots/train_loss.csv"), help="training loss curve (step, loss)"),
+           loss_figure: Path = typer.Option(Path("reports/train_loss.png")),
+           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png")):
+    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and the markdown + HTML report."""
     from pipeline import report as stage
 
-    stage.main(params, cells, metrics, plot, figure, markdown)
+    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples)
 
 
 @app.command()

@@ -1,13 +1,15 @@
-"""Stage `fid`: FID, KID and Inception Score of one sample cell against the held-out
-test split, through torch-fidelity."""
+"""Stage `fid`: FID, KID, precision/recall and Inception Score of one sample cell
+against the reference statistics of the held-out test split (stage `fid_ref`),
+through torch-fidelity."""
 
 from pathlib import Path
 
 import torch
 
-from ddpm.data import DataError, load_split
-from ddpm.metrics import compute_metrics
-from pipeline.common import resolve_device, write_json
+from ddpm.data import DataError
+from ddpm.metrics import extract_features, metrics_from_features
+from pipeline.common import progress, resolve_device, write_json
+from pipeline.fid_ref import extractor_weights, file_sha256, load_reference
 from pipeline.params import for_stage, load_params
 
 
@@ -24,19 +26,31 @@ def load_samples(path: Path) -> dict:
     return d
 
 
+def check_reference(ref: dict, path: Path, images: torch.Tensor, extractor: str, weights) -> None:
+    """Refuse reference statistics made for another extractor, weights or resolution."""
+    key = ref["key"]
+    expected = {"extractor": extractor, "weights_sha256": None if weights is None else file_sha256(weights),
+                "resolution": list(images.shape[1:])}
+    stale = [k for k, v in expected.items() if key.get(k) != v]
+    if stale:
+        raise DataError(f"reference statistics {path} were made for another {', '.join(stale)} "
+                        f"({', '.join(f'{k}={key.get(k)}' for k in stale)}): run the fid_ref stage again")
+
+
 def main(params_path: Path, samples: Path, reference: Path, classifier: Path, out: Path, device: str) -> None:
     f = for_stage(load_params(params_path), "fid").fid
     s = load_samples(samples)
-    ref = load_split(reference).images
-    if s["images"].shape[1:] != ref.shape[1:]:
-        raise DataError(f"samples in {samples} have shape {list(s['images'].shape[1:])}, "
-                        f"the reference {reference} {list(ref.shape[1:])}")
+    ref = load_reference(reference)
+    weights = extractor_weights(f.extractor, f.weights_path, classifier)
+    check_reference(ref, reference, s["images"], f.extractor, weights)
     dev = resolve_device(device)
-    weights = classifier if f.extractor == "ddpm-classifier" else f.weights_path
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"feature extractor weights {weights} do not exist")
-    m = compute_metrics(s["images"], ref, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
-                        batch_size=f.batch_size, kid_subset_size=f.kid_subset_size)
-    write_json(out, {"sampler": s["sampler"], "steps": s["steps"], "num_samples": s["images"].shape[0],
-                     "extractor": f.extractor, **{k: round(v, 6) for k, v in m.items()}})
-    print(f"fid {s['sampler']}-{s['steps']}: FID {m['fid']:.3f}, KID {m['kid_mean']:.5f} → {out}")
+    images = s["images"]
+    with progress(images.shape[0], f"fid {s['sampler']}-{s['steps']}") as bar:
+        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
+                                 batch_size=f.batch_size, progress=bar)
+    m = metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size)
+    write_json(out, {"sampler": s["sampler"], "steps": s["steps"], "num_samples": images.shape[0],
+                     "reference_images": ref["num_images"], "extractor": f.extractor,
+                     **{k: round(v, 6) for k, v in m.items()}})
+    print(f"fid {s['sampler']}-{s['steps']}: FID {m['fid']:.3f}, KID {m['kid_mean']:.5f}, "
+          f"precision {m['precision']:.3f}, recall {m['recall']:.3f} → {out}")

@@ -150,6 +150,7 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "train": ["seed", "schedule", "prediction", "timesteps", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.seed",
                "samplers.${item.sampler}"],
+    "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "report": ["sample.samplers", "sample.steps"],
 }

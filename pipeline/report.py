@@ -1,30 +1,55 @@
 """Stage `report`: gather the per-cell metrics into one metrics file (``fid.<sampler>.<steps>``
-columns in `dvc exp show`), an FID-vs-steps plot (CSV for `dvc plots`, and PNG) and a
-markdown table (rows = sampler, columns = steps, as in the DDIM paper's Table 1)."""
+columns in `dvc exp show`), an FID-vs-steps plot (CSV for `dvc plots`, one line per
+sampler, and PNG), the loss curve as PNG, and the experiment's report in markdown and
+HTML: FID table (rows = sampler, columns = steps, as in the DDIM paper's Table 1),
+KID / precision / recall / Inception Score tables, the extractor's test accuracy, the
+figures, and per cell the sample grid and the denoising strip.
 
+The markdown links images relative to itself; the HTML embeds them (base64), so it
+opens anywhere as one file.
+"""
+
+import base64
+import html
 from pathlib import Path
 
 from pipeline.common import read_json, write_atomic, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
+# (key in a cell's metrics, table title, format, lower is better?)
+TABLES = [("fid", "FID", "{:.2f}", "lower is better"), ("kid_mean", "KID", "{:.4f}", "lower is better"),
+          ("precision", "Precision", "{:.3f}", "higher is better"), ("recall", "Recall", "{:.3f}", "higher is better"),
+          ("isc_mean", "Inception Score", "{:.2f}", "higher is better")]
 
-def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path) -> None:
-    sp = for_stage(load_params(params_path), "report").sample
-    samplers, steps = list(sp.samplers), sorted(sp.steps)
-    cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
-    metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
-               for name, key in (("fid", "fid"), ("kid", "kid_mean"))}
-    best = min(cells, key=lambda c: cells[c]["fid"])
-    metrics["best"] = {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}
-    write_json(metrics_out, metrics)
-    write_csv(plot_csv, ["sampler", "steps", "fid", "kid"],
-              [(s, k, cells[s, k]["fid"], cells[s, k]["kid_mean"]) for s in samplers for k in steps])
 
+def read_losses(path: Path) -> list[tuple[int, float]]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        step, loss = line.split(",")[:2]
+        rows.append((int(step), float(loss)))
+    return rows
+
+
+def table(cells: dict, samplers: list[str], steps: list[int], key: str, fmt: str) -> list[list[str]] | None:
+    """Rows = sampler, columns = steps; None when no cell has ``key``."""
+    if not any(key in c for c in cells.values()):
+        return None
+    return [[s] + [fmt.format(cells[s, k][key]) if key in cells[s, k] else "–" for k in steps] for s in samplers]
+
+
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_fid(cells: dict, samplers: list[str], steps: list[int], figure: Path) -> None:
+    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for s in samplers:
         ax.plot(steps, [cells[s, k]["fid"] for k in steps], marker="o", label=s)
@@ -36,12 +61,124 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     fig.savefig(figure)
     plt.close(fig)
 
-    extractor = cells[best]["extractor"]
-    n = cells[best]["num_samples"]
-    lines = [f"# FID by sampler and steps\n", f"Feature extractor: `{extractor}`, {n} samples per cell. Lower is better.\n",
-             "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |",
-             "|---|" + "---:|" * len(steps)]
-    lines += [f"| {s} | " + " | ".join(f"{cells[s, k]['fid']:.2f}" for k in steps) + " |" for s in samplers]
-    lines += ["", f"Best: **{best[0]}** with {best[1]} steps, FID {cells[best]['fid']:.2f}.", ""]
-    write_atomic(markdown, "\n".join(lines))
-    print("\n".join(lines))
+
+def plot_loss(losses: list[tuple[int, float]], figure: Path) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot([s for s, _ in losses], [v for _, v in losses], lw=1)
+    ax.set(xlabel="training step", ylabel="loss", title="Training loss")
+    if min(v for _, v in losses) > 0:
+        ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure)
+    plt.close(fig)
+
+
+def _relative(path: Path, start: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def render_markdown(doc: dict, here: Path) -> str:
+    steps = doc["steps"]
+    lines = ["# Experiment report", ""]
+    lines += [f"- Feature extractor: `{doc['extractor']}`, {doc['num_samples']} samples per cell, "
+              f"{doc['reference_images']} reference images."]
+    if doc["classifier_accuracy"] is not None:
+        lines += [f"- Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}"]
+    lines += [f"- Best: **{doc['best'][0]}** with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.", ""]
+    for title, note, rows in doc["tables"]:
+        lines += [f"## {title} by sampler and steps ({note})", "",
+                  "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|" + "---:|" * len(steps)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows] + [""]
+    for title, path in doc["figures"]:
+        lines += [f"## {title}", "", f"![{title}]({_relative(path, here)})", ""]
+    lines += ["## Samples", ""]
+    for name, grid, strip in doc["cells"]:
+        lines += [f"### {name}", ""]
+        lines += [f"![{name} samples]({_relative(grid, here)})" if grid.is_file() else "(no grid)", ""]
+        if strip.is_file():
+            lines += ["Denoising x_T … x_0:", "", f"![{name} denoising strip]({_relative(strip, here)})", ""]
+    return "\n".join(lines)
+
+
+def _img(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f"<p><em>{html.escape(alt)}: missing</em></p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def render_html(doc: dict) -> str:
+    e = html.escape
+    steps = doc["steps"]
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8"><title>Experiment report</title>',
+           "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #bbb;padding:.3em .7em}"
+           "td.n{text-align:right;font-variant-numeric:tabular-nums}img{max-width:100%;image-rendering:pixelated}"
+           ".cell{display:inline-block;vertical-align:top;margin:0 1em 1em 0}</style></head><body>",
+           "<h1>Experiment report</h1><ul>",
+           f"<li>Feature extractor: <code>{e(doc['extractor'])}</code>, {doc['num_samples']} samples per cell, "
+           f"{doc['reference_images']} reference images.</li>"]
+    if doc["classifier_accuracy"] is not None:
+        out.append(f"<li>Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}</li>")
+    out.append(f"<li>Best: <b>{e(doc['best'][0])}</b> with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.</li></ul>")
+    for title, note, rows in doc["tables"]:
+        out.append(f'<h2>{e(title)} by sampler and steps <small>({e(note)})</small></h2><table class="{e(title)}">')
+        out.append("<tr><th>sampler</th>" + "".join(f"<th>{k} steps</th>" for k in steps) + "</tr>")
+        out += ["<tr><th>" + e(r[0]) + "</th>" + "".join(f'<td class="n">{e(v)}</td>' for v in r[1:]) + "</tr>"
+                for r in rows]
+        out.append("</table>")
+    for title, path in doc["figures"]:
+        out.append(f"<h2>{e(title)}</h2>{_img(path, title)}")
+    out.append("<h2>Samples</h2>")
+    for name, grid, strip in doc["cells"]:
+        out.append(f'<div class="cell"><h3>{e(name)}</h3>{_img(grid, name + " samples")}')
+        if strip.is_file():
+            out.append(f"<p>Denoising x<sub>T</sub> … x<sub>0</sub></p>{_img(strip, name + ' denoising strip')}")
+        out.append("</div>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
+         html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path) -> None:
+    sp = for_stage(load_params(params_path), "report").sample
+    samplers, steps = list(sp.samplers), sorted(sp.steps)
+    cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
+    metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
+               for name, key in (("fid", "fid"), ("kid", "kid_mean"), ("precision", "precision"),
+                                 ("recall", "recall"), ("isc", "isc_mean"))
+               if all(key in c for c in cells.values())}
+    best = min(cells, key=lambda c: cells[c]["fid"])
+    metrics["best"] = {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}
+    write_json(metrics_out, metrics)
+    columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
+    write_csv(plot_csv, ["sampler", "steps", *columns],
+              [(s, k, *(cells[s, k][c] for c in columns)) for s in samplers for k in steps])
+    plot_fid(cells, samplers, steps, figure)
+    figures = [("FID vs sampling steps", figure)]
+    losses = read_losses(loss_csv)
+    if losses:
+        plot_loss(losses, loss_figure)
+        figures.append(("Training loss", loss_figure))
+    accuracy = read_json(classifier_metrics).get("test_accuracy") if classifier_metrics.is_file() else None
+
+    doc = {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
+           "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
+           "best": best, "best_fid": cells[best]["fid"], "figures": figures,
+           "tables": [(title, note, rows) for key, title, fmt, note in TABLES
+                      if (rows := table(cells, samplers, steps, key, fmt)) is not None],
+           "cells": [(f"{s}-{k}", samples_dir / f"{s}-{k}" / "grid.png", samples_dir / f"{s}-{k}" / "strip.png")
+                     for s in samplers for k in steps]}
+    if doc["extractor"] == "ddpm-classifier" and accuracy is None:
+        raise FileNotFoundError(f"{classifier_metrics} does not exist: the ddpm-classifier extractor's test "
+                                "accuracy belongs in the report (run the classifier stage)")
+    text = render_markdown(doc, markdown.parent)
+    write_atomic(markdown, text)
+    write_atomic(html_out, render_html(doc))
+    print(text.split("\n## KID")[0])
+    print(f"report: {markdown}, {html_out}")

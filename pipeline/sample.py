@@ -13,6 +13,7 @@ from ddpm.samplers import sample
 from ddpm.training import to_uint8
 from pipeline.common import progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
+from pipeline.strip import StripRecorder
 
 
 def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str) -> None:
@@ -34,9 +35,14 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     with progress(sp.num_samples * steps, f"sample {sampler}-{steps}") as bar:
         for i in range(0, sp.num_samples, sp.batch_size):
             n = min(sp.batch_size, sp.num_samples - i)
-            x = sample(net, diffusion, (n, spec.channels, spec.image_size, spec.image_size), sampler=cfg.kind,
+            shape = (n, spec.channels, spec.image_size, spec.image_size)
+            x_T = on_step = None
+            if i == 0:  # the first batch also records the denoising strip (x_T drawn as sample() draws it)
+                x_T = torch.randn(shape, generator=g, device=dev)
+                on_step = strip = StripRecorder(x_T, steps)
+            x = sample(net, diffusion, shape, sampler=cfg.kind,
                        steps=steps, spacing=sp.spacing, prediction=spec.prediction, clip_x0=sp.clip == "static",
-                       generator=g, options=options, progress=lambda k, n=n: bar(k * n))
+                       generator=g, options=options, progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
             chunks.append(to_uint8(x).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(chunks)
@@ -44,6 +50,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"]},
                 out_dir / "samples.pt")
     save_image(images[:64].float() / 255.0, out_dir / "grid.png", nrow=8, padding=2)
+    strip.save(out_dir / "strip.png")
     write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options, "steps": steps,
                                        "num_samples": images.shape[0], "seconds": round(seconds, 2),
                                        "images_per_second": round(images.shape[0] / seconds, 2), "device": str(dev)})

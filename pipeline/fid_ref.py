@@ -1,0 +1,78 @@
+"""Stage `fid_ref`: features and statistics of the reference set (the held-out test
+split), computed once per (dataset, split, extractor, resolution) and kept as a DVC
+output that every `fid` cell reads.
+
+DVC re-runs the stage when the prepared split, the extractor weights or the declared
+``fid.*`` params change. The file also records what it was made from (``key``), and
+the `fid` stage refuses a reference whose key does not match its own inputs, so a
+reference can never go stale silently (torch-fidelity's on-disk cache is not used).
+"""
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import atomic_save
+from ddpm.data import DataError, load_split
+from ddpm.metrics import extract_features, reference_statistics
+from pipeline.common import progress, resolve_device, write_json
+from pipeline.params import for_stage, load_params
+
+FORMAT = "ddpm-reference/1"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def images_sha256(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
+def reference_key(images: torch.Tensor, split: str, extractor: str, weights) -> dict:
+    """What a reference set's statistics depend on: data, split, extractor, resolution."""
+    return {"data_sha256": images_sha256(images), "split": split, "extractor": extractor,
+            "weights_sha256": None if weights is None else file_sha256(weights),
+            "resolution": list(images.shape[1:])}
+
+
+def extractor_weights(extractor: str, weights_path, classifier: Path):
+    """The weights file the extractor reads: the classifier checkpoint, or fid.weights_path."""
+    weights = classifier if extractor == "ddpm-classifier" else weights_path
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"feature extractor weights {weights} do not exist")
+    return weights
+
+
+def load_reference(path: Path) -> dict:
+    if not path.is_file():
+        raise DataError(f"reference statistics {path} do not exist (run the fid_ref stage first)")
+    try:
+        ref = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise DataError(f"reference statistics {path} are corrupt: {e}") from e
+    if not isinstance(ref, dict) or ref.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} file")
+    return ref
+
+
+def main(params_path: Path, reference: Path, classifier: Path, out: Path, device: str) -> None:
+    f = for_stage(load_params(params_path), "fid_ref").fid
+    split = load_split(reference)
+    weights = extractor_weights(f.extractor, f.weights_path, classifier)
+    dev = resolve_device(device)
+    images = split.images
+    with progress(images.shape[0], f"fid_ref {f.extractor}") as bar:
+        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
+                                 batch_size=f.batch_size, progress=bar)
+    stats = reference_statistics(feats)
+    key = reference_key(images, reference.stem, f.extractor, weights)
+    atomic_save({"format": FORMAT, "key": key, "num_images": images.shape[0], **stats}, out / "stats.pt")
+    write_json(out / "info.json", {**key, "num_images": images.shape[0], "source": str(reference),
+                                   "feature_dim": stats["features"].shape[1]})
+    print(f"fid_ref: {f.extractor} statistics of {images.shape[0]} images of {reference} → {out}")

@@ -137,5 +137,19 @@ def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="ML
     stage.main(params, tracking_uri, experiment)
 
 
+@app.command()
+@clear_errors
+def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc exp show --json` (default: run it)"),
+            rows: str = typer.Option("schedule", help="param (dotted key) for the table's rows"),
+            columns: str = typer.Option("prediction", help="param (dotted key) for the table's columns"),
+            extra: list[str] = typer.Option([], "--param", help="more params to show per experiment (repeatable)"),
+            out: Path = typer.Option(None, help="also write the tables to this markdown file (and rows as .json)")):
+    """Ablation table across DVC experiments: best FID (and bits/dim) per rows × columns param values.
+    Not a DVC stage: it reads every experiment."""
+    from pipeline import compare as stage
+
+    stage.main(exp_json, rows, columns, extra, out)
+
+
 if __name__ == "__main__":
     app()

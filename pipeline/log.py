@@ -3,7 +3,9 @@
 One parent run per pipeline run (named and tagged with the DVC experiment name and
 the git revision) holding every param, the summary metrics and the report; child runs
 for `train` (with the loss curve as a metric history), `classifier`, and one per
-sampler × steps cell (FID/KID/IS, throughput, sample grid).
+sampler × steps cell (FID/KID/precision/recall/IS, throughput, sample grid and
+denoising strip). The parent holds the report (markdown, self-contained HTML) and the
+figures (FID vs steps, loss curve) under `reports/`.
 
 The stage reads only files the other stages wrote, and runs on every `dvc repro` /
 `dvc exp run` (always_changed), so experiments restored from the run-cache are
@@ -38,7 +40,7 @@ def collect(params: Params) -> dict:
             name = f"{s}-{k}"
             cells[name] = {"sampler": s, "steps": k, "metrics": _read(Path(f"metrics/cells/{name}.json")),
                            "info": _read(Path(f"samples/{name}/info.json")),
-                           "grid": Path(f"samples/{name}/grid.png")}
+                           "grid": Path(f"samples/{name}/grid.png"), "strip": Path(f"samples/{name}/strip.png")}
     losses = []
     if Path("plots/train_loss.csv").is_file():
         for line in Path("plots/train_loss.csv").read_text().splitlines()[1:]:
@@ -103,10 +105,11 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                 mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
                                                                      _numeric(cell["info"]).items()
                                                                      if k in ("seconds", "images_per_second")}})
-                if cell["grid"].is_file():
-                    from PIL import Image
+                for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0
+                    if cell[kind].is_file():
+                        from PIL import Image
 
-                    mlflow.log_image(Image.open(cell["grid"]), artifact_file=f"grid_{name}.png")
+                        mlflow.log_image(Image.open(cell[kind]), artifact_file=f"{kind}_{name}.png")
         return parent.info.run_id
 
 

@@ -1,0 +1,130 @@
+"""Command `compare` (not a DVC stage: it reads across experiments): the ablation table.
+
+Reads the DVC experiments (``dvc exp show --json``, or a saved copy of its output) and
+writes one row per experiment (params that differ, best FID and its cell, bits/dim when
+the `nll` stage wrote ``metrics/nll.json``, the extractor's test accuracy) and a pivot
+table ``rows × columns`` of params (default schedule × prediction) holding the best FID
+over the experiments with those values, and their bits/dim where present.
+"""
+
+import json
+import subprocess
+from pathlib import Path
+
+from pipeline.common import write_atomic
+
+PARAMS_FILE = "params.yaml"
+BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
+
+
+def dvc_exp_show(cwd: Path | None = None) -> list:
+    """``dvc exp show --json`` of the repository (all experiments of the workspace's commit)."""
+    try:
+        out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=True)
+    except FileNotFoundError:
+        raise RuntimeError("`dvc` is not on PATH (activate the virtual environment)") from None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"`dvc exp show --json` failed: {e.stderr.strip().splitlines()[-1:]}") from None
+    return json.loads(out.stdout)
+
+
+def _revisions(node, parent_name=None):
+    """Every (name, rev, data) in dvc's exp-show JSON: commits, the workspace and their experiments."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _revisions(item, parent_name)
+    elif isinstance(node, dict):
+        data = node.get("data")
+        if isinstance(data, dict) and "params" in data:
+            yield node.get("name") or parent_name or node.get("rev", "?"), node.get("rev", "?"), data
+        for exp in node.get("experiments") or []:
+            yield from _revisions(exp.get("revs") or [], exp.get("name"))
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return None
+        d = d[part]
+    return d
+
+
+def _metric(data: dict, file: str, key: str):
+    return _get((data.get("metrics") or {}).get(file) or {}, f"data.{key}")
+
+
+def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
+    """One row per revision that has FID metrics."""
+    rows, seen = [], set()
+    for name, rev, data in _revisions(exp_show):
+        params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
+        best = _metric(data, "metrics/fid.json", "best")
+        if not isinstance(best, dict) or "fid" not in best:
+            continue
+        short = str(rev)[:7] if len(str(rev)) == 40 else str(rev)
+        label = name if name not in seen else f"{name}@{short}"
+        seen.add(label)
+        rows.append({"experiment": label, "rev": short, **{k: _get(params, k) for k in keys},
+                     "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
+                     "bits_per_dim": _metric(data, BPD_FILE, BPD_KEY),
+                     "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy")})
+    return rows
+
+
+def pivot(rows: list[dict], row_key: str, col_key: str) -> tuple[list, list, dict]:
+    """{(row value, column value): (best FID, bits/dim of that experiment or None)}."""
+    cells: dict = {}
+    for r in rows:
+        k = (r[row_key], r[col_key])
+        if k not in cells or r["best_fid"] < cells[k][0]:
+            cells[k] = (r["best_fid"], r["bits_per_dim"])
+    row_vals = sorted({k[0] for k in cells}, key=str)
+    col_vals = sorted({k[1] for k in cells}, key=str)
+    return row_vals, col_vals, cells
+
+
+def _fmt(v, spec="{:.3f}"):
+    return "–" if v is None else spec.format(v) if isinstance(v, (int, float)) else str(v)
+
+
+def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> str:
+    if not rows:
+        return "No experiments with FID metrics (metrics/fid.json) found.\n"
+    has_bpd = any(r["bits_per_dim"] is not None for r in rows)
+    keys = [row_key, col_key, *extra]
+    cols = ["experiment", "rev", *keys, "best FID", "best cell"] + (["bits/dim"] if has_bpd else []) + ["extractor acc."]
+    lines = ["## Experiments", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in sorted(rows, key=lambda r: r["best_fid"]):
+        vals = [r["experiment"], r["rev"], *(_fmt(r[k], "{}") for k in keys), _fmt(r["best_fid"]), r["best_cell"]]
+        vals += [_fmt(r["bits_per_dim"])] if has_bpd else []
+        vals += [_fmt(r["classifier_accuracy"], "{:.4f}")]
+        lines.append("| " + " | ".join(vals) + " |")
+    row_vals, col_vals, cells = pivot(rows, row_key, col_key)
+    what = "best FID" + (" (bits/dim)" if has_bpd else "")
+    lines += ["", f"## {row_key} × {col_key}: {what}", "",
+              f"| {row_key} \\ {col_key} | " + " | ".join(_fmt(c, "{}") for c in col_vals) + " |",
+              "|---|" + "---:|" * len(col_vals)]
+    for rv in row_vals:
+        out = []
+        for cv in col_vals:
+            fid, bpd = cells.get((rv, cv), (None, None))
+            out.append(_fmt(fid) + (f" ({_fmt(bpd)})" if has_bpd and bpd is not None else ""))
+        lines.append(f"| {_fmt(rv, '{}')} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], out: Path | None) -> None:
+    if exp_json is not None:
+        if not exp_json.is_file():
+            raise FileNotFoundError(f"{exp_json} does not exist")
+        exp_show = json.loads(exp_json.read_text())
+    else:
+        exp_show = dvc_exp_show()
+    rows = experiment_rows(exp_show, [row_key, col_key, *extra])
+    text = render(rows, row_key, col_key, extra)
+    print(text, end="")
+    if out is not None:
+        write_atomic(out, text)
+        if out.suffix == ".md":
+            write_atomic(out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
+        print(f"compare: {len(rows)} experiments → {out}")

@@ -1,0 +1,292 @@
+"""Evaluation: metrics against independent computations, reference statistics that
+follow their inputs, the per-experiment report and the cross-experiment comparison,
+all on tiny synthetic data or recorded metrics files (CPU seconds)."""
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import yaml
+from conftest import REPO, synthetic_images, tiny_params
+from typer.testing import CliRunner
+
+from ddpm import metrics as M
+from ddpm.checkpoint import save_checkpoint
+from ddpm.classifier import Classifier, ClassifierConfig, train_classifier
+from ddpm.data import DataError, Split, save_split
+from pipeline import fid as fid_stage
+from pipeline import fid_ref as ref_stage
+from pipeline import report as report_stage
+from pipeline.cli import app
+from pipeline.compare import experiment_rows, render
+from pipeline.params import STAGE_PARAMS
+from pipeline.strip import StripRecorder
+
+
+def write_classifier(path: Path, seed: int, steps: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = Classifier(ClassifierConfig(width=8, feature_dim=16), in_channels=1, num_classes=10)
+    if steps:
+        images, labels = synthetic_images(256, seed=seed)
+        train_classifier(model, images, labels.long(), steps=steps, batch_size=32, lr=3e-3, seed=seed, device="cpu")
+    config = {"classifier": {"arch": {"width": 8, "feature_dim": 16}, "in_channels": 1, "num_classes": 10}}
+    save_checkpoint(path, step=0, config=config, model=model.state_dict())
+    return path
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> Path:
+    return write_classifier(tmp_path_factory.mktemp("clf") / "classifier.pt", seed=0, steps=40)
+
+
+def independent_fid(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Fréchet distance ||μ1-μ2||² + Tr(Σ1 + Σ2 - 2 (Σ1 Σ2)^½) with numpy/scipy only."""
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    s1, s2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_fid_of_a_set_against_itself_is_zero(classifier):
+    images, _ = synthetic_images(200, seed=3)
+    feats = M.extract_features(images, weights_path=classifier, batch_size=64)
+    m = M.metrics_from_features(feats, M.reference_statistics(feats), kid_subset_size=50)
+    assert abs(m["fid"]) < 1e-6
+    assert abs(m["kid_mean"]) < 3 * m["kid_std"] + 1e-9  # unbiased MMD² on random subsets: zero within noise
+    assert m["precision"] == 1.0 and m["recall"] == 1.0
+    # the one-call path through the same extractor agrees
+    assert abs(M.compute_metrics(images, images, weights_path=classifier, kid_subset_size=50)["fid"]) < 1e-6
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")
+def test_fid_equals_an_independent_frechet_distance_on_the_same_features(classifier):
+    a, _ = synthetic_images(300, seed=4)
+    b = (a.int() // 2 + 30).to(torch.uint8)  # a visibly different set
+    fa = M.extract_features(a, weights_path=classifier, batch_size=128)
+    fb = M.extract_features(b, weights_path=classifier, batch_size=128)
+    assert fa["features"].shape == (300, 16) and fa["logits"].shape == (300, 10)
+    m = M.metrics_from_features(fb, M.reference_statistics(fa), kid_subset_size=100)
+    expected = independent_fid(fb["features"].numpy(), fa["features"].numpy())
+    assert expected > 1e-3
+    assert m["fid"] == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert m["kid_mean"] > 0 and 0 <= m["precision"] <= 1 and 0 <= m["recall"] <= 1 and m["isc_mean"] >= 1
+
+
+def test_fid_matches_on_gaussian_features_with_known_distance():
+    g = torch.Generator().manual_seed(0)
+    f1 = torch.randn(4000, 5, generator=g, dtype=torch.float64)
+    f2 = torch.randn(4000, 5, generator=g, dtype=torch.float64) * 2 + 1
+    m = M.metrics_from_features({"features": f2}, M.reference_statistics({"features": f1}), kid_subset_size=500)
+    assert m["fid"] == pytest.approx(independent_fid(f2.numpy(), f1.numpy()), rel=1e-6)
+    # population value: 5·1² + 5·(1 + 4 - 2·2) = 10
+    assert m["fid"] == pytest.approx(10.0, rel=0.1)
+    assert "isc_mean" not in m  # no logits, no Inception Score
+
+
+def test_inception_without_network_or_weights_fails_fast_with_one_line(monkeypatch, tmp_path):
+    import torch_fidelity.feature_extractor_inceptionv3 as inc
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no cached download
+    monkeypatch.setattr(inc, "URL_INCEPTION_V3", "http://127.0.0.1:9/weights-inception.pth")
+    start = time.perf_counter()
+    with pytest.raises(M.ExtractorUnavailable) as e:
+        M.create_extractor("inception-v3-compat")
+    assert time.perf_counter() - start < 30
+    msg = str(e.value)
+    assert "\n" not in msg and "fid.weights_path" in msg and "127.0.0.1:9" in msg
+    with pytest.raises(M.ExtractorUnavailable, match="does not exist"):
+        M.create_extractor("inception-v3-compat", tmp_path / "missing.pth")
+
+
+# ------------------------------------------------------------------ reference statistics
+def test_reference_key_follows_dataset_split_extractor_and_resolution(tmp_path, classifier):
+    images, _ = synthetic_images(20, seed=0)
+    other_images, _ = synthetic_images(20, seed=1)
+    other_clf = write_classifier(tmp_path / "other.pt", seed=1)
+    base = ref_stage.reference_key(images, "test", "ddpm-classifier", classifier)
+    assert base == ref_stage.reference_key(images.clone(), "test", "ddpm-classifier", classifier)
+    variants = [ref_stage.reference_key(other_images, "test", "ddpm-classifier", classifier),
+                ref_stage.reference_key(images, "train", "ddpm-classifier", classifier),
+                ref_stage.reference_key(images, "test", "ddpm-classifier", other_clf),
+                ref_stage.reference_key(images, "test", "inception-v3-compat", None),
+                ref_stage.reference_key(torch.nn.functional.pad(images, (2, 2, 2, 2)), "test", "ddpm-classifier",
+                                        classifier)]
+    assert all(v != base for v in variants)
+
+
+def _stage_files(tmp_path: Path, idx_dir: Path, seed: int) -> tuple[Path, Path, Path]:
+    images, labels = synthetic_images(64, seed=seed)
+    test = tmp_path / "prepared" / "test.pt"
+    save_split(Split(images, labels.long(), [str(i) for i in range(10)]), test)
+    samples = tmp_path / "samples.pt"
+    torch.save({"images": synthetic_images(32, seed=9)[0], "sampler": "ddim", "steps": 2}, samples)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(idx_dir)))
+    return test, samples, params
+
+
+def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, idx_dir, classifier):
+    test, samples, params = _stage_files(tmp_path, idx_dir, seed=5)
+    ref_dir, cell = tmp_path / "reference", tmp_path / "cell.json"
+    ref_stage.main(params, test, classifier, ref_dir, "cpu")
+    first = torch.load(ref_dir / "stats.pt", weights_only=True)
+    assert first["mu"].shape == (16,) and first["sigma"].shape == (16, 16) and first["num_images"] == 64
+    fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu")
+    m = json.loads(cell.read_text())
+    assert {"fid", "kid_mean", "precision", "recall", "isc_mean"} <= m.keys() and m["reference_images"] == 64
+
+    # another data set: the statistics change with it
+    test2, _, _ = _stage_files(tmp_path / "b", idx_dir, seed=6)
+    ref_stage.main(params, test2, classifier, tmp_path / "reference2", "cpu")
+    second = torch.load(tmp_path / "reference2" / "stats.pt", weights_only=True)
+    assert second["key"]["data_sha256"] != first["key"]["data_sha256"]
+    assert not torch.allclose(second["mu"], first["mu"])
+
+    # another extractor (weights) without re-running fid_ref: refused, not silently reused
+    other = write_classifier(tmp_path / "other.pt", seed=2)
+    with pytest.raises(DataError, match="another weights_sha256.*fid_ref"):
+        fid_stage.main(params, samples, ref_dir / "stats.pt", other, cell, "cpu")
+    p = yaml.safe_load(params.read_text())
+    p["fid"]["extractor"] = "inception-v3-compat"
+    p["fid"]["weights_path"] = str(other)  # any existing file: the check comes before loading it
+    params.write_text(yaml.safe_dump(p))
+    with pytest.raises(DataError, match="another extractor"):
+        fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu")
+
+
+def test_dvc_recomputes_the_reference_when_its_inputs_change():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    ref, fid = stages["fid_ref"], stages["fid"]
+    assert {"data/prepared/test.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
+    assert ref["outs"] == ["data/reference"]
+    assert "data/reference/stats.pt" in fid["deps"] and "data/prepared/test.pt" not in fid["deps"]
+    assert "--reference data/reference/stats.pt" in fid["cmd"]
+    assert stages["report"]["params"] == STAGE_PARAMS["report"]
+
+
+# ----------------------------------------------------------------------------- strips
+def test_strip_keeps_x_T_and_evenly_spaced_steps(tmp_path):
+    x_T = torch.randn(12, 1, 8, 8)
+    rec = StripRecorder(x_T, steps=50, rows=4, columns=6)
+    for t in range(50):
+        rec(t, torch.full_like(x_T, -1.0 + t / 25), None)
+    assert len(rec.frames) == 6 and rec.frames[0].shape == (4, 1, 8, 8)
+    rec.save(tmp_path / "strip.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "strip.png").size == (6 * 10 + 2, 4 * 10 + 2)
+    few = StripRecorder(x_T, steps=2)
+    for t in range(2):
+        few(t, x_T, None)
+    assert len(few.frames) == 3
+
+
+# ----------------------------------------------------------------------------- report
+def _png(path: Path, shade: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (10, 10), shade).save(path)
+
+
+def test_report_from_recorded_metrics(tmp_path, idx_dir):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tiny_params(idx_dir)))  # samplers [ddpm, ddim], steps [2, 3]
+    cells = tmp_path / "metrics" / "cells"
+    fids = {("ddpm", 2): 31.5, ("ddpm", 3): 20.25, ("ddim", 2): 12.0, ("ddim", 3): 9.75}
+    for (s, k), f in fids.items():
+        cells.mkdir(parents=True, exist_ok=True)
+        (cells / f"{s}-{k}.json").write_text(json.dumps(
+            {"sampler": s, "steps": k, "num_samples": 24, "reference_images": 128, "extractor": "ddpm-classifier",
+             "fid": f, "kid_mean": f / 1000, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "f_score": 0.33,
+             "isc_mean": 3.0, "isc_std": 0.1}))
+    (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"test_accuracy": 0.9123}))
+    (tmp_path / "loss.csv").write_text("step,loss\n2,0.9\n4,0.5\n6,0.3\n")
+    for name in ("ddpm-2", "ddim-3"):
+        _png(tmp_path / "samples" / name / "grid.png", 200)
+    _png(tmp_path / "samples" / "ddim-3" / "strip.png", 100)
+    r = tmp_path / "reports"
+    report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
+                      r / "fid_vs_steps.png", r / "report.md", r / "report.html", tmp_path / "metrics" / "classifier.json",
+                      tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples")
+
+    fid = json.loads((tmp_path / "metrics" / "fid.json").read_text())
+    assert fid["fid"]["ddim"]["3"] == 9.75 and fid["best"] == {"fid": 9.75, "sampler": "ddim", "steps": 3}
+    assert fid["recall"]["ddpm"]["2"] == 0.25
+    csv = (tmp_path / "plots" / "fid.csv").read_text().splitlines()
+    assert csv[0].startswith("sampler,steps,fid") and "ddim,3,9.75" in csv[4]
+    md = (r / "report.md").read_text()
+    # DDIM Table 1 layout: rows = samplers, columns = steps
+    assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md and "| ddim | 12.00 | 9.75 |" in md
+    assert "0.9123" in md and "](../samples/ddim-3/strip.png)" in md and "](train_loss.png)" in md
+    html = (r / "report.html").read_text()
+    assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
+    assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
+    assert html.count("data:image/png;base64,") == 2 + 2 + 1  # figures, two grids, one strip
+    assert "src=\"../" not in html and "0.9123" in html and "ddpm-3 samples: missing" in html
+    assert (r / "fid_vs_steps.png").stat().st_size > 0 and (r / "train_loss.png").stat().st_size > 0
+
+
+def test_dvc_plot_template_draws_one_line_per_sampler():
+    template = json.loads((REPO / ".dvc" / "plots" / "fid_by_sampler.json").read_text())
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
+    assert stage["plots"][0]["plots/fid_vs_steps.csv"]["template"] == "fid_by_sampler"
+    assert template["encoding"]["color"]["field"] == "sampler"
+    assert template["encoding"]["strokeDash"]["field"] == "rev"
+    assert "<DVC_METRIC_DATA>" in json.dumps(template)
+
+
+# ----------------------------------------------------------------------------- compare
+def _rev(rev: str, name, schedule: str, prediction: str, fid: float, bpd: float | None = None) -> dict:
+    metrics = {"metrics/fid.json": {"data": {"best": {"fid": fid, "sampler": "ddim", "steps": 50}}},
+               "metrics/classifier.json": {"data": {"test_accuracy": 0.91}}}
+    if bpd is not None:
+        metrics["metrics/nll.json"] = {"data": {"bits_per_dim": bpd}}
+    return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": {
+        "schedule": schedule, "prediction": prediction, "train": {"steps": 800}}}}, "metrics": metrics}}
+
+
+def exp_show_fixture(with_bpd: bool) -> list:
+    """The shape of `dvc exp show --json` (DVC 3): commits with their experiments."""
+    head = "a" * 40
+    base = _rev(head, "main", "linear", "eps", 30.0, 4.1 if with_bpd else None)
+    base["experiments"] = [
+        {"name": "cosine-exp", "executor": None, "revs": [_rev("b" * 40, "cosine-exp", "cosine", "eps", 21.5,
+                                                               3.9 if with_bpd else None)]},
+        {"name": "v-exp", "executor": None, "revs": [_rev("c" * 40, "v-exp", "linear", "v", 25.0)]},
+        {"name": "failed", "executor": None, "revs": [{"rev": "d" * 40, "name": "failed", "error": {"msg": "x"},
+                                                       "data": {"params": {}, "metrics": {}}}]}]
+    ws = _rev("workspace", None, "linear", "eps", 28.0)
+    ws["experiments"] = None
+    return [ws, base]
+
+
+def test_compare_on_recorded_experiments(tmp_path):
+    rows = experiment_rows(exp_show_fixture(with_bpd=True), ["schedule", "prediction"])
+    assert [r["experiment"] for r in rows] == ["workspace", "main", "cosine-exp", "v-exp"]
+    assert rows[2]["bits_per_dim"] == 3.9 and rows[3]["bits_per_dim"] is None
+    text = render(rows, "schedule", "prediction", [])
+    assert "| schedule \\ prediction | eps | v |" in text
+    assert "| cosine | 21.500 (3.900) | – |" in text
+    assert "| linear | 28.000 | 25.000 |" in text  # best of workspace (28) and main (30)
+    assert "bits/dim" in text
+
+    path = tmp_path / "exp.json"
+    path.write_text(json.dumps(exp_show_fixture(with_bpd=False)))
+    res = CliRunner().invoke(app, ["compare", "--exp-json", str(path), "--param", "train.steps",
+                                   "--out", str(tmp_path / "compare.md")])
+    assert res.exit_code == 0, res.output
+    assert "bits/dim" not in res.output and "| cosine-exp | bbbbbbb | cosine | eps | 800 | 21.500 | ddim-50 |" in res.output
+    assert (tmp_path / "compare.md").read_text().startswith("## Experiments")
+    assert len(json.loads((tmp_path / "compare.json").read_text())) == 4
+
+
+def test_compare_reports_a_missing_file_in_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["compare", "--exp-json", str(tmp_path / "nope.json")])
+    assert res.exit_code == 1 and "does not exist" in res.output

@@ -48,14 +48,29 @@ def write_csv(path, header: list[str], rows) -> None:
     write_atomic(path, "\n".join(lines) + "\n")
 
 
+class _Lines:
+    """Off a terminal, each tqdm redraw ('\\r' + bar) becomes one line of the log."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n")
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 @contextmanager
 def progress(total: int, desc: str):
-    """A tqdm bar that stays readable in logs: redrawn at most every 10 s off a terminal."""
+    """A tqdm bar that stays readable in logs: off a terminal, one line at most every 10 s."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive,
-               ascii=not interactive)
+               ascii=not interactive, file=sys.stderr if interactive else _Lines(sys.stderr))
     try:
         yield bar.update
     finally:

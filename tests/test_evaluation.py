@@ -290,3 +290,13 @@ def test_compare_on_recorded_experiments(tmp_path):
 def test_compare_reports_a_missing_file_in_one_line(tmp_path):
     res = CliRunner().invoke(app, ["compare", "--exp-json", str(tmp_path / "nope.json")])
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_progress_off_a_terminal_writes_whole_lines(capsys):
+    from pipeline.common import progress
+
+    with progress(3, "extract") as bar:
+        for _ in range(3):
+            bar(1)
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n") and "extract: 100%" in err.splitlines()[-1]

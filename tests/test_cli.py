@@ -63,6 +63,8 @@ def test_sample_is_reproducible(workdir):
 def test_fid_report_and_log(workdir, monkeypatch):
     p = yaml.safe_load((workdir / "params.yaml").read_text())
     p["sample"].update(samplers=["ddpm", "ddim"], steps=[2, 3])
+    r = invoke("fid-ref")
+    assert r.exit_code == 0 and (workdir / "data/reference/stats.pt").is_file(), r.output
     for s in p["sample"]["samplers"]:
         for k in p["sample"]["steps"]:
             if not (workdir / f"samples/{s}-{k}").exists():
@@ -124,5 +126,5 @@ def test_undefined_sampler(workdir, tmp_path):
 
 def test_help_lists_every_stage():
     r = invoke("--help")
-    for stage in ("prepare", "classifier", "train", "sample", "fid", "report", "log"):
+    for stage in ("prepare", "classifier", "train", "sample", "fid-ref", "fid", "report", "log", "compare"):
         assert stage in r.output

@@ -54,7 +54,9 @@ def plot_fid(cells: dict, samplers: list[str], steps: list[int], figure: Path) -
     for s in samplers:
         ax.plot(steps, [cells[s, k]["fid"] for k in steps], marker="o", label=s)
     ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title="FID vs sampling steps")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.set_xticks(steps, [str(k) for k in steps])
+    ax.minorticks_off()
+    ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
@@ -67,9 +69,7 @@ def plot_loss(losses: list[tuple[int, float]], figure: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot([s for s, _ in losses], [v for _, v in losses], lw=1)
     ax.set(xlabel="training step", ylabel="loss", title="Training loss")
-    if min(v for _, v in losses) > 0:
-        ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure)

@@ -133,7 +133,10 @@ def main(params_path: Path, tracking_uri: str | None, experiment: str) -> None:
         mlflow.set_tracking_uri(uri)
         # Several queued experiments may create a fresh database at once: serialise set-up.
         with FileLock(str(repo_root() / ".mlflow.lock")):
-            mlflow.set_experiment(experiment)
+            exp = mlflow.set_experiment(experiment)
+            if "mlflow.experimentKind" not in exp.tags:  # the UI opens on the runs table, not the GenAI view
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, "mlflow.experimentKind",
+                                                         "custom_model_development")
         found = mlflow.search_runs(filter_string=f"tags.`pipeline.fingerprint` = '{fp}'", output_format="list")
         if found:
             print(f"log: already in MLflow as run {found[0].info.run_id} ({uri}); nothing to do")

@@ -97,7 +97,7 @@ def main() -> int:
                              f"{args.experiment!r}")
         eid = exp["experiment_id"]
 
-        dom = browse(chromium, f"{base}/#/experiments/{eid}", args.out / "experiment.png")
+        dom = browse(chromium, f"{base}/#/experiments/{eid}/runs", args.out / "experiment.png")
         for r in parents:
             check(r["info"]["run_name"] in dom, f"experiment page lists run {r['info']['run_name']!r}")
 

@@ -143,12 +143,13 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
             rows: str = typer.Option("schedule", help="param (dotted key) for the table's rows"),
             columns: str = typer.Option("prediction", help="param (dotted key) for the table's columns"),
             extra: list[str] = typer.Option([], "--param", help="more params to show per experiment (repeatable)"),
-            out: Path = typer.Option(None, help="also write the tables to this markdown file (and rows as .json)")):
+            out: Path = typer.Option(None, help="also write the tables to this markdown file (and rows as .json)"),
+            commits: str = typer.Option("head", help="head: experiments of HEAD; all: of every commit")):
     """Ablation table across DVC experiments: best FID (and bits/dim) per rows × columns param values.
     Not a DVC stage: it reads every experiment."""
     from pipeline import compare as stage
 
-    stage.main(exp_json, rows, columns, extra, out)
+    stage.main(exp_json, rows, columns, extra, out, commits)
 
 
 if __name__ == "__main__":

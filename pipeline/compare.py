@@ -17,10 +17,17 @@ PARAMS_FILE = "params.yaml"
 BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
 
 
-def dvc_exp_show(cwd: Path | None = None) -> list:
-    """``dvc exp show --json`` of the repository (all experiments of the workspace's commit)."""
+COMMITS = {"head": [], "all": ["--all-commits"]}  # experiments of HEAD, or of every commit
+
+
+def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
+    """``dvc exp show --json`` of the repository: the workspace, HEAD and its experiments
+    (``commits="head"``), or every commit's (``"all"``)."""
+    if commits not in COMMITS:
+        raise ValueError(f"commits must be one of {', '.join(COMMITS)}, got {commits!r}")
     try:
-        out = subprocess.run(["dvc", "exp", "show", "--json"], cwd=cwd, capture_output=True, text=True, check=True)
+        out = subprocess.run(["dvc", "exp", "show", "--json", *COMMITS[commits]], cwd=cwd, capture_output=True,
+                             text=True, check=True)
     except FileNotFoundError:
         raise RuntimeError("`dvc` is not on PATH (activate the virtual environment)") from None
     except subprocess.CalledProcessError as e:
@@ -36,7 +43,7 @@ def _revisions(node, parent_name=None):
     elif isinstance(node, dict):
         data = node.get("data")
         if isinstance(data, dict) and "params" in data:
-            yield node.get("name") or parent_name or node.get("rev", "?"), node.get("rev", "?"), data
+            yield node.get("name") or parent_name, node.get("rev", "?"), data
         for exp in node.get("experiments") or []:
             yield from _revisions(exp.get("revs") or [], exp.get("name"))
 
@@ -62,6 +69,7 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
         if not isinstance(best, dict) or "fid" not in best:
             continue
         short = str(rev)[:7] if len(str(rev)) == 40 else str(rev)
+        name = name or short
         label = name if name not in seen else f"{name}@{short}"
         seen.add(label)
         rows.append({"experiment": label, "rev": short, **{k: _get(params, k) for k in keys},
@@ -113,13 +121,14 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
     return "\n".join(lines) + "\n"
 
 
-def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], out: Path | None) -> None:
+def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], out: Path | None,
+         commits: str = "head") -> None:
     if exp_json is not None:
         if not exp_json.is_file():
             raise FileNotFoundError(f"{exp_json} does not exist")
         exp_show = json.loads(exp_json.read_text())
     else:
-        exp_show = dvc_exp_show()
+        exp_show = dvc_exp_show(commits)
     rows = experiment_rows(exp_show, [row_key, col_key, *extra])
     text = render(rows, row_key, col_key, extra)
     print(text, end="")

@@ -129,5 +129,15 @@ def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="ML
     stage.main(params, tracking_uri, experiment)
 
 
+@app.command()
+@clear_errors
+def sync(tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                          help="default: sqlite:///<repo root>/mlflow.db")):
+    """Log the runs the log stage could not reach MLflow for (kept in .mlflow-outbox/); not a DVC stage."""
+    from pipeline import log as stage
+
+    stage.sync(tracking_uri)
+
+
 if __name__ == "__main__":
     app()

@@ -99,8 +99,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     training = training_config(params, split.images)
     config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "training": training,
               "fingerprint": fingerprint(training)}
+    distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
     with distributed.process_group(resolve_device(device)) as (world, dev):
-        world.shard(p.train.batch_size)  # fails before any work when the batch does not split
         torch.manual_seed(p.seed)
         net = spec.build_unet()
         state = init_state(net, p.train, p.seed, dev)

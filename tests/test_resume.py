@@ -21,8 +21,6 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     ref, crash = workspace(tmp_path / "ref", steps=steps, checkpoint_every=4, log_every=3), \
         workspace(tmp_path / "crash", steps=steps, checkpoint_every=4, log_every=3)
     env = subprocess_env()
-    uninterrupted = subprocess.Popen(python(*TRAIN), cwd=ref, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
     killed = subprocess.Popen(python(*TRAIN), cwd=crash, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (crash / STATE).exists():  # the first checkpoint
@@ -36,7 +34,8 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     resumed = subprocess.run(python(*TRAIN), cwd=crash, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from step {step} of {STATE}" in resumed.stdout
-    assert uninterrupted.wait(timeout=300) == 0
+    uninterrupted = cli(ref, *TRAIN[2:])  # in-process, one thread like the subprocesses
+    assert uninterrupted.exit_code == 0, uninterrupted.output
     assert not (crash / STATE).exists()  # removed once the outputs are written
 
     for f in ("metrics/train.json", "plots/train_loss.csv"):

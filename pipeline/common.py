@@ -56,13 +56,14 @@ def write_csv(path, header: list[str], rows) -> None:
 
 
 @contextmanager
-def progress(total: int, desc: str):
-    """A tqdm bar that stays readable in logs: redrawn at most every 10 s off a terminal."""
+def progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar that stays readable in logs: redrawn at most every 10 s off a terminal
+    (``enabled=False``: silent, for the ranks other than 0)."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive,
-               ascii=not interactive)
+               ascii=not interactive, disable=not enabled)
     try:
         yield bar.update
     finally:

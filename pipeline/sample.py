@@ -38,8 +38,8 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         mine = range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]  # first image of each batch
         chunks = []
         start = time.perf_counter()
-        with progress(sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps,
-                      f"sample {sampler}-{steps}" + (f" rank {world.rank}" if world.is_distributed else "")) as bar:
+        with progress(sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps, f"sample {sampler}-{steps}",
+                      enabled=world.is_main) as bar:  # rank 0 shows its share
             for i in mine:
                 n = min(sp.batch_size, sp.num_samples - i)
                 g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))

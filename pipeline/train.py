@@ -137,14 +137,10 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         start = time.perf_counter()
         try:
-            if world.is_main:
-                with progress(p.train.steps, "train") as bar:
-                    bar(first_step)
-                    train(state, diffusion, split.images, p.train, prediction=p.prediction, world=world,
-                          progress=bar, on_checkpoint=checkpoint)
-            else:
+            with progress(p.train.steps, "train", enabled=world.is_main) as bar:
+                bar(first_step)
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, world=world,
-                      on_checkpoint=checkpoint)
+                      progress=bar, on_checkpoint=checkpoint)
         except FloatingPointError as e:
             last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
                     else "no checkpoint was written")

@@ -95,6 +95,15 @@ def test_dead_server_then_sync_logs_once(tmp_path, mlflow_env):
     assert relog.exit_code == 0 and "already in MLflow" in relog.stdout
     assert len(parent_runs(live)) == 1
 
+    # another experiment meets the dead server; the next `log` that reaches MLflow sends it too
+    other = cli(root, "log", env={"MLFLOW_TRACKING_URI": dead, "DVC_EXP_NAME": "other"})
+    assert other.exit_code == 0 and "warning: could not log" in other.stdout
+    assert len(list((root / ".mlflow-outbox").glob("*/meta.json"))) == 1
+    flushed = cli(root, "log", env={"MLFLOW_TRACKING_URI": live})
+    assert flushed.exit_code == 0 and "already in MLflow" in flushed.stdout and "sync: " in flushed.stdout
+    assert not list((root / ".mlflow-outbox").glob("*/meta.json"))
+    assert sorted(r.data.tags["dvc.exp_name"] for r in parent_runs(live)) == ["other", "workspace"]
+
 
 def test_parallel_first_use_of_a_fresh_database(tmp_path):
     root = finished_workspace(tmp_path)

@@ -7,7 +7,8 @@ Modules, one job each:
   objectives   training losses
   unet         the DDPM U-Net
   samplers     the sampling loop and one step function per sampler
-  training     the training loop (AdamW, warm-up, clipping, EMA)
+  training     the training loop (AdamW, warm-up, clipping, EMA), resumable state
+  distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
   data         data sets as uint8 tensors
   classifier   the feature-extractor classifier for offline FID

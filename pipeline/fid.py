@@ -18,7 +18,8 @@ def load_samples(path: Path) -> dict:
         d = torch.load(path, map_location="cpu", weights_only=True)
         images = d["images"]
     except Exception as e:
-        raise DataError(f"samples file {path} is corrupt: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"samples file {path} is corrupt: {first}") from e
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
         raise DataError(f"samples file {path}: images must be a uint8 tensor [N, C, H, W]")
     return d

@@ -185,6 +185,18 @@ def for_stage(params: Params, stage: str, **item: str) -> View:
     return View(params, allowed, stage)
 
 
+def stage_values(params: Params, stage: str) -> dict[str, Any]:
+    """The values of the keys ``stage`` declares (non-matrix stages), e.g. ``{"seed": 0, "train": {...}}``."""
+    dumped = params.model_dump(mode="json")
+    out = {}
+    for key in STAGE_PARAMS[stage]:
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
+
+
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """``{"train.lr": 0.0002, ...}`` for logging."""
     out: dict[str, Any] = {}

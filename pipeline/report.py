@@ -2,6 +2,7 @@
 columns in `dvc exp show`), an FID-vs-steps plot (CSV for `dvc plots`, and PNG) and a
 markdown table (rows = sampler, columns = steps, as in the DDIM paper's Table 1)."""
 
+import io
 from pathlib import Path
 
 from pipeline.common import read_json, write_atomic, write_csv, write_json
@@ -12,6 +13,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     sp = for_stage(load_params(params_path), "report").sample
     samplers, steps = list(sp.samplers), sorted(sp.steps)
     cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
+    for (s, k), cell in cells.items():
+        missing = [key for key in ("fid", "kid_mean", "extractor", "num_samples") if key not in cell]
+        if missing:
+            raise ValueError(f"{cells_dir / f'{s}-{k}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
     metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
                for name, key in (("fid", "fid"), ("kid", "kid_mean"))}
     best = min(cells, key=lambda c: cells[c]["fid"])
@@ -32,9 +37,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(figure, png.getvalue())
 
     extractor = cells[best]["extractor"]
     n = cells[best]["num_samples"]

@@ -2,8 +2,9 @@
 weights kept by ``torch.optim.swa_utils.AveragedModel``.
 
 The data set is one uint8 tensor [N, C, H, W] held on the training device; each step
-draws a batch of indices, a timestep t ~ Uniform{0, …, T-1} and noise ε ~ N(0, I)
-per example from one seeded ``torch.Generator``, so a run is a function of its seed.
+draws a batch of indices, a timestep t (uniform, or importance-sampled: see
+``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
+``torch.Generator``, so a run is a function of its seed.
 The loss is logged every ``log_every`` steps only (no host synchronisation per step).
 """
 
@@ -15,7 +16,8 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpm.diffusion import Diffusion
-from ddpm.objectives import training_losses
+from ddpm.objectives import training_terms
+from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 
 @dataclass
@@ -71,13 +73,19 @@ def train(
     *,
     prediction: str = "eps",
     loss: str = "simple",
+    variance: str = "fixed_small",
+    hybrid_lambda: float = 1.0e-3,
+    timestep_sampler: UniformSampler | ImportanceSampler | None = None,
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
-    """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it."""
+    """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it.
+
+    ``timestep_sampler`` draws t (default uniform); an importance sampler is updated in place."""
     device = diffusion.device
     images = images.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
+    sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     model = state.model.train()
     running = torch.zeros((), device=device)
     since_log = 0
@@ -88,10 +96,15 @@ def train(
         if cfg.augment == "hflip":
             flip = torch.rand(cfg.batch_size, generator=g, device=device) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(T, (cfg.batch_size,), generator=g, device=device)
+        t, weights = sampler.sample(cfg.batch_size, g, device)
         noise = torch.randn(x0.shape, generator=g, device=device)
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        loss_value = training_losses(model, diffusion, x0, t, noise, prediction, loss).mean()
+        terms = training_terms(model, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+        losses = terms["loss"]
+        if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
+            sampler.update(t, terms["vlb"])
+            losses = losses * weights
+        loss_value = losses.mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss_value.backward()
         if cfg.grad_clip > 0:

@@ -66,7 +66,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
           timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
           device: str = DEVICE):
-    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, model.*, train.*)."""
+    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
+    hybrid_lambda, model.*, train.*)."""
     from pipeline import train as stage
 
     stage.main(params, data, out, metrics, plot, timing, device)
@@ -94,6 +95,19 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
     from pipeline import fid as stage
 
     stage.main(params, samples, reference, classifier, out, device)
+
+
+@app.command()
+@clear_errors
+def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+        data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+        metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
+        plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
+        device: str = DEVICE):
+    """NLL of the test split in bits/dim from the full variational bound, EMA weights (nll.*)."""
+    from pipeline import nll as stage
+
+    stage.main(params, checkpoint, data, metrics, plot, device)
 
 
 @app.command()

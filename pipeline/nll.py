@@ -32,7 +32,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     start = time.perf_counter()
     with progress(n * spec.timesteps, "nll") as bar:
         for i in range(0, n, p.batch_size):
-            x0 = to_model_range(split.images[i:i + p.batch_size].to(dev))
+            x0 = to_model_range(split.images[i:min(i + p.batch_size, n)].to(dev))
             out = nll_bits_per_dim(net, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
                                    clip_x0=p.clip == "static", generator=g,
                                    progress=lambda k, b=x0.shape[0]: bar(k * b))

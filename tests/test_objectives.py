@@ -21,6 +21,14 @@ MU = torch.tensor([0.5, -0.3], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.4], dtype=torch.float64)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and on a shared machine far faster, than several."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 @pytest.fixture(scope="module")
 def d():
     return Diffusion.from_schedule("linear", 1000, dtype=torch.float64)

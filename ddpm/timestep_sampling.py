@@ -80,7 +80,8 @@ class ImportanceSampler:
         losses = losses.detach().to(self.history.device, torch.float64)
         K = self.history_per_term
         # (1) rank of each example among the batch's examples with the same t, and their number per t
-        onehot = torch.nn.functional.one_hot(t, self.num_timesteps)
+        onehot = torch.zeros(t.shape[0], self.num_timesteps, dtype=torch.long, device=t.device)
+        onehot.scatter_(1, t[:, None], 1)  # (F.one_hot would check the range of t: a host sync)
         rank = onehot.cumsum(0).gather(1, t[:, None]).squeeze(1) - 1
         per_t = onehot.sum(0)
         # (2) slot in the ring buffer; only the last K of a t's examples survive (as if appended in order)

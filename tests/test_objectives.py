@@ -163,6 +163,30 @@ def test_full_bound_adds_its_terms():
     assert (out["terms"][:, 1:] >= 0).all() and (out["total"] > 0).all()
 
 
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+def test_full_bound_of_an_exact_denoiser_on_a_constant_image(variance):
+    """Data x_0 = c (one 8-bit level): with the exact x_0-predictor the means agree, so each KL term is
+    the variance mismatch ½(log σ_t²/β̃_t + β̃_t/σ_t² - 1) (0 for fixed_small), the decoder term is the
+    bin mass -log2(Φ(h/σ_1) - Φ(-h/σ_1)), h = 1/255, and the prior term is KL(N(√ᾱ_T c, 1-ᾱ_T) ‖ N(0, 1))."""
+    d = Diffusion.from_schedule("linear", 50, dtype=torch.float64)
+    c = 130 / 127.5 - 1
+    x0 = torch.full((2, 1, 3, 3), c, dtype=torch.float64)
+    model = lambda x, t: torch.full_like(x, c)  # noqa: E731
+    out = nll_bits_per_dim(model, d, x0, prediction="x0", variance=variance, clip_x0=False,
+                           generator=torch.Generator().manual_seed(10))
+    log_var, log_post = fixed_log_variance_table(d, variance)[1:], d.posterior_log_variance_clipped[1:]
+    kl = 0.5 * (log_var - log_post + torch.exp(log_post - log_var) - 1) / math.log(2)
+    torch.testing.assert_close(out["terms"][:, 1:], kl.expand(2, -1), rtol=1e-9, atol=1e-12)
+    assert (kl == 0).all() == (variance == "fixed_small")
+    sigma = math.exp(0.5 * fixed_log_variance_table(d, variance)[0].item())
+    mass = math.erf(1 / 255 / sigma / math.sqrt(2))               # Φ(h/σ) - Φ(-h/σ)
+    torch.testing.assert_close(out["decoder"], torch.full((2,), -math.log2(mass), dtype=torch.float64))
+    prior = 0.5 * (-1 - math.log(1 - d.alphas_cumprod[-1].item()) + (1 - d.alphas_cumprod[-1].item())
+                   + d.alphas_cumprod[-1].item() * c**2) / math.log(2)
+    expected = -math.log2(mass) + kl.sum().item() + prior
+    torch.testing.assert_close(out["total"], torch.full((2,), expected, dtype=torch.float64))
+
 # ------------------------------------------------------------------ learned variance
 @pytest.mark.parametrize("respaced", [False, True])
 def test_learned_variance_ends_equal_fixed_small_and_fixed_large(d, respaced):

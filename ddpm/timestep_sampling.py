@@ -60,6 +60,7 @@ class ImportanceSampler:
         p = p / p.sum().clamp(min=1e-300)
         # (2) mix in a uniform share so that every t keeps being visited
         p = p * (1.0 - self.uniform_prob) + self.uniform_prob / T
+        p = p / p.sum()  # (exactly 1 already, unless every recorded L_t was 0)
         # (3) uniform until every t has history_per_term values (a tensor condition: no host sync)
         warm = (self.counts >= self.history_per_term).all()
         return torch.where(warm, p, uniform)

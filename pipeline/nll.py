@@ -1,7 +1,9 @@
 """Stage `nll`: the negative log-likelihood of the test split in bits/dim, from the full
 variational bound (Ho et al. 2020, eq. 5; ``ddpm.likelihood.nll_bits_per_dim``) of the
 EMA model, on the first ``nll.num_images`` test images. Writes the DVC metrics file and
-the mean bound term per timestep as a plot (Nichol & Dhariwal 2021, fig. 2)."""
+the mean bound term per timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is
+the timestep index of ``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms;
+the prior term L_T is in the metrics only)."""
 
 import math
 import time

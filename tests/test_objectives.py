@@ -8,7 +8,7 @@ from itertools import product
 import pytest
 import torch
 
-from ddpm.diffusion import Diffusion, q_posterior_mean_variance, q_sample, respace, timestep_subsequence
+from ddpm.diffusion import Diffusion, q_sample, respace, timestep_subsequence
 from ddpm.likelihood import discretized_gaussian_log_likelihood, normal_kl, nll_bits_per_dim, prior_kl, vlb_terms
 from ddpm.model import ModelSpec
 from ddpm.objectives import check_objective, training_terms
@@ -168,7 +168,7 @@ def test_full_bound_adds_its_terms():
 def test_full_bound_of_an_exact_denoiser_on_a_constant_image(variance):
     """Data x_0 = c (one 8-bit level): with the exact x_0-predictor the means agree, so each KL term is
     the variance mismatch ½(log σ_t²/β̃_t + β̃_t/σ_t² - 1) (0 for fixed_small), the decoder term is the
-    bin mass -log2(Φ(h/σ_1) - Φ(-h/σ_1)), h = 1/255, and the prior term is KL(N(√ᾱ_T c, 1-ᾱ_T) ‖ N(0, 1))."""
+    bin mass -log2(Φ(h/σ_1) - Φ(-h/σ_1)), h = 1/255, and the prior term KL(N(√ᾱ_T c, 1-ᾱ_T) ‖ N(0, 1))."""
     d = Diffusion.from_schedule("linear", 50, dtype=torch.float64)
     c = 130 / 127.5 - 1
     x0 = torch.full((2, 1, 3, 3), c, dtype=torch.float64)
@@ -244,7 +244,8 @@ class Affine(torch.nn.Module):
 
     def __init__(self, learned: bool):
         super().__init__()
-        self.a, self.b, self.learned = torch.nn.Parameter(torch.tensor(0.5)), torch.nn.Parameter(torch.tensor(0.2)), learned
+        self.a, self.b = torch.nn.Parameter(torch.tensor(0.5)), torch.nn.Parameter(torch.tensor(0.2))
+        self.learned = learned
 
     def forward(self, x, t):
         mean = self.a * x

@@ -4,7 +4,10 @@ Modules, one job each:
   schedules    β schedules in float64
   diffusion    tables, forward process q_sample, posterior, x0/ε/v conversions, respacing
   predictions  model output → (x̂_0, ε̂) for prediction = eps | x0 | v | mean
-  objectives   training losses
+  variance     σ_t² of p_θ(x_{t-1} | x_t): fixed_small | fixed_large | learned
+  likelihood   Gaussian KL, discretised decoder, the variational bound in bits/dim
+  objectives   training losses: simple | vlb | hybrid
+  timestep_sampling  t ~ uniform | importance (loss-aware)
   unet         the DDPM U-Net
   samplers     the sampling loop and one step function per sampler
   training     the training loop (AdamW, warm-up, clipping, EMA), resumable state

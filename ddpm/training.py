@@ -2,19 +2,22 @@
 weights kept by ``torch.optim.swa_utils.AveragedModel``.
 
 The data set is one uint8 tensor [N, C, H, W] held on the training device; each step
-draws a batch of indices, a timestep t ~ Uniform{0, …, T-1} and noise ε ~ N(0, I)
-per example from one seeded ``torch.Generator``, so a run is a function of its seed.
+draws a batch of indices, a timestep t (uniform, or importance-sampled: see
+``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
+``torch.Generator``, so a run is a function of its seed.
 The loss is logged every ``log_every`` steps only (no host synchronisation per step);
 a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
 
 Data-parallel (``ddpm.distributed``): every rank draws the same global batch from the
 shared generator and trains on its shard; DDP averages the gradients, so N ranks follow
-the single-process run with the same ``batch_size``.
+the single-process run with the same ``batch_size``. (With importance sampling each rank
+updates its own loss history from its shard.)
 
 Resuming: ``train_state_dict`` turns the whole ``TrainState`` (weights, EMA, optimizer,
-scheduler, step, losses, the batch generator and the global torch/CUDA RNG states that
-dropout uses) into plain data that ``torch.load(weights_only=True)`` reads back;
-``load_train_state`` restores it, and training continues exactly where it stopped.
+scheduler, step, losses, the timestep sampler, the batch generator and the global
+torch/CUDA RNG states that dropout uses) into plain data that
+``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
+training continues exactly where it stopped.
 """
 
 from collections.abc import Callable
@@ -27,7 +30,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from ddpm import distributed
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
-from ddpm.objectives import training_losses
+from ddpm.objectives import training_terms
+from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 
 @dataclass
@@ -86,6 +90,9 @@ def train(
     prediction: str = "eps",
     loss: str = "simple",
     world: World = SINGLE,
+    variance: str = "fixed_small",
+    hybrid_lambda: float = 1.0e-3,
+    timestep_sampler: UniformSampler | ImportanceSampler | None = None,
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -94,10 +101,12 @@ def train(
 
     ``on_checkpoint`` runs on every rank every ``cfg.checkpoint_every`` steps, after the
     losses and weights so far were checked finite (a collective: it may call
-    ``train_state_dict``)."""
+    ``train_state_dict``). ``timestep_sampler`` draws t (default uniform); an importance
+    sampler is updated in place."""
     device = diffusion.device
     images = images.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
+    sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
     while state.step < cfg.steps:
@@ -108,10 +117,16 @@ def train(
         if cfg.augment == "hflip":
             flip = torch.rand(cfg.batch_size, generator=g, device=device)[mine] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(T, (cfg.batch_size,), generator=g, device=device)[mine]
+        t, weights = sampler.sample(cfg.batch_size, g, device)
+        t, weights = t[mine], (None if weights is None else weights[mine])
         noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        loss_value = training_losses(model, diffusion, x0, t, noise, prediction, loss).mean()
+        terms = training_terms(model, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+        losses = terms["loss"]
+        if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
+            sampler.update(t, terms["vlb"])
+            losses = losses * weights
+        loss_value = losses.mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss_value.backward()
         if cfg.grad_clip > 0:
@@ -176,9 +191,10 @@ def set_rng_state(rng: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(rng["cuda"], device)
 
 
-def train_state_dict(state: TrainState, world: World = SINGLE) -> dict | None:
-    """``state`` as plain CPU data (loads with ``weights_only=True``); collective over the
-    ranks: rank 0 gets the dict, holding every rank's RNG states, the others ``None``."""
+def train_state_dict(state: TrainState, world: World = SINGLE, timestep_sampler=None) -> dict | None:
+    """``state`` (and the timestep sampler's loss history, when given) as plain CPU data
+    (loads with ``weights_only=True``); collective over the ranks: rank 0 gets the dict,
+    holding every rank's RNG states, the others ``None``."""
     device = next(state.model.parameters()).device
     rngs = distributed.gather(rng_state(device), world)
     if not world.is_main:
@@ -188,11 +204,12 @@ def train_state_dict(state: TrainState, world: World = SINGLE) -> dict | None:
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "generator": state.generator.get_state(), "rng": rngs, "losses": [list(x) for x in state.losses],
         "pending": torch.stack(state.pending) if state.pending else torch.zeros(0),
+        "timestep_sampler": timestep_sampler.state_dict() if timestep_sampler is not None else {},
     })
 
 
-def load_train_state(state: TrainState, d: dict, world: World = SINGLE) -> TrainState:
-    """Restore ``state`` in place from ``train_state_dict``'s output (on every rank)."""
+def load_train_state(state: TrainState, d: dict, world: World = SINGLE, timestep_sampler=None) -> TrainState:
+    """Restore ``state`` (and ``timestep_sampler``) in place from ``train_state_dict``'s output (on every rank)."""
     device = next(state.model.parameters()).device
     state.model.load_state_dict(d["model"])
     state.ema.load_state_dict(d["ema"])
@@ -206,4 +223,6 @@ def load_train_state(state: TrainState, d: dict, world: World = SINGLE) -> Train
     state.step = int(d["step"])
     state.losses = [(int(s), float(v)) for s, v in d["losses"]]
     state.pending = list(d["pending"].to(device).unbind())
+    if timestep_sampler is not None and d.get("timestep_sampler"):
+        timestep_sampler.load_state_dict(d["timestep_sampler"])
     return state

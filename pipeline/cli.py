@@ -70,7 +70,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
                                                   "else start fresh) | never | require"),
           device: str = DEVICE):
-    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, model.*, train.*).
+    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
+    hybrid_lambda, model.*, train.*).
 
     Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
     from pipeline import train as stage
@@ -103,6 +104,19 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
     from pipeline import fid as stage
 
     stage.main(params, samples, reference, classifier, out, device)
+
+
+@app.command()
+@clear_errors
+def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+        data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+        metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
+        plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
+        device: str = DEVICE):
+    """NLL of the test split in bits/dim from the full variational bound, EMA weights (nll.*)."""
+    from pipeline import nll as stage
+
+    stage.main(params, checkpoint, data, metrics, plot, device)
 
 
 @app.command()

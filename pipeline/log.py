@@ -62,12 +62,13 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             losses.append((int(step), float(loss)))
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "losses": losses, "cells": cells}
+            "nll": _read(root / "metrics/nll.json"), "losses": losses, "cells": cells}
 
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:
     summary = {"params": flat_params, "exp": exp_name, "rev": revision, "train": run["train"],
-               "classifier": run["classifier"], "cells": {k: c["metrics"] for k, c in run["cells"].items()}}
+               "classifier": run["classifier"], "nll": run.get("nll"),
+               "cells": {k: c["metrics"] for k, c in run["cells"].items()}}
     return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -91,7 +92,7 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
     with mlflow.start_run(run_name=exp_name, tags=tags) as parent:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         summary = {**_numeric(run["train"], "train."), **_numeric(run["classifier"], "classifier."),
-                   **_numeric(run["fid"])}
+                   **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll.")}
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(params_path))
         for folder in ("reports", "plots"):
@@ -100,7 +101,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
 
         with mlflow.start_run(run_name="train", nested=True, tags=tags) as child:
             mlflow.log_params({k: v if not isinstance(v, list) else json.dumps(v) for k, v in flat.items()
-                               if k.split(".")[0] in ("seed", "schedule", "prediction", "timesteps", "model", "train")})
+                               if k.split(".")[0] in ("seed", "schedule", "prediction", "timesteps", "loss", "variance",
+                                                         "timestep_sampling", "hybrid_lambda", "model", "train")})
             history = [Metric("loss", loss, 0, step) for step, loss in run["losses"]]
             for i in range(0, len(history), 1000):
                 client.log_batch(child.info.run_id, metrics=history[i:i + 1000])

@@ -25,6 +25,7 @@ from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.data import load_split
 from ddpm.model import ModelSpec
+from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, load_train_state, train, train_state_dict
 from pipeline.common import progress, resolve_device, write_csv, write_json
 from pipeline.params import for_stage, load_params, stage_values
@@ -95,10 +96,11 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     if height != width:
         raise ValueError(f"{data}: images must be square, got {height}×{width}")
     spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
-                     timesteps=p.timesteps, prediction=p.prediction)
+                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance)
     training = training_config(params, split.images)
-    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "training": training,
-              "fingerprint": fingerprint(training)}
+    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling}
+    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
+              "training": training, "fingerprint": fingerprint(training)}
     distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
     with distributed.process_group(resolve_device(device)) as (world, dev):
         torch.manual_seed(p.seed)
@@ -107,6 +109,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         if world.is_distributed:  # the same initial weights everywhere, a dropout stream per rank
             torch.manual_seed(distributed.derive_seed(p.seed, world.rank))
         diffusion = spec.build_diffusion(dev)
+        timestep_sampler = make_timestep_sampler(p.timestep_sampling, p.timesteps, dev)
 
         # rank 0 decides whether to resume and hands the state to every rank
         found = None
@@ -120,7 +123,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             raise found
         ckpt, what = found
         if ckpt is not None:
-            load_train_state(state, ckpt, world)
+            load_train_state(state, ckpt, world, timestep_sampler)
         first_step = state.step
         if world.is_main:
             print(f"train: {what}" + (f" ({world.size} processes)" if world.is_distributed else ""))
@@ -130,7 +133,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         saved = {"step": first_step if ckpt is not None else None}
 
         def checkpoint(s) -> None:
-            d = train_state_dict(s, world)  # collective: every rank's RNG states
+            d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
             if world.is_main:
                 save_checkpoint(state_path, config=config, **d)
                 saved["step"] = s.step
@@ -139,8 +142,9 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         try:
             with progress(p.train.steps, "train", enabled=world.is_main) as bar:
                 bar(first_step)
-                train(state, diffusion, split.images, p.train, prediction=p.prediction, world=world,
-                      progress=bar, on_checkpoint=checkpoint)
+                train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
+                      variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
+                      world=world, progress=bar, on_checkpoint=checkpoint)
         except FloatingPointError as e:
             last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
                     else "no checkpoint was written")
@@ -150,7 +154,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         if world.is_main:
             cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
             save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
-                            ema=cpu(state.ema.state_dict()))
+                            ema=cpu(state.ema.state_dict()), timestep_sampler=timestep_sampler.state_dict())
             write_csv(plot, ["step", "loss"], state.losses)
             n_params = sum(t.numel() for t in net.parameters())
             write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,

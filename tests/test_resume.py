@@ -59,18 +59,18 @@ def test_same_params_and_seed_give_identical_outputs(tmp_path):
 
 def inject(monkeypatch, at_step: int, value=float("nan"), error: type[BaseException] | None = None):
     """From training step ``at_step`` on, the loss is ``value`` (or ``error`` is raised)."""
-    real, calls = ddpm.training.training_losses, [0]
+    real, calls = ddpm.training.training_terms, [0]
 
-    def losses(*args, **kwargs):
+    def terms(*args, **kwargs):
         calls[0] += 1
         out = real(*args, **kwargs)
         if calls[0] >= at_step:
             if error is not None:
                 raise error("injected crash")
-            return out * value
+            return {**out, "loss": out["loss"] * value}
         return out
 
-    monkeypatch.setattr(ddpm.training, "training_losses", losses)
+    monkeypatch.setattr(ddpm.training, "training_terms", terms)
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):

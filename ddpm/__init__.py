@@ -4,10 +4,14 @@ Modules, one job each:
   schedules    β schedules in float64
   diffusion    tables, forward process q_sample, posterior, x0/ε/v conversions, respacing
   predictions  model output → (x̂_0, ε̂) for prediction = eps | x0 | v | mean
-  objectives   training losses
+  variance     σ_t² of p_θ(x_{t-1} | x_t): fixed_small | fixed_large | learned
+  likelihood   Gaussian KL, discretised decoder, the variational bound in bits/dim
+  objectives   training losses: simple | vlb | hybrid
+  timestep_sampling  t ~ uniform | importance (loss-aware)
   unet         the DDPM U-Net
   samplers     the sampling loop and one step function per sampler
-  training     the training loop (AdamW, warm-up, clipping, EMA)
+  training     the training loop (AdamW, warm-up, clipping, EMA), resumable state
+  distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
   data         data sets as uint8 tensors
   classifier   the feature-extractor classifier for offline FID

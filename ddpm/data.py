@@ -68,7 +68,8 @@ def load_split(path) -> Split:
         d = torch.load(path, map_location="cpu", weights_only=True)
         split = Split(d["images"], d["labels"].long(), list(d["classes"]))
     except Exception as e:
-        raise DataError(f"data file {path} is corrupt or not a prepared split: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"data file {path} is corrupt or not a prepared split: {first}") from e
     return split.validate(str(path))
 
 

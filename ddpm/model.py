@@ -20,10 +20,13 @@ class ModelSpec:
     schedule: str = "linear"
     timesteps: int = 1000
     prediction: str = "eps"
+    # fixed_small | fixed_large | learned; absent from checkpoints written before it existed
+    variance: str = "fixed_small"
 
     @property
     def out_channels(self) -> int:
-        return self.channels
+        """The image channels, twice over when the network also predicts its variance."""
+        return 2 * self.channels if self.variance == "learned" else self.channels
 
     def to_dict(self) -> dict:
         d = asdict(self)

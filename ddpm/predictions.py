@@ -9,6 +9,10 @@ losses need.
 
 ``to_prediction`` turns a raw output into x̂_0 and ε̂ (both always available), and
 ``training_target`` gives the regression target for L_simple-style losses.
+
+With ``variance="learned"`` the network outputs 2C channels: the first C are the
+prediction above, the last C the variance interpolation v of Nichol & Dhariwal 2021
+(eq. 15, see ``ddpm.variance``), which ``to_prediction`` turns into ``log_variance``.
 """
 
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import torch
 
 from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, v_from_x0_eps, x0_from_eps,
                             x0_from_posterior_mean, x0_from_v)
+from ddpm.variance import check_variance, learned_log_variance
 
 PREDICTIONS = ("eps", "x0", "v", "mean")
 
@@ -29,9 +34,24 @@ class Prediction:
     log_variance: torch.Tensor | None = None
 
 
+def split_output(output: torch.Tensor, channels: int, variance: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction part, variance part v or None) of a raw network output for ``channels`` image channels."""
+    check_variance(variance)
+    expected = 2 * channels if variance == "learned" else channels
+    if output.shape[1] != expected:
+        raise ValueError(f"variance={variance!r} needs a network with {expected} output channels for "
+                         f"{channels}-channel images, got {output.shape[1]}")
+    if variance == "learned":
+        return output[:, :channels], output[:, channels:]
+    return output, None
+
+
 def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                  clip_x0: bool = False) -> Prediction:
-    """Model output → (x̂_0, ε̂). With ``clip_x0`` x̂_0 is clamped to [-1, 1] and ε̂ recomputed from it."""
+                  clip_x0: bool = False, variance: str = "fixed_small") -> Prediction:
+    """Model output → (x̂_0, ε̂). With ``clip_x0`` x̂_0 is clamped to [-1, 1] and ε̂ recomputed from it.
+
+    With ``variance="learned"`` also log Σ_θ from the output's extra channels, on ``d``'s β and β̃."""
+    output, v = split_output(output, xt.shape[1], variance)
     if prediction == "eps":
         x0 = x0_from_eps(d, xt, t, output)
         eps = output
@@ -48,7 +68,8 @@ def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch
         eps = None
     if eps is None:
         eps = eps_from_x0(d, xt, t, x0)
-    return Prediction(x0=x0, eps=eps)
+    log_variance = learned_log_variance(d, t, v) if v is not None else None
+    return Prediction(x0=x0, eps=eps, log_variance=log_variance)
 
 
 def training_target(d: Diffusion, prediction: str, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,

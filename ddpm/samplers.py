@@ -81,6 +81,7 @@ def sample(
     steps: int | None = None,
     spacing: str = "linspace",
     prediction: str = "eps",
+    variance: str = "fixed_small",
     clip_x0: bool = True,
     generator: torch.Generator | None = None,
     options: dict | None = None,
@@ -91,6 +92,8 @@ def sample(
     """Generate a batch of shape ``shape`` in [-1, 1] (not clamped) with ``sampler``.
 
     ``model(x, t)`` is called with the original timesteps. ``steps`` defaults to T.
+    ``variance`` is the model's (``ModelSpec.variance``): with ``learned`` the network's
+    log-variance, on the respaced β and β̃, goes to the step function in ``pred.log_variance``.
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
     ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
     when given, sees every step's result (original timestep t), e.g. for denoising strips.
@@ -108,7 +111,7 @@ def sample(
         for i in reversed(range(len(timesteps))):
             idx = torch.full((shape[0],), i, device=device, dtype=torch.long)
             out = model(x, t_orig[idx])
-            pred = to_prediction(d, prediction, out.float(), x, idx, clip_x0=clip_x0)
+            pred = to_prediction(d, prediction, out.float(), x, idx, clip_x0=clip_x0, variance=variance)
             x = step_fn(x, i, pred, d, state, generator, **(options or {}))
             if on_step is not None:
                 on_step(timesteps[i], x, pred)

@@ -2,9 +2,22 @@
 weights kept by ``torch.optim.swa_utils.AveragedModel``.
 
 The data set is one uint8 tensor [N, C, H, W] held on the training device; each step
-draws a batch of indices, a timestep t ~ Uniform{0, …, T-1} and noise ε ~ N(0, I)
-per example from one seeded ``torch.Generator``, so a run is a function of its seed.
-The loss is logged every ``log_every`` steps only (no host synchronisation per step).
+draws a batch of indices, a timestep t (uniform, or importance-sampled: see
+``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
+``torch.Generator``, so a run is a function of its seed.
+The loss is logged every ``log_every`` steps only (no host synchronisation per step);
+a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
+
+Data-parallel (``ddpm.distributed``): every rank draws the same global batch from the
+shared generator and trains on its shard; DDP averages the gradients, so N ranks follow
+the single-process run with the same ``batch_size``. (With importance sampling each rank
+updates its own loss history from its shard.)
+
+Resuming: ``train_state_dict`` turns the whole ``TrainState`` (weights, EMA, optimizer,
+scheduler, step, losses, the timestep sampler, the batch generator and the global
+torch/CUDA RNG states that dropout uses) into plain data that
+``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
+training continues exactly where it stopped.
 """
 
 from collections.abc import Callable
@@ -14,8 +27,11 @@ from typing import Literal
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from ddpm import distributed
 from ddpm.diffusion import Diffusion
-from ddpm.objectives import training_losses
+from ddpm.distributed import SINGLE, World
+from ddpm.objectives import training_terms
+from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 
 @dataclass
@@ -28,6 +44,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
     log_every: int = 100
+    checkpoint_every: int = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
 
 
@@ -40,6 +57,7 @@ class TrainState:
     generator: torch.Generator
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -71,46 +89,140 @@ def train(
     *,
     prediction: str = "eps",
     loss: str = "simple",
+    world: World = SINGLE,
+    variance: str = "fixed_small",
+    hybrid_lambda: float = 1.0e-3,
+    timestep_sampler: UniformSampler | ImportanceSampler | None = None,
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
-    """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it."""
+    """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it.
+
+    ``on_checkpoint`` runs on every rank every ``cfg.checkpoint_every`` steps, after the
+    losses and weights so far were checked finite (a collective: it may call
+    ``train_state_dict``). ``timestep_sampler`` draws t (default uniform); an importance
+    sampler is updated in place."""
     device = diffusion.device
     images = images.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
-    model = state.model.train()
-    running = torch.zeros((), device=device)
-    since_log = 0
+    sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
+    mine = world.shard(cfg.batch_size)
+    model = distributed.wrap(state.model.train(), world)
     while state.step < cfg.steps:
-        # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4)
+        # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
+        #     every rank draws the global batch and keeps its shard
         idx = torch.randint(n, (cfg.batch_size,), generator=g, device=device)
-        x0 = to_model_range(images[idx])
+        x0 = to_model_range(images[idx[mine]])
         if cfg.augment == "hflip":
-            flip = torch.rand(cfg.batch_size, generator=g, device=device) < 0.5
+            flip = torch.rand(cfg.batch_size, generator=g, device=device)[mine] < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(T, (cfg.batch_size,), generator=g, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
+        t, weights = sampler.sample(cfg.batch_size, g, device)
+        t, weights = t[mine], (None if weights is None else weights[mine])
+        noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        loss_value = training_losses(model, diffusion, x0, t, noise, prediction, loss).mean()
+        terms = training_terms(model, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+        losses = terms["loss"]
+        if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
+            sampler.update(t, terms["vlb"])
+            losses = losses * weights
+        loss_value = losses.mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss_value.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
         state.optimizer.step()
         state.scheduler.step()
-        state.ema.update_parameters(model)
+        state.ema.update_parameters(state.model)
         state.step += 1
-        running += loss_value.detach()
-        since_log += 1
+        state.pending.append(loss_value.detach())
         if progress is not None:
             progress(1)
         if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            mean_loss = (running / since_log).item()  # the only host sync, every log_every steps
-            if not torch.isfinite(torch.tensor(mean_loss)):
-                raise FloatingPointError(f"loss became {mean_loss} at step {state.step}")
-            state.losses.append((state.step, mean_loss))
-            running.zero_()
-            since_log = 0
+            losses = _checked_losses(state, world)  # the only host sync, every log_every steps
+            state.losses.append((state.step, losses.mean().item()))
+            state.pending.clear()
             if on_log is not None:
                 on_log(state)
+        if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+            _checked_losses(state, world)
+            bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
+            if bad.item():
+                raise FloatingPointError(f"the weights became non-finite by step {state.step}")
+            on_checkpoint(state)
+    return state
+
+
+def _checked_losses(state: TrainState, world: World) -> torch.Tensor:
+    """The per-step losses since the last log, averaged over ranks (a host sync); raises
+    ``FloatingPointError`` naming the first step whose loss is NaN or infinite."""
+    if not state.pending:
+        return torch.zeros(0)
+    losses = distributed.mean_(torch.stack(state.pending), world)
+    state.pending = list(losses.unbind())  # every rank now holds the global means
+    losses = losses.cpu()
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        i = bad[0].item()
+        raise FloatingPointError(f"training loss became {losses[i].item()} at step {state.step - len(losses) + 1 + i}")
+    return losses
+
+
+# ------------------------------------------------------------------ resumable state
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global RNG states (CPU, and the device's CUDA generator) that dropout draws from."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def train_state_dict(state: TrainState, world: World = SINGLE, timestep_sampler=None) -> dict | None:
+    """``state`` (and the timestep sampler's loss history, when given) as plain CPU data
+    (loads with ``weights_only=True``); collective over the ranks: rank 0 gets the dict,
+    holding every rank's RNG states, the others ``None``."""
+    device = next(state.model.parameters()).device
+    rngs = distributed.gather(rng_state(device), world)
+    if not world.is_main:
+        return None
+    return _to_cpu({
+        "step": state.step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+        "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
+        "generator": state.generator.get_state(), "rng": rngs, "losses": [list(x) for x in state.losses],
+        "pending": torch.stack(state.pending) if state.pending else torch.zeros(0),
+        "timestep_sampler": timestep_sampler.state_dict() if timestep_sampler is not None else {},
+    })
+
+
+def load_train_state(state: TrainState, d: dict, world: World = SINGLE, timestep_sampler=None) -> TrainState:
+    """Restore ``state`` (and ``timestep_sampler``) in place from ``train_state_dict``'s output (on every rank)."""
+    device = next(state.model.parameters()).device
+    state.model.load_state_dict(d["model"])
+    state.ema.load_state_dict(d["ema"])
+    state.optimizer.load_state_dict(d["optimizer"])
+    state.scheduler.load_state_dict(d["scheduler"])
+    state.generator.set_state(d["generator"])
+    if world.rank < len(d["rng"]):
+        set_rng_state(d["rng"][world.rank], device)
+    else:  # more ranks than when saved: a fresh dropout stream for this rank
+        torch.manual_seed(distributed.derive_seed(d["step"], world.rank))
+    state.step = int(d["step"])
+    state.losses = [(int(s), float(v)) for s, v in d["losses"]]
+    state.pending = list(d["pending"].to(device).unbind())
+    if timestep_sampler is not None and d.get("timestep_sampler"):
+        timestep_sampler.load_state_dict(d["timestep_sampler"])
     return state

@@ -65,11 +65,21 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           metrics: Path = typer.Option(Path("metrics/train.json")),
           plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
           timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
+          state: Path = typer.Option(Path("checkpoints/train_state.pt"),
+                                     help="resumable training state, written every train.checkpoint_every steps"),
+          resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
+                                                  "else start fresh) | never | require"),
           device: str = DEVICE):
-    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, model.*, train.*)."""
+    """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
+    hybrid_lambda, model.*, train.*).
+
+    Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
     from pipeline import train as stage
 
-    stage.main(params, data, out, metrics, plot, timing, device)
+    choices = [m.value for m in stage.Resume]
+    if resume not in choices:
+        raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
+    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume))
 
 
 @app.command()
@@ -110,6 +120,19 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
 
 @app.command()
 @clear_errors
+def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+        data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+        metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
+        plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
+        device: str = DEVICE):
+    """NLL of the test split in bits/dim from the full variational bound, EMA weights (nll.*)."""
+    from pipeline import nll as stage
+
+    stage.main(params, checkpoint, data, metrics, plot, device)
+
+
+@app.command()
+@clear_errors
 def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells")),
            metrics: Path = typer.Option(Path("metrics/fid.json")),
            plot: Path = typer.Option(Path("plots/fid_vs_steps.csv")),
@@ -135,6 +158,16 @@ def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="ML
     from pipeline import log as stage
 
     stage.main(params, tracking_uri, experiment)
+
+
+@app.command()
+@clear_errors
+def sync(tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                          help="default: sqlite:///<repo root>/mlflow.db")):
+    """Log the runs the log stage could not reach MLflow for (kept in .mlflow-outbox/); not a DVC stage."""
+    from pipeline import log as stage
+
+    stage.sync(tracking_uri)
 
 
 @app.command()

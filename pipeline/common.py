@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ddpm.checkpoint import file_mode
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -24,9 +26,14 @@ def write_atomic(path, data: bytes | str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    try:
+        os.fchmod(fd, file_mode())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path, obj) -> None:
@@ -64,13 +71,14 @@ class _Lines:
 
 
 @contextmanager
-def progress(total: int, desc: str):
-    """A tqdm bar that stays readable in logs: off a terminal, one line at most every 10 s."""
+def progress(total: int, desc: str, enabled: bool = True):
+    """A tqdm bar that stays readable in logs: off a terminal, one line at most every 10 s
+    (``enabled=False``: silent, for the ranks other than 0)."""
     from tqdm import tqdm
 
     interactive = sys.stderr.isatty()
     bar = tqdm(total=total, desc=desc, mininterval=0.5 if interactive else 10.0, dynamic_ncols=interactive,
-               ascii=not interactive, file=sys.stderr if interactive else _Lines(sys.stderr))
+               ascii=not interactive, disable=not enabled, file=sys.stderr if interactive else _Lines(sys.stderr))
     try:
         yield bar.update
     finally:

@@ -20,7 +20,8 @@ def load_samples(path: Path) -> dict:
         d = torch.load(path, map_location="cpu", weights_only=True)
         images = d["images"]
     except Exception as e:
-        raise DataError(f"samples file {path} is corrupt: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"samples file {path} is corrupt: {first}") from e
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
         raise DataError(f"samples file {path}: images must be a uint8 tensor [N, C, H, W]")
     return d
@@ -41,6 +42,9 @@ def main(params_path: Path, samples: Path, reference: Path, classifier: Path, ou
     f = for_stage(load_params(params_path), "fid").fid
     s = load_samples(samples)
     ref = load_reference(reference)
+    if list(s["images"].shape[1:]) != ref["key"]["resolution"]:
+        raise DataError(f"samples in {samples} have shape {list(s['images'].shape[1:])}, "
+                        f"the reference {reference} {ref['key']['resolution']}")
     weights = extractor_weights(f.extractor, f.weights_path, classifier)
     check_reference(ref, reference, s["images"], f.extractor, weights)
     dev = resolve_device(device)

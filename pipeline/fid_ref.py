@@ -55,7 +55,8 @@ def load_reference(path: Path) -> dict:
     try:
         ref = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise DataError(f"reference statistics {path} are corrupt: {e}") from e
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"reference statistics {path} are corrupt: {first}") from e
     if not isinstance(ref, dict) or ref.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} file")
     return ref

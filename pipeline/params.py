@@ -15,9 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ddpm.classifier import ClassifierConfig
 from ddpm.data import DATASETS
+from ddpm.objectives import LOSSES, check_objective
 from ddpm.schedules import SCHEDULES
+from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
+from ddpm.variance import VARIANCES
 
 
 class ParamsError(ValueError):
@@ -75,11 +78,22 @@ class FidParams(Strict):
     kid_subset_size: int = Field(1000, ge=2)
 
 
+class NllParams(Strict):
+    num_images: int = Field(1000, ge=1)  # test images (the first N of the split)
+    batch_size: int = Field(250, ge=1)
+    clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
+    seed: int = 2  # the noise of x_t ~ q(x_t | x_0) at every t
+
+
 class Params(Strict):
     seed: int = 0
     schedule: Literal[SCHEDULES] = "linear"  # type: ignore[valid-type]
     prediction: Literal["eps", "x0", "v", "mean"] = "eps"
     timesteps: int = Field(1000, ge=1)
+    loss: Literal[LOSSES] = "simple"  # type: ignore[valid-type]
+    variance: Literal[VARIANCES] = "fixed_small"  # type: ignore[valid-type]
+    timestep_sampling: Literal[TIMESTEP_SAMPLINGS] = "uniform"  # type: ignore[valid-type]
+    hybrid_lambda: float = Field(1.0e-3, gt=0)  # λ of loss=hybrid
     data: DataParams = Field(default_factory=DataParams)
     model: UNetConfig = Field(default_factory=UNetConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -88,9 +102,14 @@ class Params(Strict):
     samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {
         "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim")})
     fid: FidParams = Field(default_factory=FidParams)
+    nll: NllParams = Field(default_factory=NllParams)
 
     @model_validator(mode="after")
     def _check(self):
+        try:  # loss × variance × timestep_sampling combinations that would leave something untrained
+            check_objective(self.loss, self.variance, self.timestep_sampling)
+        except ValueError as e:
+            raise ValueError(str(e)) from None
         unknown = [s for s in self.sample.samplers if s not in self.samplers]
         if unknown:
             raise ValueError(f"sample.samplers names {unknown}, not defined under 'samplers' "
@@ -147,12 +166,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 STAGE_PARAMS: dict[str, list[str]] = {
     "prepare": ["data"],
     "classifier": ["classifier"],
-    "train": ["seed", "schedule", "prediction", "timesteps", "model", "train"],
+    "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
+              "hybrid_lambda", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.seed",
                "samplers.${item.sampler}"],
     "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "report": ["sample.samplers", "sample.steps"],
+    "nll": ["nll"],
 }
 
 
@@ -184,6 +205,18 @@ def for_stage(params: Params, stage: str, **item: str) -> View:
             key = key.replace(f"${{item.{k}}}", str(v))
         allowed.append(key)
     return View(params, allowed, stage)
+
+
+def stage_values(params: Params, stage: str) -> dict[str, Any]:
+    """The values of the keys ``stage`` declares (non-matrix stages), e.g. ``{"seed": 0, "train": {...}}``."""
+    dumped = params.model_dump(mode="json")
+    out = {}
+    for key in STAGE_PARAMS[stage]:
+        value = dumped
+        for part in key.split("."):
+            value = value[part]
+        out[key] = value
+    return out
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:

@@ -11,6 +11,7 @@ opens anywhere as one file.
 
 import base64
 import html
+import io
 from pathlib import Path
 
 from pipeline.common import read_json, write_atomic, write_csv, write_json
@@ -58,10 +59,15 @@ def plot_fid(cells: dict, samplers: list[str], steps: list[int], figure: Path) -
     ax.minorticks_off()
     ax.grid(True, alpha=0.3)
     ax.legend()
+    _save(plt, fig, figure)
+
+
+def _save(plt, fig, figure: Path) -> None:
     fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    write_atomic(figure, png.getvalue())
 
 
 def plot_loss(losses: list[tuple[int, float]], figure: Path) -> None:
@@ -70,10 +76,7 @@ def plot_loss(losses: list[tuple[int, float]], figure: Path) -> None:
     ax.plot([s for s, _ in losses], [v for _, v in losses], lw=1)
     ax.set(xlabel="training step", ylabel="loss", title="Training loss")
     ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure)
-    plt.close(fig)
+    _save(plt, fig, figure)
 
 
 def _relative(path: Path, start: Path) -> str:
@@ -149,6 +152,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     sp = for_stage(load_params(params_path), "report").sample
     samplers, steps = list(sp.samplers), sorted(sp.steps)
     cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
+    for (s, k), cell in cells.items():
+        missing = [key for key in ("fid", "kid_mean", "extractor", "num_samples") if key not in cell]
+        if missing:
+            raise ValueError(f"{cells_dir / f'{s}-{k}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
     metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
                for name, key in (("fid", "fid"), ("kid", "kid_mean"), ("precision", "precision"),
                                  ("recall", "recall"), ("isc", "isc_mean"))

@@ -1,43 +1,169 @@
 """Stage `train`: train the diffusion U-Net and write a self-describing checkpoint,
-the training metrics and the loss curve."""
+the training metrics and the loss curve.
 
+Resumable: every ``train.checkpoint_every`` steps the whole training state is written
+atomically to ``--state`` (default ``checkpoints/train_state.pt``, not a DVC output);
+a run that finds it resumes from it, and ends with the same weights as an uninterrupted
+run. The file carries a fingerprint of the training params (all the stage's params
+except ``train.checkpoint_every`` and ``train.log_every``) and of the training images:
+a file from another config is never resumed into; with ``--resume auto`` a run says so
+and starts fresh, with ``--resume require`` it fails. The file is deleted once the
+outputs are written. Under ``torchrun`` this is DDP training: rank 0 reads and writes
+files and prints, the others train.
+"""
+
+import hashlib
+import json
 import time
 from dataclasses import asdict
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import save_checkpoint
+from ddpm import distributed
+from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.data import load_split
 from ddpm.model import ModelSpec
-from ddpm.training import init_state, train
+from ddpm.timestep_sampling import make_timestep_sampler
+from ddpm.training import init_state, load_train_state, train, train_state_dict
 from pipeline.common import progress, resolve_device, write_csv, write_json
-from pipeline.params import for_stage, load_params
+from pipeline.params import for_stage, load_params, stage_values
+
+NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every")  # they do not change the trained weights
 
 
-def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str) -> None:
-    p = for_stage(load_params(params_path), "train")
+class Resume(str, Enum):
+    auto = "auto"  # resume from --state when it is from the same config, else start fresh
+    never = "never"  # always start fresh (the file is overwritten at the first checkpoint)
+    require = "require"  # fail unless --state exists and is from the same config
+
+
+def training_config(params, images: torch.Tensor) -> dict:
+    """What determines the trained weights: the stage's params (minus NOT_FINGERPRINTED),
+    flattened, plus the training images' shape and SHA-256."""
+    flat = {}
+
+    def walk(prefix, value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = value
+
+    for key, value in stage_values(params, "train").items():
+        walk(key, value)
+    for key in NOT_FINGERPRINTED:
+        flat.pop(key, None)
+    images = images.contiguous()
+    flat["data.shape"] = list(images.shape)
+    flat["data.sha256"] = hashlib.sha256(images.numpy().data).hexdigest()
+    return flat
+
+
+def fingerprint(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_resume_file(path: Path, config: dict, mode: Resume) -> tuple[dict | None, str]:
+    """(training state to resume from or None, a line saying what happens)."""
+    if mode == Resume.never:
+        return None, f"not resuming (--resume never); {path} is overwritten at the first checkpoint"
+    if not path.is_file():
+        if mode == Resume.require:
+            raise CheckpointError(f"resume file {path} does not exist (--resume require)")
+        return None, "starting fresh"
+    ckpt = load_checkpoint(path)  # CheckpointError names the file when truncated or foreign
+    saved = ckpt["config"].get("training")
+    missing = {"ema", "optimizer", "scheduler", "generator", "rng", "losses", "pending"} - ckpt.keys()
+    if not isinstance(saved, dict) or missing:
+        raise CheckpointError(f"resume file {path} is not a training state (lacks {sorted(missing) or ['config.training']})")
+    if fingerprint(saved) != fingerprint(config):
+        differ = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
+        msg = f"resume file {path} is from another config (differs in {', '.join(differ)})"
+        if mode == Resume.require:
+            raise CheckpointError(msg)
+        return None, f"{msg}: starting fresh, it is overwritten at the first checkpoint"
+    return ckpt, f"resuming from step {ckpt['step']} of {path}"
+
+
+def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
+         state_path: Path = Path("checkpoints/train_state.pt"), resume: Resume = Resume.auto) -> None:
+    params = load_params(params_path)
+    p = for_stage(params, "train")
     split = load_split(data)
     _, channels, height, width = split.images.shape
     if height != width:
         raise ValueError(f"{data}: images must be square, got {height}×{width}")
     spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
-                     timesteps=p.timesteps, prediction=p.prediction)
-    dev = resolve_device(device)
-    torch.manual_seed(p.seed)
-    net = spec.build_unet()
-    state = init_state(net, p.train, p.seed, dev)
-    diffusion = spec.build_diffusion(dev)
-    start = time.perf_counter()
-    with progress(p.train.steps, "train") as bar:
-        train(state, diffusion, split.images, p.train, prediction=p.prediction, progress=bar)
-    seconds = time.perf_counter() - start
-    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed}
-    cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-    save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()), ema=cpu(state.ema.state_dict()))
-    write_csv(plot, ["step", "loss"], state.losses)
-    n_params = sum(t.numel() for t in net.parameters())
-    write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step, "parameters": n_params})
-    write_json(timing, {"seconds": round(seconds, 2), "images_per_second": round(state.step * p.train.batch_size / seconds, 1),
-                        "device": str(dev)})
-    print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev} → {out}")
+                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance)
+    training = training_config(params, split.images)
+    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling}
+    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
+              "training": training, "fingerprint": fingerprint(training)}
+    distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
+    with distributed.process_group(resolve_device(device)) as (world, dev):
+        torch.manual_seed(p.seed)
+        net = spec.build_unet()
+        state = init_state(net, p.train, p.seed, dev)
+        if world.is_distributed:  # the same initial weights everywhere, a dropout stream per rank
+            torch.manual_seed(distributed.derive_seed(p.seed, world.rank))
+        diffusion = spec.build_diffusion(dev)
+        timestep_sampler = make_timestep_sampler(p.timestep_sampling, p.timesteps, dev)
+
+        # rank 0 decides whether to resume and hands the state to every rank
+        found = None
+        if world.is_main:
+            try:
+                found = read_resume_file(state_path, training, resume)
+            except CheckpointError as e:
+                found = e
+        found = distributed.broadcast(found, world)
+        if isinstance(found, CheckpointError):
+            raise found
+        ckpt, what = found
+        if ckpt is not None:
+            load_train_state(state, ckpt, world, timestep_sampler)
+        first_step = state.step
+        if world.is_main:
+            print(f"train: {what}" + (f" ({world.size} processes)" if world.is_distributed else ""))
+            for stale in state_path.parent.glob(f".{state_path.name}.*.tmp"):  # from a run killed mid-write
+                stale.unlink(missing_ok=True)
+
+        saved = {"step": first_step if ckpt is not None else None}
+
+        def checkpoint(s) -> None:
+            d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
+            if world.is_main:
+                save_checkpoint(state_path, config=config, **d)
+                saved["step"] = s.step
+
+        start = time.perf_counter()
+        try:
+            with progress(p.train.steps, "train", enabled=world.is_main) as bar:
+                bar(first_step)
+                train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
+                      variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
+                      world=world, progress=bar, on_checkpoint=checkpoint)
+        except FloatingPointError as e:
+            last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
+                    else "no checkpoint was written")
+            raise FloatingPointError(f"{e}; training stopped, {last}") from None
+        seconds = time.perf_counter() - start
+
+        if world.is_main:
+            cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
+            save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
+                            ema=cpu(state.ema.state_dict()), timestep_sampler=timestep_sampler.state_dict())
+            write_csv(plot, ["step", "loss"], state.losses)
+            n_params = sum(t.numel() for t in net.parameters())
+            write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
+                                 "parameters": n_params})
+            trained = state.step - first_step
+            write_json(timing, {"seconds": round(seconds, 2), "device": str(dev), "processes": world.size,
+                                "resumed_from_step": first_step,
+                                "images_per_second": round(trained * p.train.batch_size / max(seconds, 1e-9), 1)})
+            state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
+            print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
+                  + (f" × {world.size}" if world.is_distributed else "") + f" → {out}")
+        distributed.barrier(world)

@@ -57,6 +57,7 @@ def tiny_params(data_root: Path) -> dict:
     p["classifier"].update(steps=20, batch_size=32, arch={"width": 8, "feature_dim": 16})
     p["sample"].update(steps=[2, 3], num_samples=24, batch_size=12)
     p["fid"].update(batch_size=64, kid_subset_size=12)
+    p["nll"].update(num_images=2, batch_size=2)  # the bound costs T network passes per batch
     return p
 
 

@@ -1,0 +1,203 @@
+"""Every command checks its inputs before any work: a bad input fails with one line
+naming the file or key, exit status 1, and what earlier runs produced stays untouched."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from tiny import cli, errors, one_thread, workspace, write_params  # noqa: F401
+
+SENTINEL = b"produced by an earlier run"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A workspace with a trained tiny model (models/model.pt)."""
+    torch.set_num_threads(1)
+    root = workspace(tmp_path_factory.mktemp("trained"), steps=2)
+    assert cli(root, "train", "--device", "cpu").exit_code == 0
+    return root
+
+
+def fails(root, args, *, naming: str, keeps: list[str] = ()):
+    """Run a command that must fail: one error line naming ``naming``; ``keeps`` unchanged."""
+    for f in keeps:
+        (root / f).parent.mkdir(parents=True, exist_ok=True)
+        (root / f).write_bytes(SENTINEL)
+    result = cli(root, *args)
+    assert result.exit_code == 1, result.output
+    lines = errors(result)
+    assert len(lines) == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert naming in lines[0], lines[0]
+    for f in keeps:
+        assert (root / f).read_bytes() == SENTINEL, f"{f} was overwritten"
+    return lines[0]
+
+
+TRAIN = ("train", "--device", "cpu", "--out", "models/new.pt", "--metrics", "metrics/new.json")
+
+
+def test_params_file_missing(tmp_path):
+    workspace(tmp_path)
+    fails(tmp_path, (*TRAIN, "--params", "nope.yaml"), naming="nope.yaml", keeps=["models/new.pt"])
+
+
+@pytest.mark.parametrize("key, value, naming", [
+    ("lr", "fast", "train.lr"),  # wrong type
+    ("bogus", 1, "train.bogus"),  # unknown key
+    ("augment", "vflip", "train.augment"),  # bad choice
+])
+def test_bad_train_param(tmp_path, key, value, naming):
+    workspace(tmp_path, **{key: value})
+    # ParamsError lists every bad key, one per line, under a line naming the file
+    result = cli(tmp_path, *TRAIN)
+    assert result.exit_code == 1 and naming in result.stderr and "params.yaml" in result.stderr
+
+
+def test_invalid_param_combination(tmp_path):
+    workspace(tmp_path)
+    p = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    p["sample"]["steps"] = [2, 5000]  # more than timesteps
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    result = cli(tmp_path, *TRAIN)
+    assert result.exit_code == 1 and "sample.steps" in result.stderr
+
+
+def test_batch_not_divisible_by_processes_is_checked_before_work(tmp_path, monkeypatch):
+    workspace(tmp_path, batch_size=7)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    fails(tmp_path, TRAIN, naming="global batch size 7 is not divisible by the 2 processes",
+          keeps=["models/new.pt"])
+
+
+def test_train_data_missing(tmp_path):
+    workspace(tmp_path)
+    fails(tmp_path, (*TRAIN, "--data", "data/none.pt"), naming="data/none.pt", keeps=["models/new.pt"])
+
+
+def test_train_data_corrupt(tmp_path):
+    workspace(tmp_path)
+    (tmp_path / "data/prepared/train.pt").write_bytes(b"not a torch file")
+    fails(tmp_path, TRAIN, naming="data/prepared/train.pt", keeps=["models/new.pt", "metrics/new.json"])
+
+
+def test_train_data_not_a_split(tmp_path):
+    workspace(tmp_path)
+    torch.save({"images": torch.zeros(3, 1, 8, 8)}, tmp_path / "data/prepared/train.pt")
+    fails(tmp_path, TRAIN, naming="data/prepared/train.pt", keeps=["models/new.pt"])
+
+
+def test_classifier_test_split_missing(tmp_path):
+    workspace(tmp_path)
+    (tmp_path / "data/prepared/test.pt").unlink()
+    fails(tmp_path, ("classifier", "--device", "cpu", "--out", "models/c.pt"), naming="data/prepared/test.pt",
+          keeps=["models/c.pt"])
+
+
+def test_prepare_missing_dataset_files(tmp_path):
+    workspace(tmp_path)  # data.root points at a folder without IDX files, download off
+    fails(tmp_path, ("prepare", "--out", "out"), naming="no-idx", keeps=["out/train.pt"])
+
+
+def test_prepare_corrupt_dataset_file(tmp_path, idx_dir):
+    workspace(tmp_path)
+    bad = tmp_path / "no-idx"
+    bad.mkdir()
+    for f in idx_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes()[:40] if "train-images" in f.name else f.read_bytes())
+    fails(tmp_path, ("prepare", "--out", "out"), naming="no-idx", keeps=["out/train.pt"])
+
+
+SAMPLE = ("sample", "--sampler", "ddim", "--steps", "2", "--out", "cell", "--device", "cpu")
+
+
+def test_sample_truncated_checkpoint(trained):
+    model = trained / "models/model.pt"
+    (trained / "models/cut.pt").write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    fails(trained, (*SAMPLE, "--checkpoint", "models/cut.pt"), naming="models/cut.pt",
+          keeps=["cell/samples.pt", "cell/grid.png"])
+
+
+def test_sample_checkpoint_that_is_not_a_diffusion_model(trained):
+    ckpt = torch.load(trained / "models/model.pt", weights_only=True)
+    ckpt["config"] = {"classifier": {}}
+    torch.save(ckpt, trained / "models/other.pt")
+    fails(trained, (*SAMPLE, "--checkpoint", "models/other.pt"), naming="models/other.pt",
+          keeps=["cell/samples.pt"])
+
+
+def test_sample_checkpoint_missing(trained):
+    fails(trained, (*SAMPLE, "--checkpoint", "models/none.pt"), naming="models/none.pt", keeps=["cell/samples.pt"])
+
+
+def test_sample_unknown_sampler(trained):
+    fails(trained, ("sample", "--sampler", "plms", "--steps", "2", "--out", "cell"), naming="'plms'",
+          keeps=["cell/samples.pt"])
+
+
+def test_sample_steps_out_of_range(trained):
+    fails(trained, ("sample", "--sampler", "ddim", "--steps", "5000", "--out", "cell", "--device", "cpu"),
+          naming="steps must be in [1, 1000]", keeps=["cell/samples.pt"])
+
+
+FID = ("fid", "--samples", "cell/samples.pt", "--out", "metrics/cell.json", "--device", "cpu")
+
+
+@pytest.fixture(scope="module")
+def reference(trained):
+    """Reference statistics (fid-ref) of the 8×8 test split, with an untrained classifier."""
+    from ddpm.checkpoint import save_checkpoint
+    from ddpm.classifier import Classifier, ClassifierConfig
+
+    model = Classifier(ClassifierConfig(width=4, feature_dim=8), in_channels=1, num_classes=10)
+    config = {"classifier": {"arch": {"width": 4, "feature_dim": 8}, "in_channels": 1, "num_classes": 10}}
+    save_checkpoint(trained / "models/classifier.pt", step=0, config=config, model=model.state_dict())
+    assert cli(trained, "fid-ref", "--device", "cpu").exit_code == 0
+    return trained / "data/reference/stats.pt"
+
+
+@pytest.mark.parametrize("images, naming", [
+    (torch.zeros(10, 3, 8, 8, dtype=torch.uint8), "have shape [3, 8, 8], the reference"),  # wrong channels
+    (torch.zeros(10, 1, 16, 16, dtype=torch.uint8), "have shape [1, 16, 16], the reference"),  # wrong size
+    (torch.zeros(10, 8, 8, dtype=torch.uint8), "must be a uint8 tensor [N, C, H, W]"),  # wrong rank
+    (torch.zeros(10, 1, 8, 8), "must be a uint8 tensor [N, C, H, W]"),  # wrong dtype
+])
+def test_fid_samples_with_wrong_shape(trained, reference, images, naming):
+    (trained / "cell").mkdir(exist_ok=True)
+    torch.save({"images": images, "sampler": "ddim", "steps": 2}, trained / "cell/samples.pt")
+    line = fails(trained, FID, naming=naming, keeps=["metrics/cell.json"])
+    assert "cell/samples.pt" in line
+
+
+def test_fid_samples_corrupt(trained):
+    (trained / "cell").mkdir(exist_ok=True)
+    (trained / "cell/samples.pt").write_bytes(b"\x80\x04garbage")
+    fails(trained, FID, naming="cell/samples.pt", keeps=["metrics/cell.json"])
+
+
+def test_report_cell_missing_or_incomplete(tmp_path):
+    workspace(tmp_path)
+    keeps = ["metrics/fid.json", "reports/fid_vs_steps.png", "reports/report.md"]
+    fails(tmp_path, ("report",), naming="metrics/cells/ddpm-2.json", keeps=keeps)
+    cells = tmp_path / "metrics/cells"
+    cells.mkdir(parents=True)
+    for s in ("ddpm", "ddim"):
+        for k in (2, 3):
+            (cells / f"{s}-{k}.json").write_text(json.dumps({"fid": 1.0, "kid_mean": 0.1, "extractor": "x",
+                                                             "num_samples": 4}))
+    (cells / "ddim-3.json").write_text(json.dumps({"fid": 1.0}))
+    fails(tmp_path, ("report",), naming="metrics/cells/ddim-3.json lacks kid_mean", keeps=keeps)
+    (cells / "ddim-3.json").write_text("{not json")
+    fails(tmp_path, ("report",), naming="metrics/cells/ddim-3.json is not valid JSON", keeps=keeps)
+
+
+def test_log_before_report(tmp_path):
+    workspace(tmp_path)
+    fails(tmp_path, ("log",), naming="metrics/fid.json")
+
+
+def test_resume_require_without_state(tmp_path):
+    workspace(tmp_path)
+    fails(tmp_path, (*TRAIN, "--resume", "require"), naming="checkpoints/train_state.pt", keeps=["models/new.pt"])
+    fails(tmp_path, (*TRAIN, "--resume", "sometimes"), naming="--resume", keeps=["models/new.pt"])

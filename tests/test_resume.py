@@ -1,0 +1,132 @@
+"""Resumable, deterministic training: kill -9 and rerun ends with the weights of an
+uninterrupted run; a resume file from another config is never resumed into; a NaN loss
+stops training naming its step and keeps the last good checkpoint."""
+
+import json
+import signal
+import subprocess
+import time
+
+import torch
+from tiny import cli, errors, one_thread, python, subprocess_env, weights, workspace, write_params  # noqa: F401
+
+import ddpm.training
+
+STATE = "checkpoints/train_state.pt"
+TRAIN = ("-m", "pipeline", "train", "--device", "cpu")
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
+    steps = 40
+    ref, crash = workspace(tmp_path / "ref", steps=steps, checkpoint_every=4, log_every=3), \
+        workspace(tmp_path / "crash", steps=steps, checkpoint_every=4, log_every=3)
+    env = subprocess_env()
+    killed = subprocess.Popen(python(*TRAIN), cwd=crash, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (crash / STATE).exists():  # the first checkpoint
+        assert killed.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    step = torch.load(crash / STATE, weights_only=True)["step"]
+    assert 0 < step < steps and not (crash / "models/model.pt").exists()
+
+    resumed = subprocess.run(python(*TRAIN), cwd=crash, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from step {step} of {STATE}" in resumed.stdout
+    uninterrupted = cli(ref, *TRAIN[2:])  # in-process, one thread like the subprocesses
+    assert uninterrupted.exit_code == 0, uninterrupted.output
+    assert not (crash / STATE).exists()  # removed once the outputs are written
+
+    for f in ("metrics/train.json", "plots/train_loss.csv"):
+        assert (crash / f).read_text() == (ref / f).read_text(), f
+    assert json.loads((crash / "metrics/train.json").read_text())["steps"] == steps
+    a, b = weights(ref / "models/model.pt"), weights(crash / "models/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, EMA included
+
+
+def test_same_params_and_seed_give_identical_outputs(tmp_path):
+    runs = [workspace(tmp_path / name) for name in ("a", "b")]
+    for root in runs:
+        result = cli(root, "train", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+    a, b = runs
+    for f in ("metrics/train.json", "plots/train_loss.csv"):
+        assert (a / f).read_text() == (b / f).read_text()
+    wa, wb = weights(a / "models/model.pt"), weights(b / "models/model.pt")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def inject(monkeypatch, at_step: int, value=float("nan"), error: type[BaseException] | None = None):
+    """From training step ``at_step`` on, the loss is ``value`` (or ``error`` is raised)."""
+    real, calls = ddpm.training.training_terms, [0]
+
+    def terms(*args, **kwargs):
+        calls[0] += 1
+        out = real(*args, **kwargs)
+        if calls[0] >= at_step:
+            if error is not None:
+                raise error("injected crash")
+            return {**out, "loss": out["loss"] * value}
+        return out
+
+    monkeypatch.setattr(ddpm.training, "training_terms", terms)
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    root = workspace(tmp_path, steps=12, log_every=3, checkpoint_every=2)
+    inject(monkeypatch, at_step=5)
+    result = cli(root, "train", "--device", "cpu")
+    assert result.exit_code == 1
+    lines = errors(result)
+    assert lines == [f"error: training loss became nan at step 5; training stopped, "
+                     f"the last good checkpoint is {STATE} at step 4"]
+    state = torch.load(root / STATE, weights_only=True)
+    assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
+    assert not (root / "models/model.pt").exists() and not (root / "metrics/train.json").exists()
+
+
+def test_inf_loss_also_stops(tmp_path, monkeypatch):
+    root = workspace(tmp_path, steps=4, log_every=4, checkpoint_every=0)
+    inject(monkeypatch, at_step=2, value=float("inf"))
+    result = cli(root, "train", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "training loss became inf at step 2; training stopped, no checkpoint was written" in result.stderr
+
+
+def test_resume_file_from_another_config_is_never_resumed(tmp_path, monkeypatch):
+    root = workspace(tmp_path, steps=6, checkpoint_every=2)
+    with monkeypatch.context() as m:  # a crash after the checkpoint at step 2 leaves the resume file
+        inject(m, at_step=3, error=KeyboardInterrupt)
+        assert cli(root, "train", "--device", "cpu").exit_code != 0
+    assert torch.load(root / STATE, weights_only=True)["step"] == 2
+
+    write_params(root, top={"schedule": "cosine"})  # e.g. a DVC experiment beside the crashed baseline
+    required = cli(root, "train", "--device", "cpu", "--resume", "require")
+    assert required.exit_code == 1
+    assert errors(required) == [
+        f"error: resume file {STATE} is from another config (differs in schedule)"]
+    assert not (root / "models/model.pt").exists()
+
+    fresh = cli(root, "train", "--device", "cpu")
+    assert fresh.exit_code == 0, fresh.output
+    assert "is from another config (differs in schedule): starting fresh" in fresh.stdout
+    assert json.loads((root / "logs/train_timing.json").read_text())["resumed_from_step"] == 0
+    clean = workspace(tmp_path / "clean")  # the same cosine run from scratch
+    write_params(clean, top={"schedule": "cosine"})
+    assert cli(clean, "train", "--device", "cpu").exit_code == 0
+    a, b = weights(root / "models/model.pt"), weights(clean / "models/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_truncated_resume_file_fails_clearly(tmp_path):
+    root = workspace(tmp_path)
+    (root / "checkpoints").mkdir()
+    good = tmp_path / "good.pt"
+    torch.save({"x": torch.zeros(1000)}, good)
+    (root / STATE).write_bytes(good.read_bytes()[:300])
+    result = cli(root, "train", "--device", "cpu")
+    assert result.exit_code == 1
+    lines = errors(result)
+    assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {STATE} is corrupt")
+    assert not (root / "models/model.pt").exists()

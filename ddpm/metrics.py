@@ -152,15 +152,15 @@ def create_extractor(extractor: str, weights_path=None, cuda: bool = False):
     except (CheckpointError, ExtractorUnavailable):
         raise
     except Exception as e:
+        reason = " ".join(str(e).split())[:200]  # one line
         if extractor == "inception-v3-compat" and weights_path is None:
             from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
-            reason = " ".join(str(e).split())[:200]
             raise ExtractorUnavailable(
                 f"inception-v3-compat: cannot download its weights from {URL_INCEPTION_V3} ({type(e).__name__}: "
                 f"{reason}); set fid.weights_path to a local copy of that file, or use fid.extractor "
                 f"ddpm-classifier") from e
-        raise ExtractorUnavailable(f"{extractor}: cannot load weights {weights_path}: {type(e).__name__}: {e}") from e
+        raise ExtractorUnavailable(f"{extractor}: cannot load weights {weights_path}: {type(e).__name__}: {reason}") from e
 
 
 @torch.no_grad()

@@ -35,8 +35,9 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         for i in range(0, sp.num_samples, sp.batch_size):
             n = min(sp.batch_size, sp.num_samples - i)
             x = sample(net, diffusion, (n, spec.channels, spec.image_size, spec.image_size), sampler=cfg.kind,
-                       steps=steps, spacing=sp.spacing, prediction=spec.prediction, clip_x0=sp.clip == "static",
-                       generator=g, options=options, progress=lambda k, n=n: bar(k * n))
+                       steps=steps, spacing=sp.spacing, prediction=spec.prediction, clip=sp.clip,
+                       percentile=sp.clip_percentile, precision=sp.precision, generator=g, options=options,
+                       progress=lambda k, n=n: bar(k * n))
             chunks.append(to_uint8(x).cpu())
     seconds = time.perf_counter() - start
     images = torch.cat(chunks)

@@ -294,3 +294,28 @@ def test_bad_input_fails_before_the_model_runs(d, kwargs, message):
 def test_sigma_hat_has_no_eta(d):
     with pytest.raises(ValueError, match="eta"):
         draw(gaussian_model(d), d, "ddim", 5, {"variance": "sigma_hat", "eta": 0.5}, n=2)
+
+
+# ---------------------------------------------------------------- the sample matrix in params.yaml
+def test_params_name_every_sampler_kind_and_reject_bad_options():
+    from pathlib import Path
+
+    import yaml
+
+    from pipeline.params import ParamsError, load_params, parse_params
+
+    path = Path(__file__).resolve().parents[1] / "params.yaml"
+    p = load_params(path)
+    assert {p.samplers[name].kind for name in p.sample.samplers} == set(SAMPLERS)
+    for change, message in [
+        (lambda r: r["samplers"]["dpmpp"].update(order=3), r"samplers\.dpmpp.*order: unknown key"),
+        (lambda r: r["samplers"]["dpmpp"].update(kind="unipc"), "'ddpm', 'ddim', 'dpm_solver\\+\\+', 'euler', 'heun'"),
+        (lambda r: r["samplers"]["ddim"].update(variance="sigma_hat", eta=0.5), r"samplers\.ddim.*eta applies"),
+        (lambda r: r["sample"].update(clip="soft"), r"sample\.clip: .*'static', 'none' or 'dynamic'"),
+        (lambda r: r["sample"].update(precision="fp16"), r"sample\.precision: .*'fp32' or 'bf16'"),
+        (lambda r: r["sample"].update(clip_percentile=0.995), r"sample\.clip_percentile"),
+    ]:
+        raw = yaml.safe_load(path.read_text())
+        change(raw)
+        with pytest.raises(ParamsError, match=message):
+            parse_params(raw)

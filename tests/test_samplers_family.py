@@ -26,6 +26,7 @@ S = torch.tensor([[0.15, 0.25], [0.2, 0.1]], dtype=torch.float64)
 FAMILY = [("ddpm", {"variance": "fixed_small"}), ("ddpm", {"variance": "fixed_large"}), ("ddim", {"eta": 0.0}),
           ("ddim", {"eta": 1.0}), ("ddim", {"variance": "sigma_hat"}), ("dpm_solver++", {}), ("euler", {}),
           ("heun", {})]
+FAMILY_IDS = [s + "".join(f"-{v}" for v in o.values()) for s, o in FAMILY]
 DETERMINISTIC = ["ddim", "dpm_solver++", "euler", "heun"]
 
 
@@ -103,7 +104,7 @@ def tolerance(steps: int) -> float:
 
 
 # ---------------------------------------------------------------- every sampler against the data
-@pytest.mark.parametrize("sampler,options", FAMILY, ids=[f"{s}-{'-'.join(map(str, o.values()))}" for s, o in FAMILY])
+@pytest.mark.parametrize("sampler,options", FAMILY, ids=FAMILY_IDS)
 def test_moments_match_data_within_shrinking_tolerance(d, sampler, options):
     mix_mean, mix_cov = mixture_moments()
     errors = []
@@ -169,7 +170,7 @@ def test_heun_costs_two_evaluations_per_step_but_the_last(d):
 
 
 # ---------------------------------------------------------------- determinism and seeds
-@pytest.mark.parametrize("sampler,options", FAMILY)
+@pytest.mark.parametrize("sampler,options", FAMILY, ids=FAMILY_IDS)
 def test_same_seed_same_samples(d, sampler, options):
     a, b = (draw(gaussian_model(d), d, sampler, 12, options, n=64, seed=3) for _ in range(2))
     assert torch.equal(a, b)

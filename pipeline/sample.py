@@ -45,7 +45,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                 g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))
                 x = sample(net, diffusion, (n, spec.channels, spec.image_size, spec.image_size), sampler=cfg.kind,
                            steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip_x0=sp.clip == "static",
+                           clip=sp.clip, percentile=sp.clip_percentile, precision=sp.precision,
                            generator=g, options=options, progress=lambda k, n=n: bar(k * n))
                 chunks.append((i, to_uint8(x).cpu()))
         gathered = distributed.gather(chunks, world)

@@ -97,13 +97,13 @@ def prior_kl(d: Diffusion, x0: torch.Tensor) -> torch.Tensor:
 
 
 def nll_bits_per_dim(model, d: Diffusion, x0: torch.Tensor, *, prediction: str, variance: str,
-                     clip_x0: bool = True, generator: torch.Generator | None = None,
+                     clip: str = "static", generator: torch.Generator | None = None,
                      progress: Callable[[int], None] | None = None) -> dict[str, torch.Tensor]:
     """The full bound L_T + Σ_t L_{t-1} + L_0 of a batch ``x0`` (8-bit data in [-1, 1]), in bits/dim.
 
     One forward pass per timestep (T in all), each at a fresh x_t ~ q(x_t | x_0): an unbiased,
-    single-sample estimate of every term (improved-diffusion's ``calc_bpd_loop``). With
-    ``clip_x0`` x̂_0 is clamped to [-1, 1] (a valid decoder all the same). Returns per example
+    single-sample estimate of every term (improved-diffusion's ``calc_bpd_loop``). ``clip``
+    (static | none) clamps x̂_0 to [-1, 1] or not (a valid decoder all the same). Returns per example
     ``total`` [B], ``prior`` [B], ``decoder`` [B] (L_0) and ``terms`` [B, T] (index t as in
     ``vlb_terms``); ``progress`` is called with 1 after every timestep.
     """
@@ -116,7 +116,7 @@ def nll_bits_per_dim(model, d: Diffusion, x0: torch.Tensor, *, prediction: str, 
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             xt = q_sample(d, x0, t, noise)
             # (2) p_θ(x_{t-1} | x_t) from the network, and the bound's term at t
-            pred = to_prediction(d, prediction, model(xt, t).float(), xt, t, clip_x0=clip_x0, variance=variance)
+            pred = to_prediction(d, prediction, model(xt, t).float(), xt, t, clip=clip, variance=variance)
             terms[:, i] = vlb_terms(d, x0, xt, t, pred, variance).double()
             if progress is not None:
                 progress(1)

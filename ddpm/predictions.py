@@ -13,8 +13,14 @@ losses need.
 With ``variance="learned"`` the network outputs 2C channels: the first C are the
 prediction above, the last C the variance interpolation v of Nichol & Dhariwal 2021
 (eq. 15, see ``ddpm.variance``), which ``to_prediction`` turns into ``log_variance``.
+
+``clip`` names what happens to x̂_0 at sampling time (``clip_x0``):
+- ``static``  clamp to [-1, 1], as the official DDPM code does
+- ``dynamic`` Imagen's dynamic thresholding (Saharia et al. 2022, sec. 2.3)
+- ``none``    leave it alone
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +30,7 @@ from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, v
 from ddpm.variance import check_variance, learned_log_variance
 
 PREDICTIONS = ("eps", "x0", "v", "mean")
+CLIPS = ("static", "dynamic", "none")
 
 
 @dataclass
@@ -47,8 +54,9 @@ def split_output(output: torch.Tensor, channels: int, variance: str) -> tuple[to
 
 
 def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                  clip_x0: bool = False, variance: str = "fixed_small") -> Prediction:
-    """Model output → (x̂_0, ε̂). With ``clip_x0`` x̂_0 is clamped to [-1, 1] and ε̂ recomputed from it.
+                  clip: str = "none", percentile: float = 99.5, variance: str = "fixed_small") -> Prediction:
+    """Model output → (x̂_0, ε̂). Unless ``clip`` is ``none``, x̂_0 is clipped (``clip_x0``) and ε̂
+    recomputed from it, so that the pair stays consistent with x_t.
 
     With ``variance="learned"`` also log Σ_θ from the output's extra channels, on ``d``'s β and β̃."""
     output, v = split_output(output, xt.shape[1], variance)
@@ -63,13 +71,37 @@ def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch
         x0, eps = x0_from_posterior_mean(d, xt, t, output), None
     else:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
-    if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+    if clip != "none":
+        x0 = clip_x0(x0, clip, percentile)
         eps = None
     if eps is None:
         eps = eps_from_x0(d, xt, t, x0)
     log_variance = learned_log_variance(d, t, v) if v is not None else None
     return Prediction(x0=x0, eps=eps, log_variance=log_variance)
+
+
+def clip_x0(x0: torch.Tensor, clip: str, percentile: float = 99.5) -> torch.Tensor:
+    """x̂_0 clipped per ``clip`` (see the module docstring); ``percentile`` is used by ``dynamic`` only.
+
+    Dynamic thresholding, per sample (Saharia et al. 2022, sec. 2.3):
+      (1) s = the p-th percentile of |x̂_0| over the sample's elements (nearest-rank),
+      (2) s = max(s, 1),
+      (3) x̂_0 = clamp(x̂_0, -s, s) / s.
+    No host synchronisation: s stays a tensor.
+    """
+    if clip == "none":
+        return x0
+    if clip == "static":
+        return x0.clamp(-1.0, 1.0)
+    if clip == "dynamic":
+        if not 50 < percentile <= 100:
+            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        flat = x0.abs().reshape(x0.shape[0], -1)
+        k = max(1, math.ceil(percentile / 100 * flat.shape[1]))
+        s = flat.kthvalue(k, dim=1).values.clamp(min=1.0)  # (1), (2)
+        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s  # (3)
+    raise ValueError(f"unknown clip {clip!r}; choose one of {', '.join(CLIPS)}")
 
 
 def training_target(d: Diffusion, prediction: str, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,

@@ -36,7 +36,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
         for i in range(0, n, p.batch_size):
             x0 = to_model_range(split.images[i:min(i + p.batch_size, n)].to(dev))
             out = nll_bits_per_dim(net, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
-                                   clip_x0=p.clip == "static", generator=g,
+                                   clip=p.clip, generator=g,
                                    progress=lambda k, b=x0.shape[0]: bar(k * b))
             totals.append(out["total"].cpu())
             priors.append(out["prior"].cpu())

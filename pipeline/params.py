@@ -55,19 +55,41 @@ class DDPMSampler(Strict):
 
 class DDIMSampler(Strict):
     kind: Literal["ddim"]
-    eta: float = Field(0.0, ge=0)
+    eta: float = Field(0.0, ge=0, le=1)
+    variance: Literal["eta", "sigma_hat"] = "eta"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.variance == "sigma_hat" and self.eta != 0:
+            raise ValueError("eta applies to variance: eta only (σ̂ has no η); remove eta or set it to 0")
+        return self
 
 
-SamplerParams = Annotated[Union[DDPMSampler, DDIMSampler], Field(discriminator="kind")]
+class DPMSolverPPSampler(Strict):
+    kind: Literal["dpm_solver++"]
+
+
+class EulerSampler(Strict):
+    kind: Literal["euler"]
+
+
+class HeunSampler(Strict):
+    kind: Literal["heun"]
+
+
+SamplerParams = Annotated[Union[DDPMSampler, DDIMSampler, DPMSolverPPSampler, EulerSampler, HeunSampler],
+                          Field(discriminator="kind")]
 
 
 class SampleParams(Strict):
-    samplers: list[str] = Field(default_factory=lambda: ["ddpm", "ddim"], min_length=1)
+    samplers: list[str] = Field(default_factory=lambda: ["ddpm", "ddim", "dpmpp", "euler", "heun"], min_length=1)
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100, 1000], min_length=1)
     num_samples: int = Field(5000, ge=2)
     batch_size: int = Field(1000, ge=1)
     spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
-    clip: Literal["static", "none"] = "static"
+    clip: Literal["static", "none", "dynamic"] = "static"
+    clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
     seed: int = 1
 
 
@@ -100,7 +122,9 @@ class Params(Strict):
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {
-        "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim")})
+        "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim"),
+        "dpmpp": DPMSolverPPSampler(kind="dpm_solver++"), "euler": EulerSampler(kind="euler"),
+        "heun": HeunSampler(kind="heun")})
     fid: FidParams = Field(default_factory=FidParams)
     nll: NllParams = Field(default_factory=NllParams)
 
@@ -168,8 +192,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "classifier": ["classifier"],
     "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
               "hybrid_lambda", "model", "train"],
-    "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.seed",
-               "samplers.${item.sampler}"],
+    "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
+               "sample.precision", "sample.seed", "samplers.${item.sampler}"],
     "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "report": ["sample.samplers", "sample.steps"],

@@ -51,8 +51,8 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                     on_step = strip = StripRecorder(x_T, steps)
                 x = sample(net, diffusion, shape, sampler=cfg.kind,
                            steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip_x0=sp.clip == "static", generator=g, options=options,
-                           progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
+                           clip=sp.clip, percentile=sp.clip_percentile, precision=sp.precision,
+                           generator=g, options=options, progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
                 chunks.append((i, to_uint8(x).cpu()))
         gathered = distributed.gather(chunks, world)
         seconds = time.perf_counter() - start

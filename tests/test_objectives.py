@@ -173,7 +173,7 @@ def test_full_bound_of_an_exact_denoiser_on_a_constant_image(variance):
     c = 130 / 127.5 - 1
     x0 = torch.full((2, 1, 3, 3), c, dtype=torch.float64)
     model = lambda x, t: torch.full_like(x, c)  # noqa: E731
-    out = nll_bits_per_dim(model, d, x0, prediction="x0", variance=variance, clip_x0=False,
+    out = nll_bits_per_dim(model, d, x0, prediction="x0", variance=variance, clip="none",
                            generator=torch.Generator().manual_seed(10))
     log_var, log_post = fixed_log_variance_table(d, variance)[1:], d.posterior_log_variance_clipped[1:]
     kl = 0.5 * (log_var - log_post + torch.exp(log_post - log_var) - 1) / math.log(2)
@@ -221,7 +221,7 @@ def test_sampler_uses_learned_variance():
     def run(variance, v=None):
         model = eps_model if v is None else (lambda x, t: torch.cat([eps_model(x, t), torch.full_like(x, v)], 1))
         g = torch.Generator().manual_seed(5)
-        return sample(model, d, (500, 2), sampler="ddpm", steps=20, clip_x0=False, generator=g,
+        return sample(model, d, (500, 2), sampler="ddpm", steps=20, clip="none", generator=g,
                       variance=variance, options={"variance": "fixed_small"})
 
     torch.testing.assert_close(run("learned", -1.0), run("fixed_small"), rtol=1e-10, atol=1e-10)

@@ -29,7 +29,7 @@ def d():
 
 def run(d, sampler, steps, n=20000, seed=0, **options):
     g = torch.Generator().manual_seed(seed)
-    return sample(gaussian_eps_model(d), d, (n, 2), sampler=sampler, steps=steps, clip_x0=False, generator=g,
+    return sample(gaussian_eps_model(d), d, (n, 2), sampler=sampler, steps=steps, clip="none", generator=g,
                   options=options).float()
 
 

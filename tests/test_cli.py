@@ -63,6 +63,7 @@ def test_sample_is_reproducible(workdir):
 def test_fid_report_and_log(workdir, monkeypatch):
     p = yaml.safe_load((workdir / "params.yaml").read_text())
     p["sample"].update(samplers=["ddpm", "ddim"], steps=[2, 3])
+    (workdir / "params.yaml").write_text(yaml.safe_dump(p))  # report and log read the matrix from it
     r = invoke("fid-ref")
     assert r.exit_code == 0 and (workdir / "data/reference/stats.pt").is_file(), r.output
     for s in p["sample"]["samplers"]:

@@ -182,7 +182,7 @@ def test_report_cell_missing_or_incomplete(tmp_path):
     fails(tmp_path, ("report",), naming="metrics/cells/ddpm-2.json", keeps=keeps)
     cells = tmp_path / "metrics/cells"
     cells.mkdir(parents=True)
-    for s in ("ddpm", "ddim"):
+    for s in yaml.safe_load((tmp_path / "params.yaml").read_text())["sample"]["samplers"]:  # every sampler
         for k in (2, 3):
             (cells / f"{s}-{k}.json").write_text(json.dumps({"fid": 1.0, "kid_mean": 0.1, "extractor": "x",
                                                              "num_samples": 4}))

@@ -197,7 +197,9 @@ def _png(path: Path, shade: int) -> None:
 
 def test_report_from_recorded_metrics(tmp_path, idx_dir):
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(tiny_params(idx_dir)))  # samplers [ddpm, ddim], steps [2, 3]
+    p = tiny_params(idx_dir)
+    p["sample"].update(samplers=["ddpm", "ddim"], steps=[2, 3])
+    params.write_text(yaml.safe_dump(p))
     cells = tmp_path / "metrics" / "cells"
     fids = {("ddpm", 2): 31.5, ("ddpm", 3): 20.25, ("ddim", 2): 12.0, ("ddim", 3): 9.75}
     for (s, k), f in fids.items():

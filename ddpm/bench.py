@@ -21,7 +21,9 @@ for a known GPU (dense, ``PEAK_FLOPS``), else on CPU a measured float32 matmul r
 Timing: warm-up iterations first (not timed; they include torch.compile), then
 ``repeats`` rounds that time ``iters`` iterations of each model in turn (the order
 alternates between rounds so a drifting machine load hits both alike), with CUDA
-synchronised around every timed region; figures are medians over rounds. Peak memory
+synchronised around every timed region; figures are medians over rounds. The ratio
+ours/peer (> 1: ours faster) is given from wall time and, for shared CPU machines where
+other processes' load makes wall time noisy, from process CPU time. Peak memory
 on CUDA is, per model, its weights (+ AdamW state when training) plus the peak
 transient allocation of one step; on CPU only the process-wide high-water mark
 (ru_maxrss) exists, reported once for the whole run.
@@ -226,28 +228,38 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, iters: int, device) -> float:
-    """Seconds per iteration of ``fn``, CUDA synchronised before and after."""
+def _timed(fn, iters: int, device) -> tuple[float, float]:
+    """(wall, process CPU) seconds per iteration of ``fn``, CUDA synchronised before and after."""
     _sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(iters):
         fn()
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return (time.perf_counter() - start) / iters, (time.process_time() - cpu_start) / iters
 
 
-def time_interleaved(fns: dict[str, Callable], cfg: BenchConfig) -> dict[str, list[float]]:
-    """Warm up each function, then ``repeats`` rounds timing each in turn (order alternating)."""
+def time_interleaved(fns: dict[str, Callable], cfg: BenchConfig) -> dict[str, dict[str, list[float]]]:
+    """Warm up each function, then ``repeats`` rounds timing each in turn (order alternating).
+    Returns per name the wall and process-CPU seconds per iteration of every round."""
     for fn in fns.values():
         for _ in range(cfg.warmup):
             fn()
     _sync(cfg.device)
-    times: dict[str, list[float]] = {name: [] for name in fns}
+    times = {name: {"wall": [], "cpu": []} for name in fns}
     names = list(fns)
     for r in range(cfg.repeats):
         for name in names if r % 2 == 0 else reversed(names):
-            times[name].append(_timed(fns[name], cfg.iters, cfg.device))
+            wall, cpu = _timed(fns[name], cfg.iters, cfg.device)
+            times[name]["wall"].append(wall)
+            times[name]["cpu"].append(cpu)
     return times
+
+
+def _figures(times: dict[str, list[float]], images: int) -> dict:
+    """images/s from the median wall time, plus the raw rounds and the median process CPU time
+    (on a shared CPU machine the latter is less sensitive to other processes' load)."""
+    return {"images_per_second": images / statistics.median(times["wall"]), "seconds": times["wall"],
+            "process_cpu_seconds": statistics.median(times["cpu"])}
 
 
 def _tensor_bytes(tensors) -> int:
@@ -309,9 +321,8 @@ def measure_loop(model_config: BenchModel, diffusion: Diffusion, cfg: BenchConfi
     def run(n):
         train(state, diffusion, images, replace(tc, steps=state.step + n))
 
-    times = time_interleaved({"loop": lambda: run(cfg.iters)}, replace(cfg, iters=1))
-    seconds = statistics.median(times["loop"]) / cfg.iters
-    return {"images_per_second": cfg.batch_size / seconds, "seconds_per_step": [s / cfg.iters for s in times["loop"]]}
+    times = time_interleaved({"loop": lambda: run(cfg.iters)}, replace(cfg, iters=1))["loop"]
+    return _figures({k: [s / cfg.iters for s in v] for k, v in times.items()}, cfg.batch_size)
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
@@ -355,13 +366,12 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         steps[name], optimizers[name] = make_train_step(model, diffusion, x0, t, noise, cfg)
     times = time_interleaved(steps, cfg)
     for name, model in models.items():
-        seconds = statistics.median(times[name])
         r = result_models[name]
         resident = _tensor_bytes(model.parameters()) + _tensor_bytes(
             v for s in optimizers[name].state.values() for v in s.values() if torch.is_tensor(v))
-        r["train"] = {"images_per_second": cfg.batch_size / seconds, "seconds_per_step": times[name],
-                      "mfu": r["train_flops_per_image"] * cfg.batch_size / seconds / peak,
-                      "peak_memory_bytes": step_peak_bytes(steps[name], resident, device)}
+        r["train"] = _figures(times[name], cfg.batch_size)
+        r["train"].update(mfu=r["train_flops_per_image"] * r["train"]["images_per_second"] / peak,
+                          peak_memory_bytes=step_peak_bytes(steps[name], resident, device))
     del steps, optimizers
 
     # (2) the full training loop, ours only
@@ -374,27 +384,26 @@ def run_benchmark(cfg: BenchConfig) -> dict:
         runs = {name: make_sampler_run(model, diffusion, m, sampler, cfg) for name, model in models.items()}
         times = time_interleaved(runs, cfg)
         for name, model in models.items():
-            seconds = statistics.median(times[name])
-            evals = cfg.sample_batch_size * cfg.sample_steps / seconds
             r = result_models[name]
-            r.setdefault("sample", {})[sampler] = {
-                "images_per_second": cfg.sample_batch_size / seconds, "model_evaluations_per_second": evals,
-                "seconds_per_batch": times[name], "mfu": r["forward_flops_per_image"] * evals / peak,
-                "peak_memory_bytes": step_peak_bytes(runs[name], _tensor_bytes(model.parameters()), device)}
+            f = r.setdefault("sample", {})[sampler] = _figures(times[name], cfg.sample_batch_size)
+            evals = f["images_per_second"] * cfg.sample_steps
+            f.update(model_evaluations_per_second=evals, mfu=r["forward_flops_per_image"] * evals / peak,
+                     peak_memory_bytes=step_peak_bytes(runs[name], _tensor_bytes(model.parameters()), device))
 
-    ratio = {}
+    ratio, cpu_ratio = {}, {}
     if "peer" in models:
         ours, peer = result_models["ours"], result_models["peer"]
-        ratio["train"] = ours["train"]["images_per_second"] / peer["train"]["images_per_second"]
-        for sampler in cfg.samplers:
-            ratio[f"sample.{sampler}"] = (ours["sample"][sampler]["images_per_second"]
-                                          / peer["sample"][sampler]["images_per_second"])
+        for key, a, b in [("train", ours["train"], peer["train"])] + [
+                (f"sample.{s}", ours["sample"][s], peer["sample"][s]) for s in cfg.samplers]:
+            ratio[key] = a["images_per_second"] / b["images_per_second"]
+            cpu_ratio[key] = b["process_cpu_seconds"] / a["process_cpu_seconds"]
     return {
         "config": cfg.model, "model": {**m.unet.to_dict(), "image_size": m.image_size, "channels": m.channels},
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "settings": asdict(cfg),
         "peak_flops": {"value": peak, "source": peak_source},
         "models": result_models, "ratio_ours_over_peer": ratio,
+        "ratio_ours_over_peer_by_process_cpu_time": cpu_ratio,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
 

@@ -43,6 +43,7 @@ def test_bench_with_peer():
     assert ours["forward_flops_per_image"] == peer["forward_flops_per_image"]
     assert set(r["ratio_ours_over_peer"]) == {"train", "sample.ddpm", "sample.ddim"}
     assert all(positive(v) for v in r["ratio_ours_over_peer"].values())
+    assert set(r["ratio_ours_over_peer_by_process_cpu_time"]) == set(r["ratio_ours_over_peer"])
     assert r["peak_flops"] == {"value": 1e11, "source": "given by the user"}
     json.dumps(r)
 

@@ -11,7 +11,8 @@
 ``prepare_model`` moves a model to its device in its memory format and checks the
 choices before any work (tf32/bf16 on a CPU is an error, not a silent fall-back);
 ``compile_model`` wraps its forward; ``autocast_context`` is the region that runs in
-bf16; ``make_adamw`` builds AdamW, fused into one kernel on CUDA. With the defaults
+bf16; ``make_adamw`` builds AdamW, fused into one kernel on CUDA; ``make_denoiser``
+gives the ``model(x, t)`` callable a sampler calls, with all three applied. With the defaults
 (fp32, contiguous, none) every one of them is a no-op, so CPU runs are unchanged.
 """
 
@@ -80,3 +81,17 @@ def make_adamw(params, device, **kwargs) -> torch.optim.AdamW:
     """AdamW; the fused single-kernel implementation on CUDA, PyTorch's default elsewhere."""
     fused = True if torch.device(device).type == "cuda" else None
     return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def make_denoiser(model: torch.nn.Module, device, *, precision: str = "fp32", memory_format: str = "contiguous",
+                  compile: str = "none"):
+    """``model`` (prepared, in eval mode) as the ``denoiser(x, t)`` a sampler calls: inputs in
+    ``memory_format``, the forward compiled and run under ``precision``'s autocast."""
+    model = prepare_model(model, device, precision=precision, memory_format=memory_format, compile=compile).eval()
+    forward = compile_model(model, compile)
+
+    def denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast_context(precision, device):
+            return forward(to_memory_format(x, memory_format), t)
+
+    return denoiser

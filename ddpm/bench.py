@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.flop_counter as flop_counter
 
-from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepare_model, to_memory_format
+from ddpm.acceleration import (autocast_context, compile_model, make_adamw, make_denoiser, prepare_model,
+                               to_memory_format)
 from ddpm.diffusion import Diffusion, q_sample
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.training import TrainConfig, init_state, train
@@ -296,12 +297,8 @@ def make_train_step(model, diffusion: Diffusion, x0, t, noise, cfg: BenchConfig)
 
 
 def make_sampler_run(model, diffusion: Diffusion, m: BenchModel, sampler: str, cfg: BenchConfig):
-    forward = compile_model(model, cfg.compile)
-
-    def denoiser(x, t):
-        with autocast_context(cfg.precision, cfg.device):
-            return forward(to_memory_format(x, cfg.memory_format), t)
-
+    denoiser = make_denoiser(model, cfg.device, precision=cfg.precision, memory_format=cfg.memory_format,
+                             compile=cfg.compile)
     shape = (cfg.sample_batch_size, m.channels, m.image_size, m.image_size)
     g = torch.Generator(device=cfg.device).manual_seed(cfg.seed)
     return lambda: sample(denoiser, diffusion, shape, sampler=sampler, steps=cfg.sample_steps, generator=g)

@@ -25,6 +25,7 @@ def check_model(r: dict, samplers) -> None:
         assert positive(r[key]), key
     assert r["train_flops_per_image"] > 2 * r["forward_flops_per_image"]  # backward ≈ 2× forward
     assert positive(r["train"]["images_per_second"]) and positive(r["train"]["mfu"])
+    assert r["train"]["best_images_per_second"] >= r["train"]["images_per_second"]
     assert r["train"]["peak_memory_bytes"] is None  # CUDA only
     for s in samplers:
         f = r["sample"][s]
@@ -43,7 +44,7 @@ def test_bench_with_peer():
     assert ours["forward_flops_per_image"] == peer["forward_flops_per_image"]
     assert set(r["ratio_ours_over_peer"]) == {"train", "sample.ddpm", "sample.ddim"}
     assert all(positive(v) for v in r["ratio_ours_over_peer"].values())
-    assert set(r["ratio_ours_over_peer_by_process_cpu_time"]) == set(r["ratio_ours_over_peer"])
+    assert set(r["ratio_ours_over_peer_by_process_cpu_time"]) == set(r["ratio_ours_over_peer_best"]) == set(r["ratio_ours_over_peer"])
     assert r["peak_flops"] == {"value": 1e11, "source": "given by the user"}
     json.dumps(r)
 

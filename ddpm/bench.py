@@ -94,6 +94,7 @@ class BenchConfig:
     compile: str = "none"
     peak_flops: float | None = None  # FLOP/s; None: datasheet (known GPU) or measured (CPU)
     peer: str = "diffusers"         # diffusers | none
+    threads: int | None = None      # CPU threads of PyTorch during the run; None: as set
     seed: int = 0
 
     def validate(self) -> None:
@@ -104,8 +105,8 @@ class BenchConfig:
         unknown = [s for s in self.samplers if s not in SAMPLERS]
         if unknown:
             raise ValueError(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
-        for name in ("batch_size", "sample_batch_size", "sample_steps", "repeats", "iters"):
-            if getattr(self, name) < 1:
+        for name in ("batch_size", "sample_batch_size", "sample_steps", "repeats", "iters", "threads"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
@@ -326,6 +327,16 @@ def measure_loop(model_config: BenchModel, diffusion: Diffusion, cfg: BenchConfi
 
 def run_benchmark(cfg: BenchConfig) -> dict:
     cfg.validate()
+    threads = torch.get_num_threads()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     m = MODEL_CONFIGS[cfg.model]
     diffusion = Diffusion.from_schedule("linear", 1000, device=device)

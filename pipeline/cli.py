@@ -137,6 +137,7 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
           peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU [default: datasheet for known GPUs, "
                                                        "a measured fp32 matmul rate on CPU]"),
           peer: str = typer.Option("diffusers", help="diffusers | none"),
+          threads: int = typer.Option(None, help="PyTorch CPU threads [default: PyTorch's]"),
           out: Path = typer.Option(None, help="also write the JSON here")):
     """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
     from pipeline import bench as command
@@ -144,7 +145,8 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
     command.main(command.config_from_options(
         config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
         sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
-        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer), out)
+        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
+        threads=threads), out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from ddpm.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count
 from pipeline.cli import app
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
-SMALL = dict(model="tiny", device="cpu", batch_size=2, sample_batch_size=2, sample_steps=2, warmup=0, repeats=1,
+SMALL = dict(model="tiny", device="cpu", batch_size=2, sample_batch_size=2, sample_steps=2, warmup=0, repeats=1, threads=1,
              iters=1, peak_flops=1e11)
 
 
@@ -46,6 +46,7 @@ def test_bench_with_peer():
     assert all(positive(v) for v in r["ratio_ours_over_peer"].values())
     assert set(r["ratio_ours_over_peer_by_process_cpu_time"]) == set(r["ratio_ours_over_peer_best"]) == set(r["ratio_ours_over_peer"])
     assert r["peak_flops"] == {"value": 1e11, "source": "given by the user"}
+    assert r["threads"] == 1 and r["settings"]["threads"] == 1
     json.dumps(r)
 
 

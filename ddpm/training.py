@@ -18,6 +18,8 @@ scheduler, step, losses, the timestep sampler, the batch generator and the globa
 torch/CUDA RNG states that dropout uses) into plain data that
 ``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
 training continues exactly where it stopped.
+``precision``, ``memory_format`` and ``compile`` select the GPU fast path (see
+``ddpm.acceleration``); their defaults leave a CPU run unchanged.
 """
 
 from collections.abc import Callable
@@ -28,6 +30,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpm import distributed
+from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepare_model, to_memory_format
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.objectives import training_terms
@@ -46,6 +49,9 @@ class TrainConfig:
     log_every: int = 100
     checkpoint_every: int = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # tf32/bf16: CUDA only
+    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
+    compile: Literal["none", "default", "max-autotune"] = "none"
 
 
 @dataclass
@@ -71,8 +77,8 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> TrainState:
-    model = model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model = prepare_model(model, device, precision=cfg.precision, memory_format=cfg.memory_format, compile=cfg.compile)
+    optimizer = make_adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
@@ -109,6 +115,7 @@ def train(
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
+    forward = compile_model(model, cfg.compile)
     while state.step < cfg.steps:
         # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
         #     every rank draws the global batch and keeps its shard
@@ -121,7 +128,9 @@ def train(
         t, weights = t[mine], (None if weights is None else weights[mine])
         noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        terms = training_terms(model, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+        x0, noise = to_memory_format(x0, cfg.memory_format), to_memory_format(noise, cfg.memory_format)
+        with autocast_context(cfg.precision, device):
+            terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
         losses = terms["loss"]
         if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
             sampler.update(t, terms["vlb"])

@@ -84,10 +84,16 @@ class AttnBlock(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x):
+        # The 1×1 convolutions run as linear maps over the H·W positions: q, k, v come out
+        # with unit stride in C, the layout SDPA's fused kernels take (strided ones make it
+        # fall back to the unfused path, which materialises and copies more).
         B, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(B, 3, C, H * W).transpose(-1, -2).unbind(1)
-        h = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
-        return x + self.proj(h.transpose(-1, -2).reshape(B, C, H, W))
+        h = self.norm(x).flatten(2).transpose(1, 2)                              # [B, HW, C]
+        qkv = F.linear(h, self.qkv.weight.view(3 * C, C), self.qkv.bias)         # [B, HW, 3C]
+        q, k, v = qkv.view(B, 1, H * W, 3, C).unbind(3)                          # [B, 1, HW, C] each
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]                       # [B, HW, C]
+        h = F.linear(h, self.proj.weight.view(C, C), self.proj.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Block(nn.Module):

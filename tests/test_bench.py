@@ -1,0 +1,103 @@
+"""The benchmark in CI-sized form: tiny config, a few steps, CPU. Checks that it produces
+every figure (no timed assertions) and that the peer has our parameter count."""
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ddpm.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count_flops, run_benchmark
+from pipeline.cli import app
+
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+SMALL = dict(model="tiny", device="cpu", batch_size=2, sample_batch_size=2, sample_steps=2, warmup=0, repeats=1, threads=1,
+             iters=1, peak_flops=1e11)
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and x > 0
+
+
+def check_model(r: dict, samplers) -> None:
+    assert r["available"] is True
+    for key in ("parameters", "forward_flops_per_image", "train_flops_per_image"):
+        assert positive(r[key]), key
+    assert r["train_flops_per_image"] > 2 * r["forward_flops_per_image"]  # backward ≈ 2× forward
+    assert positive(r["train"]["images_per_second"]) and positive(r["train"]["mfu"])
+    assert r["train"]["best_images_per_second"] >= r["train"]["images_per_second"]
+    assert r["train"]["peak_memory_bytes"] is None  # CUDA only
+    for s in samplers:
+        f = r["sample"][s]
+        assert positive(f["images_per_second"]) and positive(f["mfu"])
+        assert f["model_evaluations_per_second"] == pytest.approx(2 * f["images_per_second"])  # 2 steps
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers (the optional bench extra) is not installed")
+def test_bench_with_peer():
+    r = run_benchmark(BenchConfig(**SMALL))
+    ours, peer = r["models"]["ours"], r["models"]["peer"]
+    check_model(ours, ("ddpm", "ddim"))
+    check_model(peer, ("ddpm", "ddim"))
+    assert positive(ours["loop"]["images_per_second"])
+    assert ours["parameters"] == peer["parameters"]
+    assert ours["forward_flops_per_image"] == peer["forward_flops_per_image"]
+    assert set(r["ratio_ours_over_peer"]) == {"train", "sample.ddpm", "sample.ddim"}
+    assert all(positive(v) for v in r["ratio_ours_over_peer"].values())
+    assert set(r["ratio_ours_over_peer_by_process_cpu_time"]) == set(r["ratio_ours_over_peer_best"]) == set(r["ratio_ours_over_peer"])
+    assert r["peak_flops"] == {"value": 1e11, "source": "given by the user"}
+    assert r["threads"] == 1 and r["settings"]["threads"] == 1
+    json.dumps(r)
+
+
+@pytest.mark.skipif(not HAVE_DIFFUSERS, reason="diffusers (the optional bench extra) is not installed")
+@pytest.mark.parametrize("name", ["ddpm-cifar10", "fashion-mnist"])
+def test_peer_matches_named_configs(name):
+    m = MODEL_CONFIGS[name]
+    ours = build_ours(m)
+    peer = build_peer(m, ours)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in peer.parameters())
+    if name == "ddpm-cifar10":
+        assert round(n / 1e6, 1) == 35.7
+
+
+def test_bench_without_peer(monkeypatch):
+    """Without diffusers the bench still measures ours and says why the peer is missing."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_diffusers(name, *args, **kwargs):
+        if name == "diffusers" or name.startswith("diffusers."):
+            raise ImportError("No module named 'diffusers'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_diffusers)
+    r = run_benchmark(BenchConfig(**{**SMALL, "samplers": ("ddim",)}))
+    check_model(r["models"]["ours"], ("ddim",))
+    assert r["models"]["peer"]["available"] is False
+    assert "diffusers" in r["models"]["peer"]["reason"]
+    assert r["ratio_ours_over_peer"] == {}
+
+
+def test_cpu_attention_flops_are_counted():
+    """The fused CPU attention kernel is counted: a config with attention has more FLOPs."""
+    import torch
+
+    from ddpm.unet import UNet, UNetConfig
+
+    x, t = torch.randn(1, 1, 8, 8), torch.tensor([3])
+    flops = [count_flops(lambda: UNet(UNetConfig(ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=a),
+                                      image_size=8, in_channels=1, out_channels=1)(x, t)) for a in ((), (8,))]
+    # attn_resolutions=(8,) adds attention after 1 encoder and 2 decoder blocks: per block
+    # q·kᵀ and softmax·v (2·hw²·c FLOPs each) plus the qkv and output projections (2·hw·c·4c)
+    c, hw = 32, 64
+    assert flops[1] - flops[0] == 3 * (2 * 2 * hw * hw * c + 2 * hw * c * 4 * c)
+
+
+def test_bench_command_rejects_bad_choices():
+    r = CliRunner().invoke(app, ["bench", "--config", "nope", "--device", "cpu"])
+    assert r.exit_code == 1 and "ddpm-cifar10" in r.output
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "bf16"])
+    assert r.exit_code == 1 and "needs a CUDA device" in r.output

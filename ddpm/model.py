@@ -5,8 +5,6 @@ the sampler can rebuild network and diffusion from the file alone.
 
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.diffusion import Diffusion
 from ddpm.unet import UNet, UNetConfig

@@ -4,13 +4,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import file_mode
+from ddpm.checkpoint import atomic_write
 
 
 def resolve_device(device: str) -> torch.device:
@@ -23,17 +22,8 @@ def resolve_device(device: str) -> torch.device:
 
 def write_atomic(path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    payload = data.encode() if isinstance(data, str) else data
+    atomic_write(path, lambda f: f.write(payload))
 
 
 def write_json(path, obj) -> None:

@@ -23,7 +23,9 @@ def test_two_gloo_processes_match_one_process(tmp_path):
 
     diff = max_abs_diff(weights(root / "models/single.pt"), weights(root / "models/ddp.pt"))
     print(f"DDP (2 × gloo, batch 4 each) vs 1 process (batch 8), 6 steps: max |Δw| = {diff:.2e}")
-    assert diff < 5e-5  # lr is 2e-4: far below one step's change; float summation order only
+    # lr is 2e-4, so one AdamW step moves a weight by up to ~2e-4; float summation order alone
+    # (gradient all-reduce, fused attention) stays below half of one step
+    assert diff < 1e-4
     a, b = (json.loads((root / f"metrics/{n}.json").read_text()) for n in ("single", "ddp"))
     assert a["steps"] == b["steps"] == 6 and a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-5)
 

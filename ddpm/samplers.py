@@ -165,10 +165,13 @@ def heun_step(x, i, pred: Prediction, d: Diffusion, state, generator):
 
     Evaluates the network a second time at the Euler point (through ``state["denoise"]``)
     and averages the two slopes; the last step, to σ = 0, is plain Euler (Algorithm 1,
-    line 8's "if σ_{i+1} ≠ 0"). S steps cost 2S - 1 network evaluations.
+    line 8's "if σ_{i+1} ≠ 0"). So is the first step, from σ_T: with ᾱ_T ≈ 0 (the cosine
+    schedule gives σ_T ≈ 2·10⁴) that step spans orders of magnitude of σ, and the
+    trapezoid over it is unstable, while the Euler (= DDIM) step from pure noise is not.
+    S ≥ 2 steps cost 2S - 2 network evaluations.
     """
     x_euler = euler_step(x, i, pred, d, state, generator)
-    if i == 0:
+    if i == 0 or i == d.num_timesteps - 1:
         return x_euler
     sigma, sigma_next, s, s_next = _karras_sigmas(d, i, x)
     # (1) d'_i = ε̂ at (x̃_{i+1}, σ_{i+1})  (2) x̃_{i+1} = x̃_i + (σ_{i+1} - σ_i)(d_i + d'_i) / 2

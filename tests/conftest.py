@@ -43,6 +43,17 @@ def make_idx_dir(root: Path, n_train: int = 256, n_test: int = 128, compress: bo
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op torch thread for a module of tiny tensors: faster than several, and far
+    faster on a shared, loaded machine (and like the stage subprocesses). Modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def idx_dir(tmp_path_factory) -> Path:
     return make_idx_dir(tmp_path_factory.mktemp("idx"))

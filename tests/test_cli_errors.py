@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 import yaml
-from tiny import cli, errors, one_thread, workspace, write_params  # noqa: F401
+from tiny import cli, errors, workspace, write_params  # noqa: F401
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SENTINEL = b"produced by an earlier run"
 

@@ -5,9 +5,11 @@ import json
 
 import pytest
 import torch
-from tiny import cli, max_abs_diff, one_thread, run, weights, workspace  # noqa: F401
+from tiny import cli, max_abs_diff, run, weights, workspace  # noqa: F401
 
 from ddpm.distributed import SINGLE, World, derive_seed
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline")
 SAMPLE = ("sample", "--sampler", "ddpm", "--steps", "3", "--device", "cpu", "--checkpoint", "models/single.pt")

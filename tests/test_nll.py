@@ -16,14 +16,8 @@ from ddpm.model import load_model
 from pipeline.cli import app
 from pipeline.params import ParamsError, for_stage, parse_params
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared machine far faster, than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.mark.parametrize("changes,match", [
     ({"variance": "learned"}, r"variance=learned with loss=simple"),

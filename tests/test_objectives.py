@@ -17,17 +17,11 @@ from ddpm.samplers import sample
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler, make_timestep_sampler
 from ddpm.variance import fixed_log_variance_table, learned_log_variance
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MU = torch.tensor([0.5, -0.3], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.4], dtype=torch.float64)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is faster, and on a shared machine far faster, than several."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def d():

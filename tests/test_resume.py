@@ -7,13 +7,16 @@ import signal
 import subprocess
 import time
 
+import pytest
 import torch
-from tiny import cli, errors, one_thread, python, subprocess_env, weights, workspace, write_params  # noqa: F401
+from tiny import cli, errors, python, subprocess_env, weights, workspace, write_params  # noqa: F401
 
 import ddpm.training
 
 STATE = "checkpoints/train_state.pt"
 TRAIN = ("-m", "pipeline", "train", "--device", "cpu")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):

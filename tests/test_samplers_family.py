@@ -16,6 +16,8 @@ from ddpm.diffusion import Diffusion
 from ddpm.predictions import clip_x0
 from ddpm.samplers import SAMPLERS, ddim_invert, sample
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MU, STD = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64)
 # mixture: weights, component means [K, 2], component stds [K, 2]
 W = torch.tensor([0.3, 0.7], dtype=torch.float64)
@@ -88,14 +90,6 @@ def w2(m1, s1, m2, s2) -> float:
     """2-Wasserstein distance between Gaussians with diagonal covariances."""
     return float(((m1 - m2) ** 2 + (s1 - s2) ** 2).sum().sqrt())
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and much faster on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tolerance(steps: int) -> float:

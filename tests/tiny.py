@@ -1,12 +1,12 @@
 """Helpers for the reliability tests: a tiny 8×8 prepared data set, params sized to train
-in about a second, and ways to run `python -m pipeline` in-process or as a subprocess."""
+in about a second, and ways to run `python -m pipeline` in-process or as a subprocess.
+(The tests using it run on one torch thread: conftest's ``one_thread`` fixture.)"""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from conftest import REPO, synthetic_images, tiny_params
@@ -79,11 +79,3 @@ def errors(result) -> list[str]:
     """The error lines a command printed (the progress bar also writes to stderr)."""
     return [line for line in result.stderr.splitlines() if line.startswith("error")]
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """In-process training on one thread: as fast as it gets on a shared CPU, and like the subprocesses."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

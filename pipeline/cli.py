@@ -69,6 +69,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
                                      help="resumable training state, written every train.checkpoint_every steps"),
           resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
                                                   "else start fresh) | never | require"),
+          system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
+                                              help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
           device: str = DEVICE):
     """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
     hybrid_lambda, model.*, train.*).
@@ -79,7 +81,7 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     choices = [m.value for m in stage.Resume]
     if resume not in choices:
         raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
-    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume))
+    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics)
 
 
 @app.command()
@@ -87,7 +89,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
 def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
-           out: Path = typer.Option(..., help="folder for samples.pt, grid.png, info.json"), device: str = DEVICE):
+           out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
+           device: str = DEVICE):
     """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>)."""
     from pipeline import sample as stage
 

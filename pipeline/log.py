@@ -4,7 +4,9 @@ One parent run per pipeline run (named and tagged with the DVC experiment name a
 the git revision) holding every param, the summary metrics and the report; child runs
 for `train` (with the loss curve as a metric history), `classifier`, and one per
 sampler × steps cell (FID/KID/precision/recall/IS, throughput, sample grid and
-denoising strip). The parent holds the report (markdown, self-contained HTML) and the
+denoising strip). `train` and each cell carry the system metrics their stage recorded
+while it worked (``system/...`` histories: CPU, memory, disk, network, GPU; see
+pipeline/system_metrics.py). The parent holds the report (markdown, self-contained HTML) and the
 figures (FID vs steps, loss curve) under `reports/`.
 
 The stage reads only files the other stages wrote, and runs on every `dvc repro` /
@@ -27,6 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from pipeline import system_metrics
 from pipeline.common import git_revision, repo_root
 from pipeline.params import Params, load_params, to_flat_dict
 
@@ -34,7 +37,7 @@ from pipeline.params import Params, load_params, to_flat_dict
 OUTBOX = ".mlflow-outbox"
 # What `collect` reads, relative to the workspace: copied into the outbox when unreachable.
 RUN_FILES = ("metrics", "plots", "reports", "logs", "samples/*/info.json", "samples/*/grid.png",
-             "samples/*/strip.png")
+             "samples/*/strip.png", "samples/*/system.json")
 
 
 def default_tracking_uri() -> str:
@@ -57,6 +60,7 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             name = f"{s}-{k}"
             cells[name] = {"sampler": s, "steps": k, "metrics": _read(root / f"metrics/cells/{name}.json"),
                            "info": _read(root / f"samples/{name}/info.json"),
+                           "system": system_metrics.read(root / f"samples/{name}/system.json"),
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
     losses = []
     if (root / "plots/train_loss.csv").is_file():
@@ -65,7 +69,8 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             losses.append((int(step), float(loss)))
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "nll": _read(root / "metrics/nll.json"), "losses": losses, "cells": cells}
+            "nll": _read(root / "metrics/nll.json"), "losses": losses, "cells": cells,
+            "system": system_metrics.read(root / "logs/train_system.json")}
 
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:
@@ -107,6 +112,7 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                                if k.split(".")[0] in ("seed", "schedule", "prediction", "timesteps", "loss", "variance",
                                                          "timestep_sampling", "hybrid_lambda", "model", "train")})
             history = [Metric("loss", loss, 0, step) for step, loss in run["losses"]]
+            history += system_metrics.mlflow_metrics(run["system"])  # the run page's "System metrics"
             for i in range(0, len(history), 1000):
                 client.log_batch(child.info.run_id, metrics=history[i:i + 1000])
             mlflow.log_metrics({**_numeric(run["train"]), **_numeric(run["timing"])})
@@ -117,7 +123,7 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                 mlflow.log_metrics(_numeric(run["classifier"]))
 
         for name, cell in run["cells"].items():
-            with mlflow.start_run(run_name=f"sample/{name}", nested=True, tags=tags):
+            with mlflow.start_run(run_name=f"sample/{name}", nested=True, tags=tags) as child:
                 sampler = params.samplers[cell["sampler"]].model_dump()
                 mlflow.log_params({"sampler": cell["sampler"], "steps": cell["steps"],
                                    **{f"sampler.{k}": v for k, v in sampler.items()},
@@ -125,6 +131,9 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                 mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
                                                                      _numeric(cell["info"]).items()
                                                                      if k in ("seconds", "images_per_second")}})
+                system = system_metrics.mlflow_metrics(cell["system"])
+                for i in range(0, len(system), 1000):
+                    client.log_batch(child.info.run_id, metrics=system[i:i + 1000])
                 for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0
                     if cell[kind].is_file():
                         from PIL import Image

@@ -18,6 +18,7 @@ from ddpm.checkpoint import atomic_save
 from ddpm.model import load_model
 from ddpm.samplers import sample
 from ddpm.training import to_uint8
+from pipeline import system_metrics
 from pipeline.common import progress, resolve_device, write_atomic, write_json
 from pipeline.params import for_stage, load_params
 from pipeline.strip import StripRecorder
@@ -29,6 +30,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         raise ValueError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
                          f"(defined: {', '.join(params.samplers)})")
     p = for_stage(params, "sample", sampler=sampler)
+    system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     sp, cfg = p.sample, p.samplers[sampler]
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev)
@@ -39,8 +41,10 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         mine = range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]  # first image of each batch
         chunks = []
         start = time.perf_counter()
-        with progress(sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps, f"sample {sampler}-{steps}",
-                      enabled=world.is_main) as bar:  # rank 0 shows its share
+        system = out_dir / "system.json"  # written when sampling ends, before the other files
+        total = sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps  # rank 0 shows its share
+        with system_metrics.record(system, enabled=world.is_main), \
+                progress(total, f"sample {sampler}-{steps}", enabled=world.is_main) as bar:
             for i in mine:
                 n = min(sp.batch_size, sp.num_samples - i)
                 g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))

@@ -27,6 +27,7 @@ from ddpm.data import load_split
 from ddpm.model import ModelSpec
 from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, load_train_state, train, train_state_dict
+from pipeline import system_metrics
 from pipeline.common import progress, resolve_device, write_csv, write_json
 from pipeline.params import for_stage, load_params, stage_values
 
@@ -88,8 +89,10 @@ def read_resume_file(path: Path, config: dict, mode: Resume) -> tuple[dict | Non
 
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
-         state_path: Path = Path("checkpoints/train_state.pt"), resume: Resume = Resume.auto) -> None:
+         state_path: Path = Path("checkpoints/train_state.pt"), resume: Resume = Resume.auto,
+         system: Path = Path("logs/train_system.json")) -> None:
     params = load_params(params_path)
+    system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     p = for_stage(params, "train")
     split = load_split(data)
     _, channels, height, width = split.images.shape
@@ -140,7 +143,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         start = time.perf_counter()
         try:
-            with progress(p.train.steps, "train", enabled=world.is_main) as bar:
+            with system_metrics.record(system, enabled=world.is_main), \
+                    progress(p.train.steps, "train", enabled=world.is_main) as bar:
                 bar(first_step)
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,

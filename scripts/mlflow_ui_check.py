@@ -1,6 +1,6 @@
 """Check the MLflow UI in a real browser: start `mlflow ui` on 127.0.0.1, open the
-pipeline's runs in headless Chromium, and confirm that runs, params, metrics and
-images appear; save screenshots.
+pipeline's runs in headless Chromium, and confirm that runs, params, metrics, system
+metrics and images appear; save screenshots.
 
     python scripts/mlflow_ui_check.py [--backend-store-uri sqlite:///mlflow.db] [--out /tmp/mlflow-ui]
 
@@ -110,6 +110,15 @@ def main() -> int:
             best = next((m for m in metrics if m.startswith("best.fid")), metrics[0] if metrics else "")
             check(bool(best) and best in dom, f"run {name!r}: metric {best!r} shown")
             children = [r for r in runs if {"key": "mlflow.parentRunId", "value": rid} in r["data"].get("tags", [])]
+            train = next((c for c in children if c["info"]["run_name"] == "train"), None)
+            system = [m["key"] for m in (train or {"data": {}})["data"].get("metrics", []) if m["key"].startswith("system/")]
+            check(bool(system), f"run {name!r}: the train child run holds system metrics ({len(system)} series)")
+            if system:
+                tid = train["info"]["run_id"]
+                dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{tid}/system-metrics",
+                             args.out / f"system-metrics-{i}.png")
+                check("cpu_utilization_percentage" in dom, f"run {name!r}: the train run's System metrics tab shows "
+                                                           "cpu_utilization_percentage")
             cell = next((c for c in children if c["info"]["run_name"].startswith("sample/")), None)
             check(cell is not None, f"run {name!r}: has per-cell child runs ({len(children)} children)")
             if cell is None:

@@ -99,6 +99,15 @@ def test_fid_report_and_log(workdir, monkeypatch):
     train = next(r for r in runs if r.info.run_name == "train")
     history = mlflow.MlflowClient().get_metric_history(train.info.run_id, "loss")
     assert [m.step for m in history] == [2, 4, 6]
+    # system metrics recorded while the stage worked, as MLflow's own `system/...` histories
+    for run_name, recorded in (("train", "logs/train_system.json"), ("sample/ddim-3", "samples/ddim-3/system.json")):
+        run = next(r for r in runs if r.info.run_name == run_name)
+        points = json.loads((workdir / recorded).read_text())["points"]
+        assert len(points) >= 1
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert [(m.step, m.timestamp, m.value) for m in history] == [
+            (p["step"], p["timestamp_ms"], p["metrics"]["cpu_utilization_percentage"]) for p in points]
+        assert "system/system_memory_usage_megabytes" in run.data.metrics
 
 
 def test_bad_param_fails_before_work(workdir, tmp_path):
@@ -109,6 +118,13 @@ def test_bad_param_fails_before_work(workdir, tmp_path):
     r = invoke("train", "--params", bad, "--out", tmp_path / "m.pt")
     assert r.exit_code == 1 and "train.stepz: unknown key" in r.output
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_bad_system_metrics_setting_fails_before_work(workdir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "often")
+    r = invoke("sample", "--sampler", "ddim", "--steps", 2, "--out", tmp_path / "s")
+    assert r.exit_code == 1 and "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL must be a number" in r.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_corrupt_checkpoint_is_one_clear_line(workdir, tmp_path):

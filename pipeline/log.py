@@ -90,6 +90,12 @@ def _numeric(d: dict | None, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def _log_history(client, run_id: str, metrics: list) -> None:
+    """Metric histories (``Metric`` entities with their steps), in batches MLflow accepts."""
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i:i + 1000])
+
+
 def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str, revision: str, fp: str,
             root: Path = Path(".")) -> str:
     from mlflow.entities import Metric
@@ -113,8 +119,7 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                                                          "timestep_sampling", "hybrid_lambda", "model", "train")})
             history = [Metric("loss", loss, 0, step) for step, loss in run["losses"]]
             history += system_metrics.mlflow_metrics(run["system"])  # the run page's "System metrics"
-            for i in range(0, len(history), 1000):
-                client.log_batch(child.info.run_id, metrics=history[i:i + 1000])
+            _log_history(client, child.info.run_id, history)
             mlflow.log_metrics({**_numeric(run["train"]), **_numeric(run["timing"])})
 
         if run["classifier"]:
@@ -131,9 +136,7 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                 mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
                                                                      _numeric(cell["info"]).items()
                                                                      if k in ("seconds", "images_per_second")}})
-                system = system_metrics.mlflow_metrics(cell["system"])
-                for i in range(0, len(system), 1000):
-                    client.log_batch(child.info.run_id, metrics=system[i:i + 1000])
+                _log_history(client, child.info.run_id, system_metrics.mlflow_metrics(cell["system"]))
                 for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0
                     if cell[kind].is_file():
                         from PIL import Image

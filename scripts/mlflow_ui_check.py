@@ -116,7 +116,7 @@ def main() -> int:
             if system:
                 tid = train["info"]["run_id"]
                 dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{tid}/system-metrics",
-                             args.out / f"system-metrics-{i}.png")
+                             args.out / f"system-metrics-{i}.png", budget_ms=60000)  # time for the charts to draw
                 check("cpu_utilization_percentage" in dom, f"run {name!r}: the train run's System metrics tab shows "
                                                            "cpu_utilization_percentage")
             cell = next((c for c in children if c["info"]["run_name"].startswith("sample/")), None)

@@ -99,7 +99,7 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
     if not rows:
         return "No experiments with FID metrics (metrics/fid.json) found.\n"
     has_bpd = any(r["bits_per_dim"] is not None for r in rows)
-    keys = [row_key, col_key, *extra]
+    keys = list(dict.fromkeys([row_key, col_key, *extra]))  # --param schedule with --rows schedule: one column
     cols = ["experiment", "rev", *keys, "best FID", "best cell"] + (["bits/dim"] if has_bpd else []) + ["extractor acc."]
     lines = ["## Experiments", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: r["best_fid"]):

@@ -282,9 +282,10 @@ def test_compare_on_recorded_experiments(tmp_path):
     path = tmp_path / "exp.json"
     path.write_text(json.dumps(exp_show_fixture(with_bpd=False)))
     res = CliRunner().invoke(app, ["compare", "--exp-json", str(path), "--param", "train.steps",
-                                   "--out", str(tmp_path / "compare.md")])
+                                   "--param", "schedule", "--out", str(tmp_path / "compare.md")])
     assert res.exit_code == 0, res.output
     assert "bits/dim" not in res.output and "| cosine-exp | bbbbbbb | cosine | eps | 800 | 21.500 | ddim-50 |" in res.output
+    assert "| experiment | rev | schedule | prediction | train.steps | best FID |" in res.output  # schedule once
     assert (tmp_path / "compare.md").read_text().startswith("## Experiments")
     assert len(json.loads((tmp_path / "compare.json").read_text())) == 4
 

@@ -50,9 +50,9 @@ def browse(chromium: str, url: str, screenshot: Path | None = None, budget_ms: i
     """The DOM after the page's scripts ran (and a screenshot when asked)."""
     with tempfile.TemporaryDirectory() as profile:
         flags = [*CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}"]
-        if screenshot is not None:
-            subprocess.run([chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
         out = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
+        if screenshot is not None:  # second: the server has answered these requests once (charts draw in time)
+            subprocess.run([chromium, *flags, f"--screenshot={screenshot}", url], capture_output=True, timeout=180)
     return out.stdout
 
 

@@ -6,8 +6,8 @@ for `train` (with the loss curve as a metric history), `classifier`, and one per
 sampler × steps cell (FID/KID/precision/recall/IS, throughput, sample grid and
 denoising strip). `train` and each cell carry the system metrics their stage recorded
 while it worked (``system/...`` histories: CPU, memory, disk, network, GPU; see
-pipeline/system_metrics.py). The parent holds the report (markdown, self-contained HTML) and the
-figures (FID vs steps, loss curve) under `reports/`.
+pipeline/system_metrics.py). The parent holds the report (markdown, self-contained
+HTML) and the figures (FID vs steps, loss curve) under `reports/`.
 
 The stage reads only files the other stages wrote, and runs on every `dvc repro` /
 `dvc exp run` (always_changed), so experiments restored from the run-cache are

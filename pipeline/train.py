@@ -1,5 +1,5 @@
 """Stage `train`: train the diffusion U-Net and write a self-describing checkpoint,
-the training metrics and the loss curve.
+the training metrics, the loss curve and the system metrics recorded while it trained.
 
 Resumable: every ``train.checkpoint_every`` steps the whole training state is written
 atomically to ``--state`` (default ``checkpoints/train_state.pt``, not a DVC output);

@@ -59,7 +59,8 @@ def test_hybrid_learned_importance_through_the_cli(tmp_path, idx_dir):
     data, model = tmp_path / "data", tmp_path / "model.pt"
     run("prepare", "--out", str(data))
     run("train", "--data", str(data / "train.pt"), "--out", str(model), "--metrics", str(tmp_path / "train.json"),
-        "--plot", str(tmp_path / "loss.csv"), "--timing", str(tmp_path / "timing.json"), "--device", "cpu")
+        "--plot", str(tmp_path / "loss.csv"), "--timing", str(tmp_path / "timing.json"), "--device", "cpu",
+        "--state", str(tmp_path / "state.pt"), "--system-metrics", str(tmp_path / "system.json"))
     # the checkpoint alone rebuilds the 2×-channel network; the sampler state travels with it
     net, spec, _ = load_model(model)
     assert spec.variance == "learned" and net.conv_out.out_channels == 2

@@ -42,7 +42,8 @@ def test_nll_stage_reads_only_nll(idx_dir):
         view.timesteps
 
 
-def test_hybrid_learned_importance_through_the_cli(tmp_path, idx_dir):
+def test_hybrid_learned_importance_through_the_cli(tmp_path, idx_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # prepare stages the IDX files under <working dir>/data/raw
     raw = tiny_params(idx_dir)
     raw.update(timesteps=20, loss="hybrid", variance="learned", timestep_sampling="importance")
     raw["train"].update(steps=8)

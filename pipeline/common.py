@@ -40,6 +40,17 @@ def read_json(path) -> dict:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
+def write_image_grid(path, images: torch.Tensor, nrow: int) -> None:
+    """uint8 images [N, C, H, W] as one PNG grid, ``nrow`` images per row, written atomically."""
+    import io
+
+    from torchvision.utils import save_image
+
+    png = io.BytesIO()
+    save_image(images.float() / 255.0, png, format="png", nrow=nrow, padding=2)
+    write_atomic(path, png.getvalue())
+
+
 def write_csv(path, header: list[str], rows) -> None:
     lines = [",".join(header)] + [",".join(str(v) for v in r) for r in rows]
     write_atomic(path, "\n".join(lines) + "\n")

@@ -6,12 +6,10 @@ Batch i of ``sample.batch_size`` images draws from its own generator, seeded wit
 spread: under ``torchrun`` rank r samples batches r, r+N, r+2N, … and rank 0 gathers
 them and writes the files (all at the end, each atomically)."""
 
-import io
 import time
 from pathlib import Path
 
 import torch
-from torchvision.utils import save_image
 
 from ddpm import distributed
 from ddpm.checkpoint import atomic_save
@@ -19,7 +17,7 @@ from ddpm.model import load_model
 from ddpm.samplers import sample
 from ddpm.training import to_uint8
 from pipeline import system_metrics
-from pipeline.common import progress, resolve_device, write_atomic, write_json
+from pipeline.common import progress, resolve_device, write_image_grid, write_json
 from pipeline.params import for_stage, load_params
 from pipeline.strip import StripRecorder
 
@@ -65,9 +63,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
             out_dir.mkdir(parents=True, exist_ok=True)
             atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"]},
                         out_dir / "samples.pt")
-            grid = io.BytesIO()
-            save_image(images[:64].float() / 255.0, grid, format="png", nrow=8, padding=2)
-            write_atomic(out_dir / "grid.png", grid.getvalue())
+            write_image_grid(out_dir / "grid.png", images[:64], nrow=8)
             strip.save(out_dir / "strip.png")  # batch 0 is always rank 0's
             write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options,
                                                "steps": steps, "num_samples": images.shape[0],

@@ -1,13 +1,12 @@
 """Denoising strips: x_T, a few intermediate x_t and x_0 of some samples, one row per
 sample, recorded through the sampler's ``on_step`` callback and saved as a PNG."""
 
-import io
 from pathlib import Path
 
 import torch
 
 from ddpm.training import to_uint8
-from pipeline.common import write_atomic
+from pipeline.common import write_image_grid
 
 
 class StripRecorder:
@@ -27,9 +26,5 @@ class StripRecorder:
 
     def save(self, path: Path) -> None:
         """One row per sample, x_T on the left, x_0 on the right; written atomically."""
-        from torchvision.utils import save_image
-
         frames = torch.stack(self.frames, dim=1)  # [rows, columns, C, H, W]
-        png = io.BytesIO()
-        save_image(frames.flatten(0, 1).float() / 255.0, png, format="png", nrow=frames.shape[1], padding=2)
-        write_atomic(path, png.getvalue())
+        write_image_grid(path, frames.flatten(0, 1), nrow=frames.shape[1])

@@ -27,6 +27,11 @@ class CheckpointError(ValueError):
     """A checkpoint file is missing, corrupt, or not one of ours."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
 def file_mode() -> int:
     """The mode a new file gets (0o666 less the umask); ``mkstemp`` alone gives 0o600."""
     umask = os.umask(0)
@@ -69,8 +74,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, pickle of foreign objects, …
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {first}") from e
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch file: {first_line(e)}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a {FORMAT} file")
     missing = {"step", "config", "model"} - ckpt.keys()

@@ -23,6 +23,8 @@ import torch
 import torchvision
 from torchvision.transforms import v2 as T
 
+from ddpm.checkpoint import first_line
+
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 SPLITS = ("train", "test")
@@ -68,8 +70,7 @@ def load_split(path) -> Split:
         d = torch.load(path, map_location="cpu", weights_only=True)
         split = Split(d["images"], d["labels"].long(), list(d["classes"]))
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"data file {path} is corrupt or not a prepared split: {first}") from e
+        raise DataError(f"data file {path} is corrupt or not a prepared split: {first_line(e)}") from e
     return split.validate(str(path))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.checkpoint import first_line
 from ddpm.data import DataError
 from ddpm.metrics import extract_features, metrics_from_features
 from pipeline.common import progress, resolve_device, write_json
@@ -20,8 +21,7 @@ def load_samples(path: Path) -> dict:
         d = torch.load(path, map_location="cpu", weights_only=True)
         images = d["images"]
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"samples file {path} is corrupt: {first}") from e
+        raise DataError(f"samples file {path} is corrupt: {first_line(e)}") from e
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
         raise DataError(f"samples file {path}: images must be a uint8 tensor [N, C, H, W]")
     return d

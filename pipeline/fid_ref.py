@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import atomic_save
+from ddpm.checkpoint import atomic_save, first_line
 from ddpm.data import DataError, load_split
 from ddpm.metrics import extract_features, reference_statistics
 from pipeline.common import progress, resolve_device, write_json
@@ -55,8 +55,7 @@ def load_reference(path: Path) -> dict:
     try:
         ref = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DataError(f"reference statistics {path} are corrupt: {first}") from e
+        raise DataError(f"reference statistics {path} are corrupt: {first_line(e)}") from e
     if not isinstance(ref, dict) or ref.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} file")
     return ref

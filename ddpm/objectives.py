@@ -13,15 +13,13 @@
 t ~ Uniform{0, …, T-1} or importance-sampled (``ddpm.timestep_sampling``), ε ~ N(0, I).
 """
 
-import math
-
 import torch
 
 from ddpm.diffusion import Diffusion, q_sample
-from ddpm.likelihood import vlb_terms
+from ddpm.likelihood import LOG2, vlb_terms
 from ddpm.predictions import split_output, to_prediction, training_target
 from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
-from ddpm.variance import VARIANCES
+from ddpm.variance import check_variance
 
 LOSSES = ("simple", "vlb", "hybrid")
 
@@ -30,8 +28,7 @@ def check_objective(loss: str, variance: str, timestep_sampling: str = "uniform"
     """Reject unknown names and combinations where part of the model would not be trained."""
     if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    check_variance(variance)
     if timestep_sampling not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"unknown timestep_sampling {timestep_sampling!r}; "
                          f"choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
@@ -69,7 +66,7 @@ def training_terms(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise
             out = torch.cat([mean_out.detach(), var_out], 1)
         pred = to_prediction(d, prediction, out, xt, t, variance=variance)
         # (4) T · L_t in bits/dim: an unbiased estimate of Σ_t L_t under uniform t
-        terms["vlb"] = d.num_timesteps * vlb_terms(d, x0, xt, t, pred, variance) / math.log(2.0)
+        terms["vlb"] = d.num_timesteps * vlb_terms(d, x0, xt, t, pred, variance) / LOG2
     if loss == "simple":
         terms["loss"] = terms["mse"]
     elif loss == "vlb":

@@ -80,6 +80,14 @@ def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch
     return Prediction(x0=x0, eps=eps, log_variance=log_variance)
 
 
+def check_clip(clip: str, percentile: float = 99.5) -> None:
+    """Reject an unknown ``clip``, and a ``percentile`` outside (50, 100] for ``dynamic``."""
+    if clip not in CLIPS:
+        raise ValueError(f"unknown clip {clip!r}; choose one of {', '.join(CLIPS)}")
+    if clip == "dynamic" and not 50 < percentile <= 100:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+
+
 def clip_x0(x0: torch.Tensor, clip: str, percentile: float = 99.5) -> torch.Tensor:
     """x̂_0 clipped per ``clip`` (see the module docstring); ``percentile`` is used by ``dynamic`` only.
 
@@ -89,19 +97,17 @@ def clip_x0(x0: torch.Tensor, clip: str, percentile: float = 99.5) -> torch.Tens
       (3) x̂_0 = clamp(x̂_0, -s, s) / s.
     No host synchronisation: s stays a tensor.
     """
+    check_clip(clip, percentile)
     if clip == "none":
         return x0
     if clip == "static":
         return x0.clamp(-1.0, 1.0)
-    if clip == "dynamic":
-        if not 50 < percentile <= 100:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile}")
-        flat = x0.abs().reshape(x0.shape[0], -1)
-        k = max(1, math.ceil(percentile / 100 * flat.shape[1]))
-        s = flat.kthvalue(k, dim=1).values.clamp(min=1.0)  # (1), (2)
-        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
-        return torch.maximum(torch.minimum(x0, s), -s) / s  # (3)
-    raise ValueError(f"unknown clip {clip!r}; choose one of {', '.join(CLIPS)}")
+    # dynamic
+    flat = x0.abs().reshape(x0.shape[0], -1)
+    k = max(1, math.ceil(percentile / 100 * flat.shape[1]))
+    s = flat.kthvalue(k, dim=1).values.clamp(min=1.0)  # (1), (2)
+    s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return torch.maximum(torch.minimum(x0, s), -s) / s  # (3)
 
 
 def training_target(d: Diffusion, prediction: str, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,

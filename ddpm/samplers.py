@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
-from ddpm.predictions import CLIPS, PREDICTIONS, Prediction, to_prediction
+from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PRECISIONS = ("fp32", "bf16")
@@ -77,7 +77,6 @@ def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator,
         raise ValueError(f"unknown variance {variance!r}; choose fixed_small or fixed_large")
     # (3) x_{t-1} = μ̃ + σ_t z
     return mean + torch.exp(0.5 * extract(log_var, t, x.ndim)) * _noise_like(x, generator)
-
 
 
 def ddim_step(x, i, pred: Prediction, d: Diffusion, state, generator, eta: float = 0.0,
@@ -206,12 +205,10 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
               percentile: float, precision: str, variance: str = "fixed_small") -> Callable[[torch.Tensor, int], Prediction]:
     """``denoise(x, i)``: the network at respaced index i (original timestep ``timesteps[i]``) as a
     Prediction. bf16 autocast applies on CUDA only; the output is cast back to x's dtype."""
-    for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("clip", clip, CLIPS),
-                                ("precision", precision, PRECISIONS)):
+    for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, PRECISIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
-    if clip == "dynamic" and not 50 < percentile <= 100:
-        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    check_clip(clip, percentile)
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
     bf16 = precision == "bf16" and d.device.type == "cuda"
 

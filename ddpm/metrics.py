@@ -238,7 +238,7 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
 
 def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = "ddpm-classifier",
                     weights_path=None, cuda: bool = False, batch_size: int = 500, kid_subset_size: int = 1000,
-                    isc: bool = True, verbose: bool = False) -> dict[str, float]:
+                    isc: bool = True) -> dict[str, float]:
     """All metrics of ``samples`` against ``reference`` images in one call (features of both extracted here)."""
     model = create_extractor(extractor, weights_path, cuda)
     kw = dict(extractor=extractor, cuda=cuda, batch_size=batch_size, model=model)

@@ -51,6 +51,18 @@ def write_image_grid(path, images: torch.Tensor, nrow: int) -> None:
     write_atomic(path, png.getvalue())
 
 
+def read_losses(path) -> list[tuple[int, float]]:
+    """The loss curve the train stage writes (``step,loss`` CSV); [] when the file does not exist."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines()[1:]:
+        step, loss = line.split(",")[:2]
+        rows.append((int(step), float(loss)))
+    return rows
+
+
 def write_csv(path, header: list[str], rows) -> None:
     lines = [",".join(header)] + [",".join(str(v) for v in r) for r in rows]
     write_atomic(path, "\n".join(lines) + "\n")

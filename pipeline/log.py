@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import system_metrics
-from pipeline.common import git_revision, repo_root
+from pipeline.common import git_revision, read_losses, repo_root
 from pipeline.params import Params, load_params, to_flat_dict
 
 
@@ -62,14 +62,10 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
                            "info": _read(root / f"samples/{name}/info.json"),
                            "system": system_metrics.read(root / f"samples/{name}/system.json"),
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
-    losses = []
-    if (root / "plots/train_loss.csv").is_file():
-        for line in (root / "plots/train_loss.csv").read_text().splitlines()[1:]:
-            step, loss = line.split(",")
-            losses.append((int(step), float(loss)))
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "nll": _read(root / "metrics/nll.json"), "losses": losses, "cells": cells,
+            "nll": _read(root / "metrics/nll.json"), "losses": read_losses(root / "plots/train_loss.csv"),
+            "cells": cells,
             "system": system_metrics.read(root / "logs/train_system.json")}
 
 

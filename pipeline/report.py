@@ -14,23 +14,13 @@ import html
 import io
 from pathlib import Path
 
-from pipeline.common import read_json, write_atomic, write_csv, write_json
+from pipeline.common import read_json, read_losses, write_atomic, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
 # (key in a cell's metrics, table title, format, lower is better?)
 TABLES = [("fid", "FID", "{:.2f}", "lower is better"), ("kid_mean", "KID", "{:.4f}", "lower is better"),
           ("precision", "Precision", "{:.3f}", "higher is better"), ("recall", "Recall", "{:.3f}", "higher is better"),
           ("isc_mean", "Inception Score", "{:.2f}", "higher is better")]
-
-
-def read_losses(path: Path) -> list[tuple[int, float]]:
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines()[1:]:
-        step, loss = line.split(",")[:2]
-        rows.append((int(step), float(loss)))
-    return rows
 
 
 def table(cells: dict, samplers: list[str], steps: list[int], key: str, fmt: str) -> list[list[str]] | None:
@@ -161,6 +151,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
                                  ("recall", "recall"), ("isc", "isc_mean"))
                if all(key in c for c in cells.values())}
     best = min(cells, key=lambda c: cells[c]["fid"])
+    accuracy = read_json(classifier_metrics).get("test_accuracy") if classifier_metrics.is_file() else None
+    if cells[best]["extractor"] == "ddpm-classifier" and accuracy is None:  # before anything is written
+        raise FileNotFoundError(f"{classifier_metrics} does not exist: the ddpm-classifier extractor's test "
+                                "accuracy belongs in the report (run the classifier stage)")
     metrics["best"] = {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}
     write_json(metrics_out, metrics)
     columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
@@ -172,7 +166,6 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     if losses:
         plot_loss(losses, loss_figure)
         figures.append(("Training loss", loss_figure))
-    accuracy = read_json(classifier_metrics).get("test_accuracy") if classifier_metrics.is_file() else None
 
     doc = {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
            "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
@@ -181,9 +174,6 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
                       if (rows := table(cells, samplers, steps, key, fmt)) is not None],
            "cells": [(f"{s}-{k}", samples_dir / f"{s}-{k}" / "grid.png", samples_dir / f"{s}-{k}" / "strip.png")
                      for s in samplers for k in steps]}
-    if doc["extractor"] == "ddpm-classifier" and accuracy is None:
-        raise FileNotFoundError(f"{classifier_metrics} does not exist: the ddpm-classifier extractor's test "
-                                "accuracy belongs in the report (run the classifier stage)")
     text = render_markdown(doc, markdown.parent)
     write_atomic(markdown, text)
     write_atomic(html_out, render_html(doc))

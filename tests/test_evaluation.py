@@ -214,9 +214,17 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
         _png(tmp_path / "samples" / name / "grid.png", 200)
     _png(tmp_path / "samples" / "ddim-3" / "strip.png", 100)
     r = tmp_path / "reports"
-    report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
-                      r / "fid_vs_steps.png", r / "report.md", r / "report.html", tmp_path / "metrics" / "classifier.json",
-                      tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples")
+
+    def report(classifier_metrics):
+        report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
+                          r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
+                          tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples")
+
+    # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
+    with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):
+        report(tmp_path / "metrics" / "absent.json")
+    assert not (tmp_path / "metrics" / "fid.json").exists() and not r.exists()
+    report(tmp_path / "metrics" / "classifier.json")
 
     fid = json.loads((tmp_path / "metrics" / "fid.json").read_text())
     assert fid["fid"]["ddim"]["3"] == 9.75 and fid["best"] == {"fid": 9.75, "sampler": "ddim", "steps": 3}

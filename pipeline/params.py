@@ -159,18 +159,38 @@ class Params(Strict):
         return self
 
 
-def _problems(e: ValidationError) -> dict[str, list[str]]:
+def _key(loc: tuple, raw: Any) -> str:
+    """The dotted key of an error's location in the input ``raw``: without pydantic's
+    validator steps and without the tag of a discriminated union (``samplers.ddim.eta``,
+    not ``samplers.ddim.ddim.eta``)."""
+    parts, node = [], raw
+    for p in loc:
+        if str(p).startswith(("function-", "tagged-union")):
+            continue
+        if isinstance(node, dict) and p not in node and node.get("kind") == p:
+            continue  # the tag: the union's branch chosen by `kind`
+        parts.append(str(p))
+        node = node[p] if isinstance(node, dict) and p in node else (
+            node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+    return ".".join(parts)
+
+
+def _problems(e: ValidationError, raw: Any) -> dict[str, list[str]]:
     """What is wrong, per dotted key (a key can collect several messages, e.g. from a union)."""
     out: dict[str, list[str]] = {}
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        key = _key(err["loc"], raw)
         msg = err["msg"]
-        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):  # name the tag's key
+            key = f"{key}.{str(err['ctx']['discriminator']).strip(chr(39))}"
+        if err["type"] == "union_tag_not_found":
+            msg = "missing (this key is required)"
+        elif err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
         elif err["type"] in ("missing", "missing_argument"):
             msg = "missing (this key is required)"
         elif key and not isinstance(err.get("input"), (dict, list)) and len(repr(err.get("input"))) <= 40:
-            msg = f"{msg}, got {err['input']!r}"
+            msg = f"{msg} (got {err['input']!r})"
         out.setdefault(key or "(top level)", [])
         if msg not in out[key or "(top level)"]:
             out[key or "(top level)"].append(msg)
@@ -185,7 +205,7 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        problems = [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e).items()]
+        problems = [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()]
         if len(problems) == 1:  # one line
             raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
         raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None

@@ -21,7 +21,7 @@ from ddpm.data import DataError, check_source
 from pipeline.common import check_writable, repo_root, write_json
 from pipeline.params import load_params
 
-PASSED = {"params": "valid", "data": "found", "outputs": "writable"}
+PASSED = {"params": "valid", "data": "present or downloadable", "outputs": "writable"}
 
 
 def declared_outputs(dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
@@ -55,5 +55,5 @@ def main(params_path: Path, dvc_yaml: Path, out: Path) -> None:
     files, folders = declared_outputs(dvc_yaml)
     check_writable(*files, out, folders=folders)
     write_json(out, PASSED)
-    print(f"check: {params_path} is valid, the data are in {params.data.root}, "
+    print(f"check: {params_path} is valid, {params.data.name} is in {params.data.root} (or downloadable), "
           f"{len(files) + len(folders)} outputs of {dvc_yaml} are writable")

@@ -245,10 +245,13 @@ def _remove_leftovers() -> None:
 
 
 def _remove(entry: Path) -> None:
-    """Take an entry out of the outbox at once (a rename), then delete its files."""
+    """Take an entry out of the outbox at once (a rename), then delete its files (call holding
+    the lock; a parallel `log` may have removed it already)."""
     trash = entry.with_name(f".removed.{entry.name}")
-    entry.rename(trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(trash, ignore_errors=True)  # left by a removal that was killed
+    if entry.is_dir():
+        entry.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def stash(params_path: Path, meta: dict) -> Path:

@@ -319,3 +319,12 @@ def test_console_script_and_python_m_from_a_subdirectory(tmp_path, idx_dir):
                             "check.json"], cwd=tmp_path / "ws/sub", env=env, capture_output=True, text=True)
         assert r.returncode == 0 and "check: ../params.yaml is valid" in r.stdout, r.stdout + r.stderr
         assert (tmp_path / "ws/sub/check.json").is_file()
+
+
+def test_every_stage_depends_on_the_check_stage():
+    from conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert next(iter(stages)) == "check" and stages["check"]["always_changed"]
+    (check_out,) = [next(iter(o)) for o in stages["check"]["outs"]]
+    assert [name for name, s in stages.items() if name != "check" and check_out not in s["deps"]] == []

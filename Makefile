@@ -18,7 +18,7 @@ CPU_PRESET := -S model.ch=16 -S model.num_res_blocks=1 -S 'model.attn_resolution
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
 		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
@@ -26,6 +26,8 @@ $(STAMP): requirements.txt
 	@[ -x $(VENV)/bin/python ] || python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
 	$(VENV)/bin/python -m pip install -q -r requirements.txt
+	@# the project itself, editable: `python -m pipeline` and `ddpm-pipeline` from any directory
+	$(VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
 repro: setup

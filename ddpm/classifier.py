@@ -8,18 +8,20 @@ an extractor that cannot classify gives a meaningless FID.
 """
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge
 
 from ddpm.training import to_model_range
 
 
 @dataclass
 class ClassifierConfig:
-    width: int = 32
-    feature_dim: int = 128
+    width: Annotated[int, Ge(1)] = 32  # bounds: metadata the params schema enforces
+    feature_dim: Annotated[int, Ge(1)] = 128
 
 
 def _block(cin, cout, stride):

@@ -96,18 +96,36 @@ def _has_idx_files(src: Path) -> bool:
     return all((src / n).is_file() or (src / f"{n}.gz").is_file() for n in IDX_FILES)
 
 
+def check_source(name: str, root, cache, download: bool = False) -> None:
+    """Raise ``DataError`` when the files of data set ``name`` are not where its loader
+    looks (``root``, or ``cache`` for CIFAR-10) and cannot be downloaded; reads nothing."""
+    root, cache = Path(root), Path(cache)
+    if name in ("fashion_mnist", "mnist"):
+        if not _has_idx_files(root) and not download:
+            raise DataError(f"no {name} IDX files ({', '.join(IDX_FILES)}[.gz]) in {root}, and download is off")
+    elif name == "cifar10":
+        if not any((d / "cifar-10-batches-py").is_dir() for d in (root, cache)) and not download:
+            raise DataError(f"no cifar-10-batches-py folder in {root}, and download is off")
+    elif name == "folder":
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist")
+        if not any(d.is_dir() for d in root.iterdir()):
+            raise DataError(f"image folder {root} has no class sub-folders")
+    else:
+        raise DataError(f"unknown data set {name!r} (one of {', '.join(DATASETS)})")
+
+
 def load_mnist_like(name: str, root, cache, download: bool = False) -> dict[str, Split]:
     cls = {"fashion_mnist": torchvision.datasets.FashionMNIST, "mnist": torchvision.datasets.MNIST}[name]
     root, cache = Path(root), Path(cache)
     raw = cache / cls.__name__ / "raw"
+    check_source(name, root, cache, download)
     if _has_idx_files(root):
         try:
             _stage_idx_files(root, raw)
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             shutil.rmtree(raw, ignore_errors=True)
             raise DataError(f"cannot read IDX files in {root}: {e}") from e
-    elif not download:
-        raise DataError(f"no {name} IDX files ({', '.join(IDX_FILES)}[.gz]) in {root}, and download is off")
     out = {}
     for split in SPLITS:
         try:
@@ -131,9 +149,8 @@ class _CIFAR10(torchvision.datasets.CIFAR10):
 
 def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
     root = Path(root)
+    check_source("cifar10", root, cache, download)
     where = root if (root / "cifar-10-batches-py").is_dir() else Path(cache)
-    if not (where / "cifar-10-batches-py").is_dir() and not download:
-        raise DataError(f"no cifar-10-batches-py folder in {root}, and download is off")
     out = {}
     for split in SPLITS:
         try:
@@ -149,8 +166,7 @@ def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
 # ------------------------------------------------------------------ image folder
 def load_image_folder(root, image_size: int, channels: int, test_fraction: float, seed: int) -> dict[str, Split]:
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"image folder {root} does not exist")
+    check_source("folder", root, root)
     if image_size < 1:
         raise DataError("an image folder needs data.image_size >= 1")
     tf = [T.Resize(image_size), T.CenterCrop(image_size)]
@@ -158,9 +174,15 @@ def load_image_folder(root, image_size: int, channels: int, test_fraction: float
         tf.append(T.Grayscale(1))
     try:
         ds = torchvision.datasets.ImageFolder(str(root), transform=T.Compose([T.PILToTensor(), *tf]))
-        images = torch.stack([ds[i][0] for i in range(len(ds))])
     except Exception as e:
-        raise DataError(f"cannot read image folder {root}: {e}") from e
+        raise DataError(f"cannot read image folder {root}: {first_line(e)}") from e
+    loaded = []
+    for i, (file, _) in enumerate(ds.samples):
+        try:
+            loaded.append(ds[i][0])
+        except Exception as e:  # truncated or not an image: name the file
+            raise DataError(f"cannot read image {file} in image folder {root}: {first_line(e)}") from e
+    images = torch.stack(loaded)
     if images.shape[1] != channels:
         images = images[:, :1].expand(-1, 3, -1, -1) if channels == 3 else images[:, :channels]
     labels = torch.tensor(ds.targets, dtype=torch.long)

@@ -5,7 +5,7 @@ the sampler can rebuild network and diffusion from the file alone.
 
 from dataclasses import asdict, dataclass, field
 
-from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.checkpoint import CheckpointError, first_line, load_checkpoint
 from ddpm.diffusion import Diffusion
 from ddpm.unet import UNet, UNetConfig
 
@@ -45,6 +45,19 @@ class ModelSpec:
         return Diffusion.from_schedule(self.schedule, self.timesteps, device=device)
 
 
+def weights_mismatch(expected: dict, state: dict) -> str | None:
+    """How the tensors of ``state`` differ from those a network expects (one line), or None."""
+    shape = lambda v: list(v.shape) if hasattr(v, "shape") else type(v).__name__  # noqa: E731
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    other = [k for k in expected if k in state and shape(state[k]) != shape(expected[k])]
+    parts = ([f"{len(other)} of another shape (e.g. {other[0]}: {shape(state[other[0]])} stored, "
+              f"{shape(expected[other[0]])} for the config)"] if other else []) \
+        + ([f"{len(missing)} missing (e.g. {missing[0]})"] if missing else []) \
+        + ([f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else [])
+    return ", ".join(parts) or None
+
+
 def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpec, dict]:
     """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``model``. Returns (net, spec, ckpt)."""
     ckpt = load_checkpoint(path, map_location="cpu")
@@ -54,7 +67,12 @@ def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpe
         state = ckpt[weights]
         if weights == "ema":  # AveragedModel's state: "module.*" weights plus "n_averaged"
             state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
-        net.load_state_dict(state)
-    except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not describe a diffusion model: {e}") from e
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not describe a diffusion model: "
+                              f"{type(e).__name__}: {first_line(e)}") from e
+    mismatch = weights_mismatch(net.state_dict(), state)
+    if mismatch:
+        raise CheckpointError(f"checkpoint {path}: its {weights} weights do not match its stored config "
+                              f"({mismatch})")
+    net.load_state_dict(state)
     return net.to(device).eval(), spec, ckpt

@@ -24,9 +24,10 @@ training continues exactly where it stopped.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
+from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from ddpm import distributed
@@ -39,15 +40,16 @@ from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 @dataclass
 class TrainConfig:
-    steps: int = 20000
-    batch_size: int = 128
-    lr: float = 2.0e-4
-    warmup_steps: int = 1000
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.9999
-    log_every: int = 100
-    checkpoint_every: int = 1000  # resumable training state saved every N steps; 0 never
+    # The bounds are metadata (annotated_types) that the params schema enforces.
+    steps: Annotated[int, Ge(1)] = 20000
+    batch_size: Annotated[int, Ge(1)] = 128
+    lr: Annotated[float, Gt(0)] = 2.0e-4
+    warmup_steps: Annotated[int, Ge(0)] = 1000
+    weight_decay: Annotated[float, Ge(0)] = 0.0
+    grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
+    ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.9999
+    log_every: Annotated[int, Ge(1)] = 100
+    checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # tf32/bf16: CUDA only
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"

@@ -13,19 +13,22 @@ not from the config.
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Annotated
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from annotated_types import Ge, Lt, MinLen
 
 
 @dataclass
 class UNetConfig:
-    ch: int = 64
-    ch_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (14,)
-    dropout: float = 0.1
+    # The bounds are metadata (annotated_types) that the params schema enforces.
+    ch: Annotated[int, Ge(1)] = 64
+    ch_mult: Annotated[tuple[Annotated[int, Ge(1)], ...], MinLen(1)] = (1, 2, 2)
+    num_res_blocks: Annotated[int, Ge(1)] = 2
+    attn_resolutions: tuple[Annotated[int, Ge(1)], ...] = (14,)
+    dropout: Annotated[float, Ge(0), Lt(1)] = 0.1
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -10,12 +10,13 @@ import torch
 from ddpm.checkpoint import save_checkpoint
 from ddpm.classifier import Classifier, accuracy, train_classifier
 from ddpm.data import load_split
-from pipeline.common import progress, resolve_device, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
 
 
 def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: str) -> None:
     c = for_stage(load_params(params_path), "classifier").classifier
+    check_writable(out, metrics)
     train, test = load_split(data_dir / "train.pt"), load_split(data_dir / "test.pt")
     dev = resolve_device(device)
     torch.manual_seed(c.seed)

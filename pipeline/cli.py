@@ -1,4 +1,5 @@
-"""The command line: ``python -m pipeline <stage> [options]``, one command per DVC stage.
+"""The command line: ``python -m pipeline <stage> [options]`` (or the console script
+``ddpm-pipeline <stage>``, which ``make`` installs), one command per DVC stage.
 
 Heavy imports (torch, mlflow, torch-fidelity) happen inside the commands so that
 ``--help`` stays instant. Expected failures (bad params, missing or corrupt files)
@@ -25,16 +26,28 @@ def clear_errors(fn):
     def wrapper(*args, **kwargs):
         from ddpm.checkpoint import CheckpointError
         from ddpm.data import DataError
+        from pipeline.common import OutputError
         from pipeline.params import ParamsError
 
         try:
             return fn(*args, **kwargs)
-        except (ParamsError, DataError, CheckpointError, FileNotFoundError, ValueError, FloatingPointError,
-                RuntimeError) as e:
+        except (ParamsError, DataError, CheckpointError, OutputError, FileNotFoundError, ValueError,
+                FloatingPointError, RuntimeError) as e:
             typer.echo(f"error: {e}", err=True)
             sys.exit(1)
 
     return wrapper
+
+
+@app.command()
+@clear_errors
+def check(params: Path = PARAMS, dvc_yaml: Path = typer.Option(Path("dvc.yaml"), "--dvc-yaml",
+                                                               help="the stages whose outputs must be writable"),
+          out: Path = typer.Option(Path("logs/check.json"), help="written when every check passed")):
+    """Validate params.yaml, the data set's files and that every output is writable (the first stage)."""
+    from pipeline import check as stage
+
+    stage.main(params, dvc_yaml, out)
 
 
 @app.command()
@@ -165,12 +178,13 @@ def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="ML
 
 @app.command()
 @clear_errors
-def sync(tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
-                                          help="default: sqlite:///<repo root>/mlflow.db")):
-    """Log the runs the log stage could not reach MLflow for (kept in .mlflow-outbox/); not a DVC stage."""
+def sync(to: str = typer.Option(None, "--to", help="log every waiting run to this tracking URI instead of "
+                                                  "the one it was meant for")):
+    """Log the runs the log stage could not reach MLflow for (kept in .mlflow-outbox/), each to the
+    tracking URI it was meant for (or all to --to); not a DVC stage."""
     from pipeline import log as stage
 
-    stage.sync(tracking_uri)
+    stage.sync(to)
 
 
 @app.command()
@@ -217,5 +231,10 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
         threads=threads), out)
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """The console script ``ddpm-pipeline``."""
     app()
+
+
+if __name__ == "__main__":
+    main()

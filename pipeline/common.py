@@ -20,6 +20,28 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+class OutputError(ValueError):
+    """An output cannot be written where it is asked for."""
+
+
+def check_writable(*paths, folders=()) -> None:
+    """Before any work: raise ``OutputError`` unless each of ``paths`` (files) and ``folders``
+    can be written, i.e. its nearest existing ancestor is a writable folder, nothing in its
+    way is a file, and a file is not a folder (or a folder a file). Creates nothing."""
+    for path, is_folder in [(Path(p), False) for p in paths] + [(Path(p), True) for p in folders]:
+        if path.exists() and path.is_dir() != is_folder:
+            raise OutputError(f"cannot write {path}: it is a {'file' if is_folder else 'folder'}, "
+                              f"expected a {'folder' if is_folder else 'file'}")
+        where = path if is_folder and path.is_dir() else path.parent
+        existing = where
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise OutputError(f"cannot write {path}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise OutputError(f"cannot write {path}: {existing} is not writable (permission denied)")
+
+
 def write_atomic(path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename over it."""
     payload = data.encode() if isinstance(data, str) else data

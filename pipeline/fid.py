@@ -9,7 +9,7 @@ import torch
 from ddpm.checkpoint import first_line
 from ddpm.data import DataError
 from ddpm.metrics import extract_features, metrics_from_features
-from pipeline.common import progress, resolve_device, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.fid_ref import extractor_weights, file_sha256, load_reference
 from pipeline.params import for_stage, load_params
 
@@ -19,9 +19,12 @@ def load_samples(path: Path) -> dict:
         raise DataError(f"samples file {path} does not exist (run the sample stage first)")
     try:
         d = torch.load(path, map_location="cpu", weights_only=True)
-        images = d["images"]
     except Exception as e:
         raise DataError(f"samples file {path} is corrupt: {first_line(e)}") from e
+    missing = [k for k in ("images", "sampler", "steps") if not isinstance(d, dict) or k not in d]
+    if missing:
+        raise DataError(f"samples file {path} lacks {', '.join(missing)} (rerun its sample stage)")
+    images = d["images"]
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
         raise DataError(f"samples file {path}: images must be a uint8 tensor [N, C, H, W]")
     return d
@@ -40,6 +43,7 @@ def check_reference(ref: dict, path: Path, images: torch.Tensor, extractor: str,
 
 def main(params_path: Path, samples: Path, reference: Path, classifier: Path, out: Path, device: str) -> None:
     f = for_stage(load_params(params_path), "fid").fid
+    check_writable(out)
     s = load_samples(samples)
     ref = load_reference(reference)
     if list(s["images"].shape[1:]) != ref["key"]["resolution"]:

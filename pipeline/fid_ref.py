@@ -16,7 +16,7 @@ import torch
 from ddpm.checkpoint import atomic_save, first_line
 from ddpm.data import DataError, load_split
 from ddpm.metrics import extract_features, reference_statistics
-from pipeline.common import progress, resolve_device, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
 
 FORMAT = "ddpm-reference/1"
@@ -63,6 +63,7 @@ def load_reference(path: Path) -> dict:
 
 def main(params_path: Path, reference: Path, classifier: Path, out: Path, device: str) -> None:
     f = for_stage(load_params(params_path), "fid_ref").fid
+    check_writable(out / "stats.pt", out / "info.json")
     split = load_split(reference)
     weights = extractor_weights(f.extractor, f.weights_path, classifier)
     dev = resolve_device(device)

@@ -15,12 +15,13 @@ from ddpm.data import load_split
 from ddpm.likelihood import nll_bits_per_dim
 from ddpm.model import load_model
 from ddpm.training import to_model_range
-from pipeline.common import progress, resolve_device, write_csv, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
 
 def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: Path, device: str) -> None:
     p = for_stage(load_params(params_path), "nll").nll
+    check_writable(metrics, plot)
     split = load_split(data)
     dev = resolve_device(device)
     net, spec, ckpt = load_model(checkpoint, dev)

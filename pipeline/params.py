@@ -1,8 +1,11 @@
 """The schema of params.yaml, its validation, and per-stage views.
 
 ``load_params`` validates the whole file before any work: an unknown key, a wrong
-type or an invalid choice raises ``ParamsError`` naming the key and, for choices, the
-allowed values. ``for_stage`` returns a view of the params restricted to the keys the
+type, a value out of its bounds or an invalid choice raises ``ParamsError`` naming the
+key (one line per bad key) and, for choices, the allowed values. Every number has
+explicit bounds (``ge``/``gt``/``lt``/``le``; the library's dataclasses declare theirs as
+``annotated_types`` metadata) and must be finite; tests/test_params_schema.py derives
+out-of-range, wrong-type and missing values for every field from the schema. ``for_stage`` returns a view of the params restricted to the keys the
 stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the tests):
 reading an undeclared key fails loudly instead of letting the stage go stale.
 """
@@ -28,7 +31,10 @@ class ParamsError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # also applies to the nested dataclasses
+
+
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
 class DataParams(Strict):
@@ -45,7 +51,7 @@ class ClassifierParams(Strict):
     steps: int = Field(2000, ge=1)
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1.0e-3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class DDPMSampler(Strict):
@@ -83,14 +89,14 @@ SamplerParams = Annotated[Union[DDPMSampler, DDIMSampler, DPMSolverPPSampler, Eu
 
 class SampleParams(Strict):
     samplers: list[str] = Field(default_factory=lambda: ["ddpm", "ddim", "dpmpp", "euler", "heun"], min_length=1)
-    steps: list[int] = Field(default_factory=lambda: [10, 50, 100, 1000], min_length=1)
+    steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50, 100, 1000], min_length=1)
     num_samples: int = Field(5000, ge=2)
     batch_size: int = Field(1000, ge=1)
     spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
     clip: Literal["static", "none", "dynamic"] = "static"
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
-    seed: int = 1
+    seed: Seed = 1
 
 
 class FidParams(Strict):
@@ -104,11 +110,11 @@ class NllParams(Strict):
     num_images: int = Field(1000, ge=1)  # test images (the first N of the split)
     batch_size: int = Field(250, ge=1)
     clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
-    seed: int = 2  # the noise of x_t ~ q(x_t | x_0) at every t
+    seed: Seed = 2  # the noise of x_t ~ q(x_t | x_0) at every t
 
 
 class Params(Strict):
-    seed: int = 0
+    seed: Seed = 0
     schedule: Literal[SCHEDULES] = "linear"  # type: ignore[valid-type]
     prediction: Literal["eps", "x0", "v", "mean"] = "eps"
     timesteps: int = Field(1000, ge=1)
@@ -153,15 +159,42 @@ class Params(Strict):
         return self
 
 
-def _format(e: ValidationError) -> str:
-    lines = []
+def _key(loc: tuple, raw: Any) -> str:
+    """The dotted key of an error's location in the input ``raw``: without pydantic's
+    validator steps and without the tag of a discriminated union (``samplers.ddim.eta``,
+    not ``samplers.ddim.ddim.eta``)."""
+    parts, node = [], raw
+    for p in loc:
+        if str(p).startswith(("function-", "tagged-union")):
+            continue
+        if isinstance(node, dict) and p not in node and node.get("kind") == p:
+            continue  # the tag: the union's branch chosen by `kind`
+        parts.append(str(p))
+        node = node[p] if isinstance(node, dict) and p in node else (
+            node[p] if isinstance(node, list) and isinstance(p, int) and p < len(node) else None)
+    return ".".join(parts)
+
+
+def _problems(e: ValidationError, raw: Any) -> dict[str, list[str]]:
+    """What is wrong, per dotted key (a key can collect several messages, e.g. from a union)."""
+    out: dict[str, list[str]] = {}
     for err in e.errors():
-        key = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "tagged-union")))
+        key = _key(err["loc"], raw)
         msg = err["msg"]
-        if err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
+        if err["type"] in ("union_tag_not_found", "union_tag_invalid"):  # name the tag's key
+            key = f"{key}.{str(err['ctx']['discriminator']).strip(chr(39))}"
+        if err["type"] == "union_tag_not_found":
+            msg = "missing (this key is required)"
+        elif err["type"] in ("extra_forbidden", "unexpected_keyword_argument"):
             msg = "unknown key"
-        lines.append(f"  {key or '(top level)'}: {msg}")
-    return "\n".join(lines)
+        elif err["type"] in ("missing", "missing_argument"):
+            msg = "missing (this key is required)"
+        elif key and not isinstance(err.get("input"), (dict, list)) and len(repr(err.get("input"))) <= 40:
+            msg = f"{msg} (got {err['input']!r})"
+        out.setdefault(key or "(top level)", [])
+        if msg not in out[key or "(top level)"]:
+            out[key or "(top level)"].append(msg)
+    return out
 
 
 def parse_params(raw: Any, source: str = "params") -> Params:
@@ -172,7 +205,10 @@ def parse_params(raw: Any, source: str = "params") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise ParamsError(f"invalid params in {source}:\n{_format(e)}") from None
+        problems = [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()]
+        if len(problems) == 1:  # one line
+            raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
+        raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -3,12 +3,13 @@
 from pathlib import Path
 
 from ddpm.data import load_cifar10, load_image_folder, load_mnist_like, resize_split, save_split
-from pipeline.common import repo_root, write_json
+from pipeline.common import check_writable, repo_root, write_json
 from pipeline.params import for_stage, load_params
 
 
 def main(params_path: Path, out_dir: Path) -> None:
     d = for_stage(load_params(params_path), "prepare").data
+    check_writable(out_dir / "train.pt", out_dir / "test.pt", out_dir / "info.json")
     cache = repo_root() / "data" / "raw"
     if d.name in ("fashion_mnist", "mnist"):
         splits = load_mnist_like(d.name, d.root, cache, d.download)

@@ -14,7 +14,7 @@ import html
 import io
 from pathlib import Path
 
-from pipeline.common import read_json, read_losses, write_atomic, write_csv, write_json
+from pipeline.common import check_writable, read_json, read_losses, write_atomic, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
 # (key in a cell's metrics, table title, format, lower is better?)
@@ -140,6 +140,7 @@ def render_html(doc: dict) -> str:
 def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
          html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path) -> None:
     sp = for_stage(load_params(params_path), "report").sample
+    check_writable(metrics_out, plot_csv, figure, markdown, html_out, loss_figure)
     samplers, steps = list(sp.samplers), sorted(sp.steps)
     cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
     for (s, k), cell in cells.items():

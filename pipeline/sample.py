@@ -17,7 +17,7 @@ from ddpm.model import load_model
 from ddpm.samplers import sample
 from ddpm.training import to_uint8
 from pipeline import system_metrics
-from pipeline.common import progress, resolve_device, write_image_grid, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_image_grid, write_json
 from pipeline.params import for_stage, load_params
 from pipeline.strip import StripRecorder
 
@@ -30,6 +30,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     p = for_stage(params, "sample", sampler=sampler)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     sp, cfg = p.sample, p.samplers[sampler]
+    check_writable(*(out_dir / f for f in ("samples.pt", "grid.png", "strip.png", "info.json", "system.json")))
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev)
         if not 1 <= steps <= spec.timesteps:

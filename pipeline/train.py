@@ -28,7 +28,7 @@ from ddpm.model import ModelSpec
 from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, load_train_state, train, train_state_dict
 from pipeline import system_metrics
-from pipeline.common import progress, resolve_device, write_csv, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_csv, write_json
 from pipeline.params import for_stage, load_params, stage_values
 
 NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every")  # they do not change the trained weights
@@ -94,6 +94,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     p = for_stage(params, "train")
+    check_writable(out, metrics, plot, timing, system, state_path)  # before hours of training, not after
     split = load_split(data)
     _, channels, height, width = split.images.shape
     if height != width:

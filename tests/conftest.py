@@ -43,6 +43,23 @@ def make_idx_dir(root: Path, n_train: int = 256, n_test: int = 128, compress: bo
     return root
 
 
+FIGURES: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def figure():
+    """``figure("text")`` adds a line to the "figures" section of the test summary (counts a
+    test measured, e.g. how many bad inputs it tried)."""
+    return FIGURES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FIGURES:
+        terminalreporter.section("figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module of tiny tensors: faster than several, and far

@@ -203,3 +203,128 @@ def test_resume_require_without_state(tmp_path):
     workspace(tmp_path)
     fails(tmp_path, (*TRAIN, "--resume", "require"), naming="checkpoints/train_state.pt", keeps=["models/new.pt"])
     fails(tmp_path, (*TRAIN, "--resume", "sometimes"), naming="--resume", keeps=["models/new.pt"])
+
+
+# --------------------------------------------------------------------------- outputs that cannot be written
+def blocked(root, name="blocker"):
+    """A file where a folder must be: nothing can be written below it (even as root)."""
+    (root / name).write_text("a file, not a folder")
+    return f"{name}/out"
+
+
+def test_train_unwritable_output_fails_before_training(tmp_path):
+    workspace(tmp_path)
+    out = blocked(tmp_path)
+    line = fails(tmp_path, ("train", "--device", "cpu", "--out", f"{out}/model.pt"), naming=f"{out}/model.pt",
+                 keeps=["models/model.pt"])
+    assert "blocker is a file, not a folder" in line
+    assert not (tmp_path / "checkpoints/train_state.pt").exists()  # no step was trained (checkpoint_every 2)
+    fails(tmp_path, ("train", "--device", "cpu", "--metrics", "models"), naming="models: it is a folder")
+
+
+@pytest.mark.skipif(hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0,
+                    reason="root writes into read-only folders")
+def test_train_output_in_a_read_only_folder(tmp_path):
+    workspace(tmp_path)
+    (tmp_path / "ro").mkdir(mode=0o555)
+    fails(tmp_path, ("train", "--device", "cpu", "--out", "ro/model.pt"), naming="ro is not writable")
+
+
+def test_sample_unwritable_output_fails_before_sampling(trained):
+    out = blocked(trained)
+    fails(trained, ("sample", "--sampler", "ddim", "--steps", "2", "--out", out, "--device", "cpu"),
+          naming=f"cannot write {out}/samples.pt")
+
+
+# --------------------------------------------------------------------------- one clear line each
+def test_checkpoint_whose_config_does_not_match_its_weights(trained):
+    ckpt = torch.load(trained / "models/model.pt", weights_only=True)
+    ckpt["config"]["model"]["unet"]["ch"] = 16
+    torch.save(ckpt, trained / "models/mismatch.pt")
+    line = fails(trained, (*SAMPLE, "--checkpoint", "models/mismatch.pt"), naming="models/mismatch.pt",
+                 keeps=["cell/samples.pt"])
+    assert "do not match its stored config" in line and "of another shape" in line
+
+
+def test_samples_without_sampler_key(trained):
+    (trained / "cell").mkdir(exist_ok=True)
+    torch.save({"images": torch.zeros(4, 1, 8, 8, dtype=torch.uint8), "steps": 2}, trained / "cell/samples.pt")
+    fails(trained, FID, naming="cell/samples.pt lacks sampler", keeps=["metrics/cell.json"])
+
+
+def test_truncated_png_in_an_image_folder_is_named(tmp_path):
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(3):
+            Image.effect_noise((32, 32), 40 + i).save(tmp_path / "imgs" / c / f"{i}.png")
+    png = tmp_path / "imgs/b/1.png"
+    png.write_bytes(png.read_bytes()[: png.stat().st_size // 2])  # cut in the middle of the pixel data
+    workspace(tmp_path)
+    write_params(tmp_path, top={"data": {"name": "folder", "root": str(tmp_path / "imgs"), "image_size": 8}})
+    fails(tmp_path, ("prepare", "--out", "out"), naming=f"{png}", keeps=["out/train.pt"])
+
+
+# --------------------------------------------------------------------------- the check stage
+CHECK = ("check", "--dvc-yaml", "dvc.yaml", "--out", "logs/check.json")
+
+
+def test_check_stage(tmp_path, idx_dir):
+    import shutil
+
+    from conftest import REPO
+
+    workspace(tmp_path)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    fails(tmp_path, CHECK, naming="no-idx", keeps=["logs/check.json"])  # data.root without the data set
+    p = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    p["data"]["root"] = str(idx_dir)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    (tmp_path / "logs/check.json").unlink()
+    ok = cli(tmp_path, *CHECK)
+    assert ok.exit_code == 0, ok.output
+    first = (tmp_path / "logs/check.json").read_bytes()
+    p["sample"]["num_samples"], p["train"]["lr"] = 40, 1.0e-3  # a valid change: the same output
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
+    assert cli(tmp_path, *CHECK).exit_code == 0 and (tmp_path / "logs/check.json").read_bytes() == first
+    (tmp_path / "samples").write_text("a file where the sample folders go")
+    fails(tmp_path, CHECK, naming="cannot write samples: it is a file", keeps=["logs/check.json"])
+
+
+# --------------------------------------------------------------------------- from any directory
+def test_console_script_and_python_m_from_a_subdirectory(tmp_path, idx_dir):
+    """Installed as `make` installs it (pip install --no-deps --no-build-isolation -e .), into a
+    throwaway environment that borrows the project's packages."""
+    import site
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    (next(venv.glob("lib/python*/site-packages")) / "borrowed.pth").write_text(site.getsitepackages()[0] + "\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin/python"), "install", "-q", "--no-deps",
+                    "--no-build-isolation", "-e", str(REPO)], check=True, env=env, capture_output=True)
+    workspace(tmp_path / "ws")
+    (tmp_path / "ws/sub").mkdir()
+    p = yaml.safe_load((tmp_path / "ws/params.yaml").read_text())
+    p["data"]["root"] = str(idx_dir)
+    (tmp_path / "ws/params.yaml").write_text(yaml.safe_dump(p))
+    (tmp_path / "ws/dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    for cmd in ([str(venv / "bin/ddpm-pipeline")], [str(venv / "bin/python"), "-m", "pipeline"]):
+        r = subprocess.run([*cmd, "check", "--params", "../params.yaml", "--dvc-yaml", "../dvc.yaml", "--out",
+                            "check.json"], cwd=tmp_path / "ws/sub", env=env, capture_output=True, text=True)
+        assert r.returncode == 0 and "check: ../params.yaml is valid" in r.stdout, r.stdout + r.stderr
+        assert (tmp_path / "ws/sub/check.json").is_file()
+
+
+def test_every_stage_depends_on_the_check_stage():
+    from conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert next(iter(stages)) == "check" and stages["check"]["always_changed"]
+    (check_out,) = [next(iter(o)) for o in stages["check"]["outs"]]
+    assert [name for name, s in stages.items() if name != "check" and check_out not in s["deps"]] == []

@@ -3,6 +3,7 @@ temporary copy of the repository; both experiments in `dvc exp show` and MLflow.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,9 +49,9 @@ def test_repro_then_ablation(repo):
     fid = json.loads((root / "metrics/fid.json").read_text())
     assert {s: sorted(v) for s, v in fid["fid"].items()} == {"ddpm": ["3"], "ddim": ["3"]}
     assert (root / "reports/report.md").is_file() and (root / "mlflow.db").is_file()
-    # nothing changed: everything but the always-run log stage is up to date
+    # nothing changed: everything but the always-run check and log stages is up to date
     status = sh(["dvc", "status", "--json"], root, env)
-    assert set(json.loads(status)) <= {"log"}
+    assert set(json.loads(status)) <= {"check", "log"}
 
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "baseline"], root, env)
@@ -89,5 +90,36 @@ def test_sampling_change_does_not_retrain(repo):
     p = yaml.safe_load((root / "params.yaml").read_text())
     p["sample"]["num_samples"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    # the check stage reads all of params.yaml, but its output does not change: only the
+    # sampling stages (and the always-run check and log) are out of date
+    changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
+    assert changed == {"check", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
     out = sh(["dvc", "repro"], root, env)
-    assert "Running stage 'train'" not in out and "Running stage 'sample@ddim-3'" in out
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert ran == {"check", "sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "report", "log"}, out
+
+
+def outputs(root: Path) -> dict[str, bytes]:
+    """Every file the stages wrote (the folders of dvc.yaml's outputs)."""
+    folders = ("data/prepared", "data/reference", "models", "metrics", "plots", "logs", "reports", "samples")
+    return {str(f.relative_to(root)): f.read_bytes() for d in folders for f in sorted((root / d).rglob("*"))
+            if f.is_file()}
+
+
+@pytest.mark.parametrize("override", ["+model.chh=3", "train.steps=0"])
+def test_bad_value_under_dvc_loses_nothing(repo, override):
+    """A bad `-S` fails in the check stage, before DVC deletes any stage's outputs."""
+    root, env = repo
+    params = (root / "params.yaml").read_text()
+    before = outputs(root)
+    assert {"models/model.pt", "metrics/train.json", "plots/train_loss.csv", "logs/train_timing.json",
+            "metrics/fid.json", "samples/ddim-3/samples.pt", "data/prepared/train.pt"} <= before.keys()
+    try:
+        r = subprocess.run(["dvc", "exp", "run", "-S", override], cwd=root, env=env, capture_output=True, text=True)
+        assert r.returncode != 0, r.stdout
+        key = override.lstrip("+").split("=")[0]
+        assert f"error: invalid params in params.yaml: {key}" in r.stdout + r.stderr, r.stdout + r.stderr
+        assert "Running stage 'check'" in r.stdout and "Running stage 'train'" not in r.stdout
+        assert outputs(root) == before  # every earlier output still there, unchanged
+    finally:
+        (root / "params.yaml").write_text(params)

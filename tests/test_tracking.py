@@ -1,6 +1,8 @@
 """MLflow tracking must never cost results: a dead server leaves the run in the outbox
-(the stage still succeeds within seconds), `pipeline sync` logs it exactly once, and
-parallel first use of a fresh sqlite database neither crashes nor duplicates runs."""
+(the stage still succeeds within seconds), `pipeline sync` logs it exactly once, to the
+server it was meant for unless told otherwise (`--to`), and parallel first use of a fresh
+sqlite database neither crashes nor duplicates runs. (A real `mlflow server` and killed
+`log` processes: tests/test_tracking_server.py.)"""
 
 import json
 import socket
@@ -75,34 +77,34 @@ def test_dead_server_then_sync_logs_once(tmp_path, mlflow_env):
     fp = json.loads(waiting[0].read_text())["fingerprint"]
     assert (root / "metrics/fid.json").is_file()
 
-    # still down: sync fails in one line, and keeps the run
-    down = cli(root, "sync", env={"MLFLOW_TRACKING_URI": dead})
-    assert down.exit_code == 1 and len(errors(down)) == 1 and "1 run(s) still in" in errors(down)[0]
+    assert json.loads(waiting[0].read_text())["tracking_uri"] == dead
 
+    # still down: sync fails in one line, and keeps the run
+    down = cli(root, "sync")
+    assert down.exit_code == 1 and len(errors(down)) == 1 and "1 run(s) still in" in errors(down)[0]
+    assert dead in errors(down)[0]
+
+    # a `log` to another tracking URI leaves it alone; `sync --to` moves it on purpose
     live = f"sqlite:///{root / 'tracking' / 'mlflow.db'}"
     (root / "tracking").mkdir()
-    synced = cli(root, "sync", env={"MLFLOW_TRACKING_URI": live})
+    elsewhere = cli(root, "log", env={"MLFLOW_TRACKING_URI": live, "DVC_EXP_NAME": "elsewhere"})
+    assert elsewhere.exit_code == 0 and "1 run(s) in" in elsewhere.stdout and "wait for other tracking URIs" \
+        in elsewhere.stdout, elsewhere.output
+    assert len(list((root / ".mlflow-outbox").glob("*/meta.json"))) == 1
+    assert [r.data.tags["dvc.exp_name"] for r in parent_runs(live)] == ["elsewhere"]
+    synced = cli(root, "sync", "--to", live)
     assert synced.exit_code == 0, synced.output
     assert "sync: 1 run(s) logged" in synced.stdout
     assert not list((root / ".mlflow-outbox").glob("*/meta.json"))
-    (run,) = parent_runs(live)
+    (run,) = [r for r in parent_runs(live) if r.data.tags["dvc.exp_name"] == "workspace"]
     assert run.data.tags[FINGERPRINT] == fp
     assert run.data.metrics["best.fid"] == 9.0 and run.data.params["train.steps"] == "6"
 
-    again = cli(root, "sync", env={"MLFLOW_TRACKING_URI": live})
+    again = cli(root, "sync")
     assert again.exit_code == 0 and "sync: 0 run(s) logged" in again.stdout
     relog = cli(root, "log", env={"MLFLOW_TRACKING_URI": live})
     assert relog.exit_code == 0 and "already in MLflow" in relog.stdout
-    assert len(parent_runs(live)) == 1
-
-    # another experiment meets the dead server; the next `log` that reaches MLflow sends it too
-    other = cli(root, "log", env={"MLFLOW_TRACKING_URI": dead, "DVC_EXP_NAME": "other"})
-    assert other.exit_code == 0 and "warning: could not log" in other.stdout
-    assert len(list((root / ".mlflow-outbox").glob("*/meta.json"))) == 1
-    flushed = cli(root, "log", env={"MLFLOW_TRACKING_URI": live})
-    assert flushed.exit_code == 0 and "already in MLflow" in flushed.stdout and "sync: " in flushed.stdout
-    assert not list((root / ".mlflow-outbox").glob("*/meta.json"))
-    assert sorted(r.data.tags["dvc.exp_name"] for r in parent_runs(live)) == ["other", "workspace"]
+    assert len(parent_runs(live)) == 2
 
 
 def test_parallel_first_use_of_a_fresh_database(tmp_path):

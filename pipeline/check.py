@@ -1,0 +1,59 @@
+"""Stage `check`: the first stage of the pipeline; every other stage depends on its output.
+
+It validates the whole of params.yaml, that the data set's files are where ``data.root``
+says (and ``fid.weights_path``, when set), and that every output declared in dvc.yaml can
+be written. DVC deletes a stage's outputs just before it runs the stage's command, so a
+bad value (``dvc exp run -S +model.chh=3``, a read-only ``models/``) must fail here, in a
+stage that runs first, before DVC has removed anything another stage produced.
+
+The output (``--out``) only says that the checks passed: it is the same for every valid
+params.yaml, so a valid change of params still re-runs only the stages that declare the
+changed keys. The stage runs on every ``dvc repro`` (always_changed: the data and the
+output folders can change while params.yaml does not), and its output persists (DVC does
+not delete it first), so a failed check leaves it as it was.
+"""
+
+from pathlib import Path
+
+import yaml
+
+from ddpm.data import DataError, check_source
+from pipeline.common import check_writable, repo_root, write_json
+from pipeline.params import load_params
+
+PASSED = {"params": "valid", "data": "present or downloadable", "outputs": "writable"}
+
+
+def declared_outputs(dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
+    """(files, folders) that the stages of ``dvc_yaml`` write. A templated path
+    (``samples/${item.sampler}-${item.steps}``) stands for the folder its fixed part names."""
+    try:
+        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError) as e:
+        raise DataError(f"cannot read the stages in {dvc_yaml}: {e}") from None
+    files, folders = [], []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                name = next(iter(entry)) if isinstance(entry, dict) else str(entry)
+                path = dvc_yaml.parent / name  # paths in dvc.yaml are relative to its folder
+                if "${" in name:
+                    folders.append(dvc_yaml.parent / (name.split("${")[0].rsplit("/", 1)[0] or "."))
+                elif path.is_dir() or (not path.exists() and not path.suffix):
+                    folders.append(path)
+                else:
+                    files.append(path)
+    return files, folders
+
+
+def main(params_path: Path, dvc_yaml: Path, out: Path) -> None:
+    params = load_params(params_path)
+    check_source(params.data.name, params.data.root, repo_root() / "data" / "raw", params.data.download)
+    if params.fid.extractor == "inception-v3-compat" and params.fid.weights_path is not None \
+            and not Path(params.fid.weights_path).is_file():
+        raise DataError(f"fid.weights_path {params.fid.weights_path} does not exist")
+    files, folders = declared_outputs(dvc_yaml)
+    check_writable(*files, out, folders=folders)
+    write_json(out, PASSED)
+    print(f"check: {params_path} is valid, {params.data.name} is in {params.data.root} (or downloadable), "
+          f"{len(files) + len(folders)} outputs of {dvc_yaml} are writable")

@@ -1,0 +1,197 @@
+"""Every field of the params schema, tried with values it must refuse: out of its bounds,
+of the wrong type, missing (null, or absent where the key is required), plus an unknown key
+in every group. The bad values are derived from the schema (``Params.model_json_schema()``),
+so a field added later is tried too, and a number without an explicit lower bound fails
+the test. Each bad input must stop the `check` stage and every stage that reads the key
+with one ``error:`` line naming the key, before any work: no file of the workspace changes."""
+
+import hashlib
+import math
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from tiny import cli, errors, workspace
+
+from pipeline.params import STAGE_PARAMS, Params
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SCHEMA = Params.model_json_schema()
+SENTINEL = b"produced by an earlier run"
+
+
+def resolve(node: dict) -> dict:
+    while "$ref" in node:
+        node = SCHEMA["$defs"][node["$ref"].rsplit("/", 1)[-1]]
+    return node
+
+
+def branch(node: dict, value) -> tuple[dict, bool]:
+    """The schema ``value`` is validated against (the matching branch of a union), and
+    whether null is allowed."""
+    node = resolve(node)
+    options = node.get("anyOf") or node.get("oneOf")
+    if not options:
+        return node, False
+    nullable = any(resolve(o).get("type") == "null" for o in options)
+    options = [resolve(o) for o in options if resolve(o).get("type") != "null"]
+    if "discriminator" in node and isinstance(value, dict):
+        tag = node["discriminator"]["propertyName"]
+        options = [o for o in options if o["properties"][tag].get("const") == value.get(tag)]
+    return options[0], nullable
+
+
+def bad_values(path: str, node: dict, value, nullable: bool) -> list[tuple[str, object]]:
+    """(what is wrong, the value) for the field at ``path``, from its schema ``node``."""
+    out = [] if nullable else [("missing (null)", None)]
+    if "enum" in node or "const" in node:
+        return out + [("not a choice", "no-such-choice"), ("wrong type", [value])]
+    kind = node.get("type")
+    if kind in ("integer", "number"):
+        assert "minimum" in node or "exclusiveMinimum" in node, \
+            f"{path} is a number without a lower bound: give it explicit bounds (ge/gt, le/lt)"
+        for bound, offset in (("minimum", -1), ("exclusiveMinimum", 0), ("maximum", 1), ("exclusiveMaximum", 0)):
+            if bound in node:
+                out.append((f"{bound} {node[bound]} {'+' if offset >= 0 else ''}{offset}", node[bound] + offset))
+        if kind == "integer":
+            out.append(("fractional", node.get("minimum", node.get("exclusiveMinimum", 0)) + 1.5))
+        else:
+            out += [("nan", math.nan), ("inf", math.inf), ("-inf", -math.inf)]
+        return out + [("text", "many"), ("list", [1]), ("mapping", {"a": 1})]
+    if kind == "boolean":
+        return out + [("text", "maybe"), ("number", 2), ("list", [True])]
+    if kind == "string":
+        return out + [("list", ["x"]), ("mapping", {"a": "x"})]
+    if kind == "array":
+        out += [("text", "many"), ("mapping", {"a": 1})]
+        if node.get("minItems"):
+            out.append(("too few items", list(value)[:node["minItems"] - 1]))
+        first = value[0] if value else None
+        item, item_nullable = branch(node["items"], first)
+        out += [(f"item 0: {what}", [bad, *value[1:]])
+                for what, bad in bad_values(f"{path}.0", item, first, item_nullable)]
+        return out
+    if kind == "object":
+        return out + [("wrong type", 5), ("list", [1]), ("unknown key", {**value, "no_such_key": 1})]
+    raise AssertionError(f"{path}: no bad values for schema {node}")
+
+
+def fields(node: dict, value, path: str = ""):
+    """(dotted key, schema, current value, nullable, required) of every field below ``node``,
+    walking groups, named entries (``samplers.<name>``) and the chosen branch of unions."""
+    node, _ = branch(node, value)
+    required = set(node.get("required", []))
+    for name, sub in (node.get("properties") or {}).items():
+        key = f"{path}{name}"
+        current = value.get(name, resolve(sub).get("default"))
+        schema, nullable = branch(sub, current)
+        yield key, schema, current, nullable, name in required
+        if isinstance(current, dict):
+            yield from fields(sub, current, f"{key}.")
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict):
+        for name, current in value.items():
+            key = f"{path}{name}"
+            schema, nullable = branch(extra, current)
+            yield key, schema, current, nullable, False
+            yield from fields(extra, current, f"{key}.")
+
+
+def with_value(raw: dict, key: str, new, delete: bool = False) -> dict:
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    *parents, last = key.split(".")
+    target = out
+    for part in parents:
+        target = target[part]
+    if delete:
+        del target[last]
+    else:
+        target[last] = new
+    return out
+
+
+def bad_inputs(raw: dict):
+    """(key, what is wrong, the whole params with that one fault)."""
+    yield "(top level)", "unknown key", {**raw, "no_such_key": 1}
+    for key, schema, current, nullable, required in fields(SCHEMA, raw):
+        if required:
+            yield key, "absent", with_value(raw, key, None, delete=True)
+        for what, bad in bad_values(key, schema, current, nullable):
+            yield key, what, with_value(raw, key, bad)
+
+
+def stage_commands(raw: dict) -> dict[str, tuple[list[str], list[str]]]:
+    """Per stage of dvc.yaml: (its command's arguments, its outputs), matrix items filled in
+    with the first sampler and step count."""
+    item = {"sampler": raw["sample"]["samplers"][0], "steps": str(raw["sample"]["steps"][0])}
+    fill = lambda text: text.replace("${item.sampler}", item["sampler"]).replace("${item.steps}", item["steps"])  # noqa: E731
+    out = {}
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        args = shlex.split(fill(stage["cmd"]))
+        assert args[:3] == ["python", "-m", "pipeline"], stage["cmd"]
+        outs = [fill(next(iter(e)) if isinstance(e, dict) else e)
+                for kind in ("outs", "metrics", "plots") for e in stage.get(kind) or []]
+        out[name] = (args[3:], outs)
+    return out
+
+
+def readers(key: str) -> list[str]:
+    """The stages that declare ``key`` (or a group holding it) in STAGE_PARAMS."""
+    def declares(declared: str) -> bool:
+        declared = declared.replace("${item.sampler}", key.split(".")[1] if key.startswith("samplers.") else "")
+        return key == declared or key.startswith(declared + ".") or declared.startswith(key + ".")
+    return [stage for stage, keys in STAGE_PARAMS.items() if any(declares(k) for k in keys)]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "params.yaml"}
+
+
+def test_every_bad_value_of_every_param_fails_before_any_work(tmp_path, idx_dir, figure):
+    root = workspace(tmp_path)
+    (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["data"]["root"] = str(idx_dir)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    commands = stage_commands(raw)
+    for _, outs in commands.values():  # what earlier runs produced, everywhere a stage writes
+        for out in outs:
+            target = root / out / "sentinel" if not Path(out).suffix else root / out
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(SENTINEL)
+    good = cli(root, *commands["check"][0])
+    assert good.exit_code == 0, good.output  # the good params pass
+    before = snapshot(root)
+
+    tried, keys = 0, set()
+    for key, what, params in bad_inputs(raw):
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        for stage in ["check", *readers(key)]:
+            result = cli(root, *commands[stage][0])
+            lines = errors(result)
+            context = f"{key} {what} ({stage}): {result.output}"
+            assert result.exit_code == 1 and len(lines) == 1, context
+            assert result.stderr.strip() == lines[0], context  # nothing else: no traceback, no progress
+            assert key.removeprefix("(top level)") in lines[0] or "no_such_key" in lines[0], context
+        assert snapshot(root) == before, f"{key} {what}: a file of the workspace changed"
+        tried += 1
+        keys.add(key)
+    figure(f"params schema: {tried} bad inputs tried over {len(keys)} keys, each one `error:` line "
+           "naming the key, before any work, nothing touched")
+    assert tried > 200 and {"train.steps", "train.lr", "model.ch_mult", "samplers.ddim.eta"} <= keys
+
+
+def test_a_number_without_bounds_is_caught(monkeypatch):
+    """The test above refuses a schema whose numbers lack bounds (as a field added without them)."""
+    import copy
+
+    schema = copy.deepcopy(SCHEMA)
+    schema["$defs"]["TrainConfig"]["properties"]["new_rate"] = {"type": "number", "default": 0.5}
+    monkeypatch.setitem(globals(), "SCHEMA", schema)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    with pytest.raises(AssertionError, match="train.new_rate is a number without a lower bound"):
+        list(bad_inputs(raw))

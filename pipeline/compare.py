@@ -5,7 +5,14 @@ writes one row per experiment (params that differ, best FID and its cell, bits/d
 the `nll` stage wrote ``metrics/nll.json``, the extractor's test accuracy) and a pivot
 table ``rows × columns`` of params (default schedule × prediction) holding the best FID
 over the experiments with those values, and their bits/dim where present.
+
+Experiments that differ only in the training ``seed`` are one configuration run several
+times: for every such group of two or more, a third table gives the mean ± sample
+standard deviation over the seeds of every cell's FID, of the best cell's FID and of
+bits/dim, so that two ablations can be told apart from seed noise.
 """
+
+import statistics
 
 import json
 import subprocess
@@ -60,8 +67,31 @@ def _metric(data: dict, file: str, key: str):
     return _get((data.get("metrics") or {}).get(file) or {}, f"data.{key}")
 
 
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _cells(data: dict) -> dict:
+    """{"ddim-20": {"fid": …, "precision": …, …}} from metrics/fid.json's {metric: {sampler: {steps: value}}}."""
+    fid = (((data.get("metrics") or {}).get("metrics/fid.json") or {}).get("data")) or {}
+    cells: dict = {}
+    for metric, table in fid.items():
+        if metric == "best" or not isinstance(table, dict):
+            continue
+        for sampler, by_steps in table.items():
+            for steps, value in (by_steps or {}).items():
+                cells.setdefault(f"{sampler}-{steps}", {})[metric] = value
+    return cells
+
+
 def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
-    """One row per revision that has FID metrics."""
+    """One row per revision that has FID metrics (with all its params and per-cell metrics)."""
     rows, seen = [], set()
     for name, rev, data in _revisions(exp_show):
         params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
@@ -75,8 +105,71 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
         rows.append({"experiment": label, "rev": short, **{k: _get(params, k) for k in keys},
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
                      "bits_per_dim": _metric(data, BPD_FILE, BPD_KEY),
-                     "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy")})
+                     "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy"),
+                     "params": _flatten(params), "cells": _cells(data)})
     return rows
+
+
+SEED_KEY = "seed"
+
+
+def seed_groups(rows: list[dict], seed_key: str = SEED_KEY) -> list[tuple[str, list[dict]]]:
+    """Groups of two or more rows whose params are equal but for ``seed_key``, each labelled by
+    the params that vary between experiments (``key=value, …``; "baseline" when none do).
+    Rows of the same run (equal params and metrics: the workspace and HEAD) count once."""
+    def config(r):
+        return {k: v for k, v in r["params"].items() if k != seed_key}
+
+    groups: dict[str, list[dict]] = {}
+    runs = set()
+    for r in rows:
+        run = json.dumps([r["params"], r["cells"], r["bits_per_dim"]], sort_keys=True, default=str)
+        if run in runs:  # the workspace shows HEAD's run again: one run counts once
+            continue
+        runs.add(run)
+        groups.setdefault(json.dumps(config(r), sort_keys=True, default=str), []).append(r)
+    varying = sorted({k for r in rows for k in config(r) if len({json.dumps(config(o).get(k)) for o in rows}) > 1})
+    out = []
+    for members in groups.values():
+        seeds = {r["params"].get(seed_key) for r in members}
+        if len(seeds) < 2:
+            continue
+        c = config(members[0])
+        label = ", ".join(f"{k}={c.get(k)}" for k in varying) or "baseline"
+        out.append((label, members))
+    return out
+
+
+def mean_std(values: list) -> tuple[float, float] | None:
+    """Mean and sample standard deviation (n - 1) of the values that are numbers; None if fewer than one."""
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def _pm(ms, spec="{:.2f}") -> str:
+    return "–" if ms is None else f"{spec.format(ms[0])} ± {spec.format(ms[1])}"
+
+
+def render_seeds(rows: list[dict]) -> str:
+    """The mean ± std table over seeds (empty string when no configuration ran with two seeds)."""
+    groups = seed_groups(rows)
+    if not groups:
+        return ""
+    cells = sorted({c for _, members in groups for r in members for c in r["cells"]},
+                   key=lambda c: (c.rsplit("-", 1)[0], int(c.rsplit("-", 1)[1]) if c.rsplit("-", 1)[1].isdigit() else 0))
+    has_bpd = any(r["bits_per_dim"] is not None for _, m in groups for r in m)
+    cols = ["configuration", "seeds", "best FID"] + [f"FID {c}" for c in cells] + (["bits/dim"] if has_bpd else [])
+    lines = ["", "## Across seeds: mean ± std (sample std, n − 1)", "",
+             "| " + " | ".join(cols) + " |", "|---|---|" + "---:|" * (len(cols) - 2)]
+    for label, members in sorted(groups, key=lambda g: mean_std([r["best_fid"] for r in g[1]])[0]):
+        seeds = sorted(str(r["params"].get(SEED_KEY)) for r in members)
+        vals = [label, ",".join(seeds), _pm(mean_std([r["best_fid"] for r in members]))]
+        vals += [_pm(mean_std([r["cells"].get(c, {}).get("fid") for r in members])) for c in cells]
+        vals += [_pm(mean_std([r["bits_per_dim"] for r in members]), "{:.3f}")] if has_bpd else []
+        lines.append("| " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def pivot(rows: list[dict], row_key: str, col_key: str) -> tuple[list, list, dict]:
@@ -118,7 +211,7 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
             fid, bpd = cells.get((rv, cv), (None, None))
             out.append(_fmt(fid) + (f" ({_fmt(bpd)})" if has_bpd and bpd is not None else ""))
         lines.append(f"| {_fmt(rv, '{}')} | " + " | ".join(out) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + render_seeds(rows)
 
 
 def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], out: Path | None,

@@ -311,3 +311,34 @@ def test_progress_off_a_terminal_writes_whole_lines(capsys):
             bar(1)
     err = capsys.readouterr().err
     assert "\r" not in err and err.endswith("\n") and "extract: 100%" in err.splitlines()[-1]
+
+
+def _seed_rev(rev: str, seed: int, prediction: str, fids: dict, bpd: float) -> dict:
+    cells = {"fid": {s: {str(k): v for k, v in by.items()} for s, by in fids.items()}}
+    best = min(((s, k, v) for s, by in fids.items() for k, v in by.items()), key=lambda x: x[2])
+    cells["best"] = {"fid": best[2], "sampler": best[0], "steps": best[1]}
+    metrics = {"metrics/fid.json": {"data": cells}, "metrics/nll.json": {"data": {"bits_per_dim": bpd}}}
+    return {"rev": rev, "name": f"exp-{rev[0]}", "data": {"rev": rev, "params": {"params.yaml": {"data": {
+        "seed": seed, "prediction": prediction, "schedule": "linear", "train": {"steps": 800}}}}, "metrics": metrics}}
+
+
+def test_compare_groups_seeds_into_mean_and_std():
+    revs = [_seed_rev("a" * 40, 0, "eps", {"ddim": {20: 30.0}, "ddpm": {20: 40.0}}, 4.0),
+            _seed_rev("b" * 40, 1, "eps", {"ddim": {20: 34.0}, "ddpm": {20: 38.0}}, 4.2),
+            _seed_rev("c" * 40, 2, "eps", {"ddim": {20: 32.0}, "ddpm": {20: 42.0}}, 4.4),
+            _seed_rev("d" * 40, 0, "v", {"ddim": {20: 20.0}, "ddpm": {20: 25.0}}, 3.0),
+            _seed_rev("e" * 40, 1, "v", {"ddim": {20: 22.0}, "ddpm": {20: 21.0}}, 3.2),
+            _seed_rev("f" * 40, 0, "x0", {"ddim": {20: 50.0}, "ddpm": {20: 55.0}}, 5.0)]  # one seed: no group
+    exp_show = [{"rev": "workspace", "name": None, "data": revs[0]["data"], "experiments": None},
+                {**revs[0], "experiments": [{"name": r["name"], "revs": [r]} for r in revs[1:]]}]
+    rows = experiment_rows(exp_show, ["prediction", "schedule"])
+    text = render(rows, "prediction", "schedule", [])
+    seeds = text.split("## Across seeds")[1]
+    # the workspace repeats HEAD's run, which counts once: eps has seeds 0, 1, 2, best FIDs 30, 34, 32
+    eps = next(line for line in seeds.splitlines() if line.startswith("| prediction=eps"))
+    assert eps.startswith("| prediction=eps | 0,1,2 | 32.00 ± 2.00 | 32.00 ± 2.00 | 40.00 ± 2.00 | 4.200 ± 0.200 |")
+    v = next(line for line in seeds.splitlines() if line.startswith("| prediction=v"))
+    # v: best 20 and 21 → 20.50 ± 0.71; ddim-20 20, 22 → 21.00 ± 1.41; ddpm-20 25, 21 → 23.00 ± 2.83; bpd 3.1 ± 0.141
+    assert v == "| prediction=v | 0,1 | 20.50 ± 0.71 | 21.00 ± 1.41 | 23.00 ± 2.83 | 3.100 ± 0.141 |"
+    assert "prediction=x0" not in seeds  # a single seed is no spread
+    assert seeds.index("prediction=v") < seeds.index("prediction=eps")  # sorted by mean best FID

@@ -66,7 +66,7 @@ def test_fid_of_a_set_against_itself_is_zero(classifier):
 @pytest.mark.filterwarnings("ignore:Matrix is singular")
 def test_fid_equals_an_independent_frechet_distance_on_the_same_features(classifier):
     a, _ = synthetic_images(300, seed=4)
-    b = (a.int() // 2 + 30).to(torch.uint8)  # a visibly different set
+    b = (255 - a.int()).to(torch.uint8)  # a visibly different set: the negatives
     fa = M.extract_features(a, weights_path=classifier, batch_size=128)
     fb = M.extract_features(b, weights_path=classifier, batch_size=128)
     assert fa["features"].shape == (300, 16) and fa["logits"].shape == (300, 10)

@@ -10,6 +10,7 @@ Modules, one job each:
   timestep_sampling  t ~ uniform | importance (loss-aware)
   unet         the DDPM U-Net
   samplers     the sampling loop and one step function per sampler
+  preview      cheap ancestral sample grids to watch training (independent of samplers)
   training     the training loop (AdamW, warm-up, clipping, EMA), resumable state
   distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints

@@ -5,7 +5,8 @@ The data set is one uint8 tensor [N, C, H, W] held on the training device; each 
 draws a batch of indices, a timestep t (uniform, or importance-sampled: see
 ``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
 ``torch.Generator``, so a run is a function of its seed.
-The loss is logged every ``log_every`` steps only (no host synchronisation per step);
+The loss is logged every ``log_every`` steps only (no host synchronisation per step), and
+``state.grad_norm`` then holds that step's total gradient norm before clipping;
 a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
 
 Data-parallel (``ddpm.distributed``): every rank draws the same global batch from the
@@ -66,6 +67,7 @@ class TrainState:
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
+    grad_norm: torch.Tensor | None = None  # total gradient norm (before clipping) of the latest logged step, on device
 
 
 def to_model_range(images: torch.Tensor) -> torch.Tensor:
@@ -141,7 +143,10 @@ def train(
         state.optimizer.zero_grad(set_to_none=True)
         loss_value.backward()
         if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+            state.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
+        elif (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps:  # only logged steps need it
+            state.grad_norm = torch.nn.utils.get_total_norm(
+                [p.grad for p in state.model.parameters() if p.grad is not None])
         state.optimizer.step()
         state.scheduler.step()
         state.ema.update_parameters(state.model)

@@ -8,11 +8,12 @@ stage that runs first, before DVC has removed anything another stage produced.
 
 The output (``--out``) only says that the checks passed: it is the same for every valid
 params.yaml, so a valid change of params still re-runs only the stages that declare the
-changed keys. The stage runs on every ``dvc repro`` (always_changed: the data and the
+changed keys. ``--started`` (read by `log` alone) records when this pipeline run started. The stage runs on every ``dvc repro`` (always_changed: the data and the
 output folders can change while params.yaml does not), and its output persists (DVC does
 not delete it first), so a failed check leaves it as it was.
 """
 
+import time
 from pathlib import Path
 
 import yaml
@@ -46,14 +47,17 @@ def declared_outputs(dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
     return files, folders
 
 
-def main(params_path: Path, dvc_yaml: Path, out: Path) -> None:
+def main(params_path: Path, dvc_yaml: Path, out: Path, started: Path | None = None) -> None:
+    started_ms = int(time.time() * 1000)
     params = load_params(params_path)
     check_source(params.data.name, params.data.root, repo_root() / "data" / "raw", params.data.download)
     if params.fid.extractor == "inception-v3-compat" and params.fid.weights_path is not None \
             and not Path(params.fid.weights_path).is_file():
         raise DataError(f"fid.weights_path {params.fid.weights_path} does not exist")
     files, folders = declared_outputs(dvc_yaml)
-    check_writable(*files, out, folders=folders)
+    check_writable(*files, out, *([started] if started else []), folders=folders)
     write_json(out, PASSED)
+    if started is not None:  # when this pipeline run started (the parent run's start time in MLflow)
+        write_json(started, {"started_ms": started_ms})
     print(f"check: {params_path} is valid, {params.data.name} is in {params.data.root} (or downloadable), "
           f"{len(files) + len(folders)} outputs of {dvc_yaml} are writable")

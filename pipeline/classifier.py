@@ -14,9 +14,11 @@ from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
 
 
-def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: str) -> None:
+def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: str,
+         timing: Path = Path("logs/classifier_timing.json")) -> None:
+    started_ms = int(time.time() * 1000)
     c = for_stage(load_params(params_path), "classifier").classifier
-    check_writable(out, metrics)
+    check_writable(out, metrics, timing)
     train, test = load_split(data_dir / "train.pt"), load_split(data_dir / "test.pt")
     dev = resolve_device(device)
     torch.manual_seed(c.seed)
@@ -30,4 +32,6 @@ def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: st
                              "num_classes": len(train.classes)}, "classes": train.classes}
     save_checkpoint(out, step=c.steps, config=config, model={k: v.cpu() for k, v in model.state_dict().items()})
     write_json(metrics, {"test_accuracy": round(acc, 6), "final_loss": round(losses[-1][1], 6)})
+    write_json(timing, {"started_ms": started_ms, "ended_ms": int(time.time() * 1000),
+                        "seconds": round(time.perf_counter() - start, 2)})
     print(f"classifier: test accuracy {acc:.4f} after {c.steps} steps ({time.perf_counter() - start:.0f} s) → {out}")

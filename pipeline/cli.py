@@ -43,11 +43,12 @@ def clear_errors(fn):
 @clear_errors
 def check(params: Path = PARAMS, dvc_yaml: Path = typer.Option(Path("dvc.yaml"), "--dvc-yaml",
                                                                help="the stages whose outputs must be writable"),
-          out: Path = typer.Option(Path("logs/check.json"), help="written when every check passed")):
+          out: Path = typer.Option(Path("logs/check.json"), help="written when every check passed"),
+          started: Path = typer.Option(None, help="also write the time this pipeline run started here")):
     """Validate params.yaml, the data set's files and that every output is writable (the first stage)."""
     from pipeline import check as stage
 
-    stage.main(params, dvc_yaml, out)
+    stage.main(params, dvc_yaml, out, started)
 
 
 @app.command()
@@ -64,11 +65,12 @@ def prepare(params: Path = PARAMS,
 @clear_errors
 def classifier(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared"), help="prepared data folder"),
                out: Path = typer.Option(Path("models/classifier.pt")),
-               metrics: Path = typer.Option(Path("metrics/classifier.json")), device: str = DEVICE):
+               metrics: Path = typer.Option(Path("metrics/classifier.json")), device: str = DEVICE,
+               timing: Path = typer.Option(Path("logs/classifier_timing.json"), help="when it ran (for MLflow)")):
     """Train the feature-extractor classifier used for offline FID (classifier.*)."""
     from pipeline import classifier as stage
 
-    stage.main(params, data, out, metrics, device)
+    stage.main(params, data, out, metrics, device, timing)
 
 
 @app.command()
@@ -78,15 +80,25 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           metrics: Path = typer.Option(Path("metrics/train.json")),
           plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
           timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
-          state: Path = typer.Option(Path("checkpoints/train_state.pt"),
-                                     help="resumable training state, written every train.checkpoint_every steps"),
+          state: Path = typer.Option(Path("checkpoints/train-{fingerprint}.pt"),
+                                     help="resumable training state, written every train.checkpoint_every steps "
+                                          "({fingerprint}: of the training config; relative to the repository root)"),
           resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
                                                   "else start fresh) | never | require"),
           system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
                                               help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
+          samples: Path = typer.Option(Path("plots/train_samples"), help="folder of the preview grids "
+                                                                          "(every train.sample_every steps)"),
+          mlflow_run: Path = typer.Option(Path("logs/train_mlflow.json"), "--mlflow-run",
+                                          help="where the live MLflow run is and what reached it (for the log stage)"),
+          tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
+                                           help="default: sqlite:///<repo root>/mlflow.db"),
+          experiment: str = typer.Option("ddpm", envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name"),
+          live: bool = typer.Option(True, "--live/--no-live", envvar="PIPELINE_LIVE_MLFLOW",
+                                    help="log to MLflow while training (loss, lr, grad norm, preview grids)"),
           device: str = DEVICE):
     """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
-    hybrid_lambda, model.*, train.*).
+    hybrid_lambda, model.*, train.*), logging to its MLflow run while it trains.
 
     Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
     from pipeline import train as stage
@@ -94,7 +106,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     choices = [m.value for m in stage.Resume]
     if resume not in choices:
         raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
-    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics)
+    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics,
+               samples, mlflow_run, tracking_uri, experiment, live)
 
 
 @app.command()
@@ -169,8 +182,9 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
 @clear_errors
 def log(params: Path = PARAMS, tracking_uri: str = typer.Option(None, envvar="MLFLOW_TRACKING_URI",
                                                                  help="default: sqlite:///<repo root>/mlflow.db"),
-        experiment: str = typer.Option("ddpm", help="MLflow experiment name")):
-    """Log this pipeline run to MLflow: params, metrics, loss curve, grids, plots."""
+        experiment: str = typer.Option("ddpm", envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name "
+                                                                                     "(and registered model)")):
+    """Log this pipeline run to MLflow: params, metrics, loss curve, grids, plots, the model."""
     from pipeline import log as stage
 
     stage.main(params, tracking_uri, experiment)
@@ -200,6 +214,18 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
     from pipeline import compare as stage
 
     stage.main(exp_json, rows, columns, extra, out, commits)
+
+
+@app.command()
+@clear_errors
+def export(checkpoint: Path = typer.Option(Path("models/model.pt"), help="a checkpoint the train stage wrote"),
+           out: Path = typer.Option(Path("exported"), help="folder for the diffusers pipeline (unet/, scheduler/)"),
+           weights: str = typer.Option("ema", help="ema | model")):
+    """Export a trained model to diffusers: UNet2DModel + DDPMScheduler as safetensors, for
+    DDPMPipeline / DDIMPipeline.from_pretrained(out). Not a DVC stage."""
+    from pipeline import export as command
+
+    command.main(checkpoint, out, weights)
 
 
 @app.command()

@@ -32,27 +32,30 @@ to its own tracking URI (``sync --to URI`` sends them all elsewhere, on purpose)
 nothing is logged twice, and nothing goes to a server it was not meant for.
 """
 
+import csv
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
-from pipeline import system_metrics
-from pipeline.common import OutputError, git_revision, read_losses, repo_root
+from pipeline import system_metrics, tracking
+from pipeline.common import OutputError, git_revision, repo_root
+from pipeline.live import IMAGE_KEY, image_steps
 from pipeline.params import Params, load_params, to_flat_dict
+from pipeline.tracking import default_tracking_uri, lock
 
 
 OUTBOX = ".mlflow-outbox"
 FINGERPRINT, LOGGING = "pipeline.fingerprint", "pipeline.logging"  # tags: complete run; run being logged
+ATTACHED = "pipeline.attached"  # tag of train's own run once a parent holds it (not LOGGING: never deleted by tidy)
 # What `collect` reads, relative to the workspace: copied into the outbox when unreachable.
-RUN_FILES = ("metrics", "plots", "reports", "logs", "samples/*/info.json", "samples/*/grid.png",
+RUN_FILES = ("metrics", "plots", "reports", "logs", "models/model.pt", "samples/*/info.json", "samples/*/grid.png",
              "samples/*/strip.png", "samples/*/system.json")
-
-
-def default_tracking_uri() -> str:
-    return f"sqlite:///{repo_root() / 'mlflow.db'}"
+HISTORY = ("loss", "lr", "grad_norm")  # train's metric histories (plots/train_loss.csv)
 
 
 def outbox() -> Path:
@@ -75,9 +78,24 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "nll": _read(root / "metrics/nll.json"), "losses": read_losses(root / "plots/train_loss.csv"),
+            "nll": _read(root / "metrics/nll.json"),
+            "history": _read_history(root / "plots/train_loss.csv"),
+            "previews": sorted((int(f.stem.split("_")[-1]), f) for f in (root / "plots/train_samples").glob("step_*.png")),
+            "live": _read(root / "logs/train_mlflow.json"),
+            "classifier_timing": _read(root / "logs/classifier_timing.json"),
+            "pipeline": _read(root / "logs/pipeline_started.json"),
+            "model": root / "models/model.pt",
             "cells": cells,
             "system": system_metrics.read(root / "logs/train_system.json")}
+
+
+def _read_history(path: Path) -> list[dict]:
+    """train's ``step,loss,lr,grad_norm`` rows (lr and grad_norm None where absent)."""
+    if not path.is_file():
+        return []
+    with path.open() as f:
+        return [{"step": int(r["step"]), **{k: float(r[k]) if r.get(k) not in (None, "") else None for k in HISTORY}}
+                for r in csv.DictReader(f)]
 
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:
@@ -103,14 +121,60 @@ def _log_history(client, run_id: str, metrics: list) -> None:
         client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
 
-def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str, revision: str, fp: str,
-            root: Path = Path(".")) -> str:
-    from mlflow.entities import Metric
+@contextmanager
+def _run(mlflow, client, experiment_id: str, name: str, tags: dict, *, parent: str | None = None,
+         times: tuple[int | None, int | None] = (None, None), run_id: str | None = None):
+    """The block's active MLflow run: created (under ``parent``), or the existing ``run_id``
+    reopened, with the real start and end time of the work it describes (``times``, epoch ms,
+    from the stage's own record; unknown ends are the block's)."""
+    start, end = times
+    if run_id is None:
+        run_tags = {**tags, **({"mlflow.parentRunId": parent} if parent else {})}
+        run_id = client.create_run(experiment_id, start_time=start or tracking.now_ms(), tags=run_tags,
+                                   run_name=name).info.run_id
+    with mlflow.start_run(run_id=run_id, nested=parent is not None) as active:
+        yield active
+    if end:  # closing the block ended it now; the work ended then
+        client.set_terminated(run_id, "FINISHED", end_time=end)
 
+
+def attachable(client, live: dict | None, uri: str, experiment_id: str, fp: str):
+    """train's own MLflow run (``logs/train_mlflow.json``), when this pipeline run may hold it:
+    at this tracking URI, in this experiment, and held by no other pipeline run's parent (it
+    is, when DVC restored `train` from its run-cache: then a new run is made from the files)."""
+    if not live or not live.get("run_id") or not same_uri(live.get("tracking_uri"), uri):
+        return None
+    try:
+        run = client.get_run(live["run_id"])
+    except Exception:  # noqa: BLE001 - deleted for good, or another store behind the same URI
+        return None
+    if run.info.lifecycle_stage != "active" or run.info.experiment_id != experiment_id:
+        return None
+    if parent := run.data.tags.get("mlflow.parentRunId"):
+        try:
+            holder = client.get_run(parent)
+        except Exception:  # noqa: BLE001
+            holder = None
+        if holder is not None and holder.info.lifecycle_stage == "active" and holder.data.tags.get(LOGGING) != fp:
+            return None
+    return run
+
+
+def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str, revision: str, fp: str,
+            root: Path = Path("."), experiment_id: str | None = None, uri: str | None = None,
+            model_name: str | None = None) -> str:
     client = mlflow.MlflowClient()
     flat = to_flat_dict(params)
     tags = {"dvc.exp_name": exp_name, "git.revision": revision, LOGGING: fp}
-    with mlflow.start_run(run_name=exp_name, tags=tags) as parent:
+    std = tracking.standard_tags
+
+    def stage_times(record: dict | None) -> tuple[int | None, int | None]:
+        return (record or {}).get("started_ms"), (record or {}).get("ended_ms")
+
+    pipeline_start = (run["pipeline"] or {}).get("started_ms")  # when the check stage ran
+    with _run(mlflow, client, experiment_id, exp_name, {**std("dvc.yaml"), **tags},
+              times=(pipeline_start, None)) as parent:
+        parent_id = parent.info.run_id
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         summary = {**_numeric(run["train"], "train."), **_numeric(run["classifier"], "classifier."),
                    **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll.")}
@@ -120,22 +184,25 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
             if (root / folder).is_dir():
                 mlflow.log_artifacts(str(root / folder), folder)
 
-        with mlflow.start_run(run_name="train", nested=True, tags=tags) as child:
-            mlflow.log_params({k: v if not isinstance(v, list) else json.dumps(v) for k, v in flat.items()
-                               if k.split(".")[0] in ("seed", "schedule", "prediction", "timesteps", "loss", "variance",
-                                                         "timestep_sampling", "hybrid_lambda", "model", "train")})
-            history = [Metric("loss", loss, 0, step) for step, loss in run["losses"]]
-            history += system_metrics.mlflow_metrics(run["system"])  # the run page's "System metrics"
-            _log_history(client, child.info.run_id, history)
-            mlflow.log_metrics({**_numeric(run["train"]), **_numeric(run["timing"])})
+        own = attachable(client, run["live"], uri, experiment_id, fp)
+        if own is not None:  # train's live run joins this pipeline run
+            client.set_tag(own.info.run_id, "mlflow.parentRunId", parent_id)
+            client.set_tag(own.info.run_id, ATTACHED, fp)
+            client.set_tag(own.info.run_id, "git.revision", revision)
+        times = (own.info.start_time, own.info.end_time) if own is not None else stage_times(run["timing"])
+        with _run(mlflow, client, experiment_id, "train", {**std("python -m pipeline train"), **tags},
+                  parent=parent_id, times=times, run_id=own.info.run_id if own is not None else None) as child:
+            fill_train(mlflow, client, child.info.run_id, params, run, fp, exp_name, revision, model_name)
 
         if run["classifier"]:
-            with mlflow.start_run(run_name="classifier", nested=True, tags=tags):
+            with _run(mlflow, client, experiment_id, "classifier", {**std("python -m pipeline classifier"), **tags},
+                      parent=parent_id, times=stage_times(run["classifier_timing"])):
                 mlflow.log_params({k: v for k, v in flat.items() if k.startswith("classifier.")})
                 mlflow.log_metrics(_numeric(run["classifier"]))
 
         for name, cell in run["cells"].items():
-            with mlflow.start_run(run_name=f"sample/{name}", nested=True, tags=tags) as child:
+            with _run(mlflow, client, experiment_id, f"sample/{name}", {**std("python -m pipeline sample"), **tags},
+                      parent=parent_id, times=stage_times(cell["info"])) as child:
                 sampler = params.samplers[cell["sampler"]].model_dump()
                 mlflow.log_params({"sampler": cell["sampler"], "steps": cell["steps"],
                                    **{f"sampler.{k}": v for k, v in sampler.items()},
@@ -151,29 +218,71 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                         mlflow.log_image(Image.open(cell[kind]), artifact_file=f"{kind}_{name}.png")
         # last: a run cut off half-way has no fingerprint, so it is logged again in full
         mlflow.set_tag(FINGERPRINT, fp)
-        return parent.info.run_id
+        return parent_id
 
 
-def _mlflow():
-    # A dead server should cost seconds, not minutes of retries (defaults: 7 retries, backoff 2, 120 s).
-    # MLflow reads these three as integers (a "0.5" made every HTTP request raise ValueError).
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    import mlflow
+def fill_train(mlflow, client, run_id: str, params: Params, run: dict, fp: str, exp_name: str, revision: str,
+               model_name: str | None) -> None:
+    """Give train's run (its own, logged live, or a new one) whatever of the stage's outputs it
+    lacks: params, the loss / lr / grad_norm histories, the final metrics, the system metrics,
+    the preview grids, the training data set, the model (registered once per pipeline run)."""
+    from mlflow.entities import Metric
+    from PIL import Image
 
-    return mlflow
+    have = client.get_run(run_id)
+    mlflow.log_params({k: v for k, v in tracking.mlflow_params(params, "train").items() if k not in have.data.params})
+    when = (run["timing"] or {}).get("ended_ms") or tracking.now_ms()  # points filled in: when train wrote them
+    history = []
+    for key in HISTORY:
+        logged = {m.step for m in client.get_metric_history(run_id, key)} if key in have.data.metrics else set()
+        history += [Metric(key, row[key], when, row["step"]) for row in run["history"]
+                    if row[key] is not None and row["step"] not in logged]
+    if not any(k.startswith(system_metrics.PREFIX) for k in have.data.metrics):  # the run page's "System metrics"
+        history += system_metrics.mlflow_metrics(run["system"])
+    _log_history(client, run_id, history)
+    final = {**_numeric(run["train"]), **{k: v for k, v in _numeric(run["timing"]).items() if not k.endswith("_ms")}}
+    mlflow.log_metrics({k: v for k, v in final.items() if k not in have.data.metrics})
+    logged = image_steps(client, run_id)
+    for step, path in run["previews"]:
+        if step not in logged:
+            with Image.open(path) as im:
+                mlflow.log_image(im.copy(), key=IMAGE_KEY, step=step, timestamp=int(path.stat().st_mtime * 1000))
+    data = (run["live"] or {}).get("dataset")
+    if data:
+        ds = tracking.training_dataset(mlflow, data)
+        if not any(d.dataset.digest == ds.digest for d in (have.inputs.dataset_inputs if have.inputs else [])):
+            mlflow.log_input(ds, context="training", tags={"sha256": data["sha256"]})
+    if data and run["model"].is_file():
+        log_model(mlflow, client, have, run, data, fp, exp_name, revision, model_name)
 
 
-_LOCKS: dict = {}
+def log_model(mlflow, client, have, run: dict, data: dict, fp: str, exp_name: str, revision: str,
+              model_name: str | None) -> None:
+    """The EMA model as a pyfunc (pipeline/mlflow_model.py: samples images) with its signature,
+    in train's run, registered as a new version of ``model_name`` (one per pipeline run)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+    from pipeline import mlflow_model
 
-def lock():
-    """The repository's MLflow lock (one object per process, so that holding it nests)."""
-    from filelock import FileLock
-
-    path = str(repo_root() / ".mlflow.lock")
-    return _LOCKS.setdefault(path, FileLock(path, timeout=600))
+    version_tags = {"dvc.exp_name": exp_name, "git.revision": revision, FINGERPRINT: fp}
+    registered = bool(model_name) and bool(client.search_model_versions(
+        f"name = '{model_name}' and tags.`{FINGERPRINT}` = '{fp}'"))  # by an attempt that was cut off
+    if have.outputs is not None and have.outputs.model_outputs and (registered or not model_name):
+        return
+    _, channels, size, _ = data["shape"]
+    kinds = {str: "string", int: "long", float: "double"}
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("long", "seed")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
+        params=ParamSchema([ParamSpec(k, kinds[type(v)], v) for k, v in mlflow_model.DEFAULTS.items()]))
+    mlflow.pyfunc.log_model(
+        name="model", python_model=mlflow_model.__file__, artifacts={"checkpoint": str(run["model"])},
+        code_paths=[str(Path(mlflow_model.__file__).parents[1] / "ddpm")], signature=signature,
+        pip_requirements=[f"{p}=={metadata.version(p)}" for p in ("mlflow", "torch", "numpy")],
+        registered_model_name=None if registered else model_name, tags=version_tags,
+        step=(run["train"] or {}).get("steps", 0))
 
 
 def tidy(client, experiment_id: str, fp: str):
@@ -205,19 +314,20 @@ def publish(mlflow, experiment: str, params_path: Path, meta: dict, root: Path =
     params = load_params(params_path)
     run = collect(params, root)
     fp = meta["fingerprint"]
+    uri = mlflow.get_tracking_uri()
     # Serialise first use of a fresh database and check-then-log across parallel stages.
     with lock():
-        exp = mlflow.set_experiment(experiment)
-        # again by id: when two processes create the experiment at once, MLflow returns it without making it active
-        mlflow.set_experiment(experiment_id=exp.experiment_id)
         client = mlflow.MlflowClient()
-        if "mlflow.experimentKind" not in exp.tags:  # the UI opens on the runs table, not the GenAI view
-            client.set_experiment_tag(exp.experiment_id, "mlflow.experimentKind", "custom_model_development")
-        found = tidy(client, exp.experiment_id, fp)
+        exp_id = tracking.experiment_id(client, experiment, uri)
+        mlflow.set_experiment(experiment_id=exp_id)
+        found = tidy(client, exp_id, fp)
         if found is not None:
             return f"already in MLflow as run {found.info.run_id}"
-        run_id = log_run(mlflow, params, params_path, run, meta["exp_name"], meta["revision"], fp, root)
-    return f"MLflow run {run_id} in experiment {experiment!r} (DVC experiment {meta['exp_name']})"
+        run_id = log_run(mlflow, params, params_path, run, meta["exp_name"], meta["revision"], fp, root,
+                         experiment_id=exp_id, uri=uri, model_name=experiment)
+    link = tracking.ui_url(uri, exp_id, run_id)
+    return (f"MLflow run {run_id} in experiment {experiment!r} (DVC experiment {meta['exp_name']})"
+            + (f", {link}" if link else ""))
 
 
 def same_uri(a: str | None, b: str | None) -> bool:
@@ -316,7 +426,7 @@ def main(params_path: Path, tracking_uri: str | None, experiment: str) -> None:
     meta = {"fingerprint": fp, "exp_name": exp_name, "revision": revision, "experiment": experiment,
             "tracking_uri": uri}
 
-    mlflow = _mlflow()
+    mlflow = tracking.mlflow_module()
     try:
         mlflow.set_tracking_uri(uri)
         message = publish(mlflow, experiment, params_path, meta)
@@ -339,7 +449,7 @@ def main(params_path: Path, tracking_uri: str | None, experiment: str) -> None:
 def sync(to: str | None = None) -> None:
     """Log the runs waiting in the outbox, each to the tracking URI it was meant for, or all to
     ``to``; fails (one line) when some cannot be logged."""
-    mlflow = _mlflow()
+    mlflow = tracking.mlflow_module()
     if outbox().is_dir():
         with lock():
             _remove_leftovers()

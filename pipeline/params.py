@@ -10,10 +10,12 @@ stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the te
 reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from annotated_types import Ge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ddpm.classifier import ClassifierConfig
@@ -35,6 +37,13 @@ class Strict(BaseModel):
 
 
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+@dataclass
+class TrainParams(TrainConfig):
+    # what the train stage does beside the library's loop: a preview grid of the EMA model
+    # every N steps, written to plots/train_samples/ and logged live to MLflow (0: never)
+    sample_every: Annotated[int, Ge(0)] = 1000
 
 
 class DataParams(Strict):
@@ -124,7 +133,7 @@ class Params(Strict):
     hybrid_lambda: float = Field(1.0e-3, gt=0)  # λ of loss=hybrid
     data: DataParams = Field(default_factory=DataParams)
     model: UNetConfig = Field(default_factory=UNetConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainParams = Field(default_factory=TrainParams)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {

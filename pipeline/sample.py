@@ -23,6 +23,7 @@ from pipeline.strip import StripRecorder
 
 
 def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str) -> None:
+    started_ms = int(time.time() * 1000)
     params = load_params(params_path)
     if sampler not in params.samplers:
         raise ValueError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
@@ -70,7 +71,8 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                                                "steps": steps, "num_samples": images.shape[0],
                                                "seconds": round(seconds, 2), "processes": world.size,
                                                "images_per_second": round(images.shape[0] / seconds, 2),
-                                               "device": str(dev)})
+                                               "device": str(dev), "started_ms": started_ms,
+                                               "ended_ms": int(time.time() * 1000)})
             print(f"sample {sampler}-{steps}: {images.shape[0]} images in {seconds:.1f} s"
                   + (f" on {world.size} processes" if world.is_distributed else "") + f" → {out_dir}")
         distributed.barrier(world)

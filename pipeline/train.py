@@ -14,6 +14,8 @@ files and prints, the others train.
 
 import hashlib
 import json
+import os
+import shutil
 import time
 from dataclasses import asdict
 from enum import Enum
@@ -25,13 +27,21 @@ from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from ddpm.data import load_split
 from ddpm.model import ModelSpec
+from ddpm.preview import preview
 from ddpm.timestep_sampling import make_timestep_sampler
-from ddpm.training import init_state, load_train_state, train, train_state_dict
+from ddpm.training import init_state, load_train_state, to_uint8, train, train_state_dict
 from pipeline import system_metrics
-from pipeline.common import check_writable, progress, resolve_device, write_csv, write_json
+from pipeline.common import (check_writable, progress, repo_root, resolve_device, write_csv, write_image_grid,
+                             write_json)
+from pipeline.live import LiveRun
 from pipeline.params import for_stage, load_params, stage_values
+from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_params, now_ms, standard_tags,
+                               training_dataset, ui_url)
 
-NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every")  # they do not change the trained weights
+# they do not change the trained weights
+NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every", "train.sample_every")
+STATE = "checkpoints/train-{fingerprint}.pt"  # relative to the repository root
+PREVIEW_IMAGES, PREVIEW_STEPS, PREVIEW_SEED = 16, 50, 0  # the preview grids: 4×4 images, 50 ancestral steps
 
 
 class Resume(str, Enum):
@@ -88,13 +98,54 @@ def read_resume_file(path: Path, config: dict, mode: Resume) -> tuple[dict | Non
     return ckpt, f"resuming from step {ckpt['step']} of {path}"
 
 
+def state_file(template: Path, fp: str) -> Path:
+    """``--state`` with ``{fingerprint}`` filled in. A relative path is anchored on the
+    repository root (``DVC_ROOT``, mapped out of DVC's temporary experiment workspaces), so a
+    queued experiment that was killed finds its state when it runs again in a new workspace."""
+    path = Path(str(template).replace("{fingerprint}", fp))
+    path = path if path.is_absolute() else repo_root() / path
+    try:  # relative to the working directory when inside it: shorter in messages
+        return path.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        return path
+
+
+def preview_grid(state, diffusion, spec: ModelSpec, path: Path) -> None:
+    """A grid of PREVIEW_IMAGES samples of the EMA model (``ddpm.preview``, always the same
+    noise), written to ``path``; the model's mode and the global RNG are left as they were."""
+    net = state.ema.module
+    was_training = net.training
+    net.eval()
+    g = torch.Generator(device=diffusion.device).manual_seed(PREVIEW_SEED)
+    x = preview(net, diffusion, (PREVIEW_IMAGES, spec.channels, spec.image_size, spec.image_size),
+                steps=min(PREVIEW_STEPS, spec.timesteps), prediction=spec.prediction, variance=spec.variance,
+                generator=g)
+    net.train(was_training)
+    write_image_grid(path, to_uint8(x).cpu(), nrow=int(PREVIEW_IMAGES ** 0.5))
+
+
+def replace_folder(src: Path, dst: Path) -> None:
+    """Copy the files of ``src`` into a fresh folder ``dst`` (built beside it, then renamed in)."""
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in sorted(src.glob("*.png")) if src.is_dir() else []:
+        shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
 def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
-         state_path: Path = Path("checkpoints/train_state.pt"), resume: Resume = Resume.auto,
-         system: Path = Path("logs/train_system.json")) -> None:
+         state_path: Path = Path(STATE), resume: Resume = Resume.auto,
+         system: Path = Path("logs/train_system.json"), samples: Path = Path("plots/train_samples"),
+         mlflow_run: Path = Path("logs/train_mlflow.json"), tracking_uri: str | None = None,
+         experiment: str = "ddpm", live: bool = True) -> None:
+    started_ms = now_ms()
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     p = for_stage(params, "train")
-    check_writable(out, metrics, plot, timing, system, state_path)  # before hours of training, not after
+    state_dir = state_file(state_path, "x").parent
+    check_writable(out, metrics, plot, timing, system, mlflow_run, folders=[samples, state_dir])  # before hours of training
     split = load_split(data)
     _, channels, height, width = split.images.shape
     if height != width:
@@ -102,9 +153,15 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
                      timesteps=p.timesteps, prediction=p.prediction, variance=p.variance)
     training = training_config(params, split.images)
+    fp = fingerprint(training)
+    state_path = state_file(state_path, fp)
+    previews = state_path.with_name(state_path.stem + ".samples")  # beside the state: they survive a kill too
     objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling}
     config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
-              "training": training, "fingerprint": fingerprint(training)}
+              "training": training, "fingerprint": fp}
+    uri = tracking_uri or default_tracking_uri()
+    dataset = {"name": f"{params.data.name}-train", "source": str(data if data.is_absolute() else repo_root() / data),
+               "sha256": training["data.sha256"], "shape": training["data.shape"]}  # for MLflow's "Datasets"
     distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
     with distributed.process_group(resolve_device(device)) as (world, dev):
         torch.manual_seed(p.seed)
@@ -129,17 +186,51 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         if ckpt is not None:
             load_train_state(state, ckpt, world, timestep_sampler)
         first_step = state.step
+        # (step, learning rate, gradient norm) per logged step, beside state.losses
+        history = [tuple(row) for row in ckpt.get("history", [])] if ckpt is not None else []
+        run = None
         if world.is_main:
             print(f"train: {what}" + (f" ({world.size} processes)" if world.is_distributed else ""))
             for stale in state_path.parent.glob(f".{state_path.name}.*.tmp"):  # from a run killed mid-write
                 stale.unlink(missing_ok=True)
+            if ckpt is None:
+                shutil.rmtree(previews, ignore_errors=True)
+            if live:
+                resumed = (ckpt or {}).get("mlflow") or {}
+                exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+                run = LiveRun(uri, experiment, run_name="train", start_ms=started_ms,
+                              resume_run_id=resumed.get("run_id") if resumed.get("tracking_uri") == uri else None,
+                              tags={**standard_tags("python -m pipeline train"), "dvc.exp_name": exp_name,
+                                    "dvc.stage": "train", "pipeline.training": fp})
+                run.log_params(mlflow_params(params, "train"))
+                run.log_dataset(lambda mlflow: dataset_input(training_dataset(mlflow, dataset), dataset["sha256"]))
 
         saved = {"step": first_step if ckpt is not None else None}
+        last_preview = {"step": max([int(f.stem.split("_")[-1]) for f in previews.glob("step_*.png")], default=0)}
+
+        def on_log(s) -> None:
+            if not world.is_main:
+                return
+            step, loss = s.losses[-1]
+            lr = s.scheduler.get_last_lr()[0]
+            grad_norm = float(s.grad_norm) if s.grad_norm is not None else float("nan")
+            history.append((step, lr, grad_norm))
+            if run is not None:
+                run.log_metrics(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, now_ms())
+            every = p.train.sample_every
+            if every and (step // every > last_preview["step"] // every or step == p.train.steps):
+                path = previews / f"step_{step:07d}.png"
+                preview_grid(s, diffusion, spec, path)
+                last_preview["step"] = step
+                if run is not None:
+                    run.log_image(step, path, now_ms())
 
         def checkpoint(s) -> None:
             d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
             if world.is_main:
-                save_checkpoint(state_path, config=config, **d)
+                mlflow_state = {"tracking_uri": uri, "run_id": run.run_id} if run is not None and run.run_id else {}
+                save_checkpoint(state_path, config=config, **d, history=[list(h) for h in history],
+                                mlflow=mlflow_state)
                 saved["step"] = s.step
 
         start = time.perf_counter()
@@ -149,26 +240,45 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                 bar(first_step)
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
-                      world=world, progress=bar, on_checkpoint=checkpoint)
-        except FloatingPointError as e:
-            last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
-                    else "no checkpoint was written")
-            raise FloatingPointError(f"{e}; training stopped, {last}") from None
+                      world=world, progress=bar, on_log=on_log, on_checkpoint=checkpoint)
+        except BaseException as e:
+            if run is not None:
+                record = run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", now_ms(), timeout=10)
+                if record["run_id"]:
+                    print(f"train: MLflow run {record['run_id']} marked {'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'}")
+            if isinstance(e, FloatingPointError):
+                last = (f"the last good checkpoint is {state_path} at step {saved['step']}"
+                        if saved["step"] is not None else "no checkpoint was written")
+                raise FloatingPointError(f"{e}; training stopped, {last}") from None
+            raise
         seconds = time.perf_counter() - start
 
         if world.is_main:
             cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
             save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
                             ema=cpu(state.ema.state_dict()), timestep_sampler=timestep_sampler.state_dict())
-            write_csv(plot, ["step", "loss"], state.losses)
+            extra = {step: (lr, gn) for step, lr, gn in history}
+            write_csv(plot, ["step", "loss", "lr", "grad_norm"],
+                      [(step, loss, *extra.get(step, ("", ""))) for step, loss in state.losses])
+            replace_folder(previews, samples)
             n_params = sum(t.numel() for t in net.parameters())
             write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
                                  "parameters": n_params})
             trained = state.step - first_step
+            ended_ms = now_ms()
             write_json(timing, {"seconds": round(seconds, 2), "device": str(dev), "processes": world.size,
-                                "resumed_from_step": first_step,
+                                "resumed_from_step": first_step, "started_ms": started_ms, "ended_ms": ended_ms,
                                 "images_per_second": round(trained * p.train.batch_size / max(seconds, 1e-9), 1)})
+            record = run.finish("FINISHED", ended_ms) if run is not None else {"tracking_uri": None, "run_id": None,
+                                                                                "complete": False, "error": "--no-live"}
+            write_json(mlflow_run, {**record, "dataset": dataset})
             state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
+            shutil.rmtree(previews, ignore_errors=True)
             print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
                   + (f" × {world.size}" if world.is_distributed else "") + f" → {out}")
+            if run is not None:
+                link = ui_url(uri, record["experiment_id"], record["run_id"]) if record["run_id"] else None
+                print(f"train: MLflow run {record['run_id']} at {uri}" + (f" ({link})" if link else "")
+                      if record["complete"] else f"warning: live MLflow logging incomplete ({record['error']}); "
+                                                 "the log stage fills in what is missing")
         distributed.barrier(world)

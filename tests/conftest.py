@@ -1,6 +1,7 @@
 """Shared fixtures: tiny data sets written in the real file formats, tiny params."""
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -42,6 +43,10 @@ def make_idx_dir(root: Path, n_train: int = 256, n_test: int = 128, compress: bo
         write_idx(root / f"{split}-labels-idx1-ubyte", labels, compress)
     return root
 
+
+# train logs live to MLflow unless told not to; a fresh sqlite database per test workspace costs
+# seconds, so the tests that are not about MLflow train without it (test_live and test_e2e turn it on)
+os.environ["PIPELINE_LIVE_MLFLOW"] = "0"
 
 FIGURES: list[str] = []
 

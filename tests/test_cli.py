@@ -42,8 +42,14 @@ def test_prepare_classifier_train_outputs(workdir):
     assert 0.0 <= acc <= 1.0
     train = json.loads((workdir / "metrics/train.json").read_text())
     assert train["steps"] == 6
-    assert (workdir / "plots/train_loss.csv").read_text().splitlines() [0] == "step,loss"
-    assert len((workdir / "plots/train_loss.csv").read_text().splitlines()) == 1 + 3  # log_every=2
+    lines = (workdir / "plots/train_loss.csv").read_text().splitlines()
+    assert lines[0] == "step,loss,lr,grad_norm" and len(lines) == 1 + 3  # log_every=2
+    steps, lrs, norms = zip(*[(int(r[0]), float(r[2]), float(r[3])) for r in (line.split(",") for line in lines[1:])])
+    assert steps == (2, 4, 6) and all(lr > 0 for lr in lrs) and all(n > 0 for n in norms)
+    # warm-up over 2 steps: the scheduler's rate after step 2 is the full lr
+    assert lrs[-1] == pytest.approx(tiny_params(workdir)["train"]["lr"])
+    grids = sorted(f.name for f in (workdir / "plots/train_samples").iterdir())
+    assert grids == ["step_0000006.png"]  # sample_every 1000 > 6 steps: the last step's only
 
 
 def test_sample_outputs(workdir):
@@ -143,5 +149,6 @@ def test_undefined_sampler(workdir, tmp_path):
 
 def test_help_lists_every_stage():
     r = invoke("--help")
-    for stage in ("prepare", "classifier", "train", "sample", "fid-ref", "fid", "report", "log", "compare"):
+    for stage in ("prepare", "classifier", "train", "sample", "fid-ref", "fid", "report", "log", "compare",
+                  "export"):
         assert stage in r.output

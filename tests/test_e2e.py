@@ -35,7 +35,7 @@ def repo(tmp_path_factory, idx_dir):
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": ""}
+           "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": "", "PIPELINE_LIVE_MLFLOW": "1"}
     env.pop("MLFLOW_TRACKING_URI")
     sh(["git", "init", "-q"], root, env)
     sh(["git", "add", "-A"], root, env)

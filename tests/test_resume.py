@@ -13,8 +13,13 @@ from tiny import cli, errors, python, subprocess_env, weights, workspace, write_
 
 import ddpm.training
 
-STATE = "checkpoints/train_state.pt"
+STATE = "checkpoints/train_state.pt"  # an explicit --state (without {fingerprint}: one file for any config)
 TRAIN = ("-m", "pipeline", "train", "--device", "cpu")
+
+
+def state_files(root) -> list:
+    """The default resume files, checkpoints/train-<fingerprint>.pt under the workspace."""
+    return sorted((root / "checkpoints").glob("train-*.pt"))
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -26,20 +31,21 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     env = subprocess_env()
     killed = subprocess.Popen(python(*TRAIN), cwd=crash, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
-    while not (crash / STATE).exists():  # the first checkpoint
+    while not state_files(crash):  # the first checkpoint
         assert killed.poll() is None and time.monotonic() < deadline, "train ended before its first checkpoint"
         time.sleep(0.005)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    step = torch.load(crash / STATE, weights_only=True)["step"]
+    (state,) = state_files(crash)
+    step = torch.load(state, weights_only=True)["step"]
     assert 0 < step < steps and not (crash / "models/model.pt").exists()
 
     resumed = subprocess.run(python(*TRAIN), cwd=crash, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resuming from step {step} of {STATE}" in resumed.stdout
+    assert f"resuming from step {step} of {state.relative_to(crash)}" in resumed.stdout
     uninterrupted = cli(ref, *TRAIN[2:])  # in-process, one thread like the subprocesses
     assert uninterrupted.exit_code == 0, uninterrupted.output
-    assert not (crash / STATE).exists()  # removed once the outputs are written
+    assert not state_files(crash)  # removed once the outputs are written
 
     for f in ("metrics/train.json", "plots/train_loss.csv"):
         assert (crash / f).read_text() == (ref / f).read_text(), f
@@ -82,9 +88,10 @@ def test_nan_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path,
     result = cli(root, "train", "--device", "cpu")
     assert result.exit_code == 1
     lines = errors(result)
+    (path,) = state_files(root)
     assert lines == [f"error: training loss became nan at step 5; training stopped, "
-                     f"the last good checkpoint is {STATE} at step 4"]
-    state = torch.load(root / STATE, weights_only=True)
+                     f"the last good checkpoint is {path.relative_to(root)} at step 4"]
+    state = torch.load(path, weights_only=True)
     assert state["step"] == 4 and all(v.isfinite().all() for v in state["model"].values())
     assert not (root / "models/model.pt").exists() and not (root / "metrics/train.json").exists()
 
@@ -101,17 +108,17 @@ def test_resume_file_from_another_config_is_never_resumed(tmp_path, monkeypatch)
     root = workspace(tmp_path, steps=6, checkpoint_every=2)
     with monkeypatch.context() as m:  # a crash after the checkpoint at step 2 leaves the resume file
         inject(m, at_step=3, error=KeyboardInterrupt)
-        assert cli(root, "train", "--device", "cpu").exit_code != 0
+        assert cli(root, "train", "--device", "cpu", "--state", STATE).exit_code != 0
     assert torch.load(root / STATE, weights_only=True)["step"] == 2
 
     write_params(root, top={"schedule": "cosine"})  # e.g. a DVC experiment beside the crashed baseline
-    required = cli(root, "train", "--device", "cpu", "--resume", "require")
+    required = cli(root, "train", "--device", "cpu", "--state", STATE, "--resume", "require")
     assert required.exit_code == 1
     assert errors(required) == [
         f"error: resume file {STATE} is from another config (differs in schedule)"]
     assert not (root / "models/model.pt").exists()
 
-    fresh = cli(root, "train", "--device", "cpu")
+    fresh = cli(root, "train", "--device", "cpu", "--state", STATE)
     assert fresh.exit_code == 0, fresh.output
     assert "is from another config (differs in schedule): starting fresh" in fresh.stdout
     assert json.loads((root / "logs/train_timing.json").read_text())["resumed_from_step"] == 0
@@ -128,7 +135,7 @@ def test_truncated_resume_file_fails_clearly(tmp_path):
     good = tmp_path / "good.pt"
     torch.save({"x": torch.zeros(1000)}, good)
     (root / STATE).write_bytes(good.read_bytes()[:300])
-    result = cli(root, "train", "--device", "cpu")
+    result = cli(root, "train", "--device", "cpu", "--state", STATE)
     assert result.exit_code == 1
     lines = errors(result)
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {STATE} is corrupt")

@@ -10,8 +10,9 @@ import pytest
 import torch
 import yaml
 from conftest import synthetic_images
-from tiny import CLASSES, cli, write_params
+from tiny import CLASSES, cli, errors, workspace, write_params
 
+from ddpm.checkpoint import load_checkpoint
 from ddpm.data import Split, save_split
 from ddpm.ema import (MAX_SIGMA_REL, FixedEMA, PowerEMA, WarmupEMA, averaged_model, averaged_weights, decay,
                       gamma_to_sigma_rel, sigma_rel_to_gamma)
@@ -231,3 +232,91 @@ def test_the_old_fixed_decay_fails_that_check_on_the_same_run(denoised):
     assert fixed["raw"] == power["raw"] and fixed["untrained"] == power["untrained"]  # the EMA does not change training
     assert fixed["ema"] > 1.02 * fixed["raw"]  # the check above catches the stale average
     assert fixed["ema"] > 2 * power["ema"]
+
+
+# ----------------------------------------------------------------------------- the ema stage, sample.weights
+def set_params(root, **groups):
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    for group, values in groups.items():
+        p[group].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(p))
+
+
+def test_ema_stage_posthoc_and_sampling_weights(tmp_path):
+    root = workspace(tmp_path, steps=6)  # power EMA σ_rel 0.10; profiles 0.05, 0.10 snapshotted at steps 2, 4, 6
+    assert cli(root, "train", "--device", "cpu").exit_code == 0
+    index = json.loads((root / "models/ema_snapshots/index.json").read_text())
+    assert index["steps"] == [2, 4, 6] and index["sigma_rels"] == [0.05, 0.1] and index["dtype"] == "float16"
+
+    assert cli(root, "ema").exit_code == 0  # ema.sigma_rel: null: train's own EMA, unchanged
+    own, trained = load_checkpoint(root / "models/model_ema.pt"), load_checkpoint(root / "models/model.pt")
+    assert all(torch.equal(own["ema"][k], trained["ema"][k]) for k in trained["ema"])
+    assert own["ema_config"] == {"source": "train", "kind": "power", "sigma_rel": 0.1}
+    assert json.loads((root / "metrics/ema.json").read_text())["source"] == "train"
+
+    # post-hoc σ_rel 0.10, which train also tracked directly (train.ema): the same weights up to float16
+    set_params(root, ema={"sigma_rel": 0.1})
+    result = cli(root, "ema")
+    assert result.exit_code == 0, result.output
+    posthoc = load_checkpoint(root / "models/model_ema.pt")
+    assert posthoc["ema_config"]["source"] == "posthoc" and posthoc["ema_config"]["fit_error"] < 1e-6
+    for k, v in trained["ema"].items():
+        if k.startswith("module."):
+            assert torch.allclose(posthoc["ema"][k], v, rtol=1e-3, atol=1e-4), k
+    assert all(torch.equal(posthoc["model"][k], v) for k, v in trained["model"].items())  # raw weights kept
+
+    images = {}
+    for weights in ("ema", "raw"):
+        set_params(root, sample={"weights": weights})
+        assert cli(root, "sample", "--sampler", "ddim", "--steps", "2", "--out", f"s-{weights}",
+                   "--device", "cpu").exit_code == 0
+        info = json.loads((root / f"s-{weights}/info.json").read_text())
+        assert info["weights"] == weights and info["ema"]["source"] == "posthoc"
+        images[weights] = torch.load(root / f"s-{weights}/samples.pt", weights_only=True)["images"]
+    assert not torch.equal(images["ema"], images["raw"])
+
+
+def test_ema_stage_refuses_foreign_or_corrupt_snapshots(tmp_path):
+    root = workspace(tmp_path, steps=4)
+    assert cli(root, "train", "--device", "cpu").exit_code == 0
+    set_params(root, ema={"sigma_rel": 0.07})
+    index_file = root / "models/ema_snapshots/index.json"
+    index = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({**index, "fingerprint": "another run"}))
+    result = cli(root, "ema")
+    assert result.exit_code == 1 and errors(result) == [
+        "error: the EMA snapshots in models/ema_snapshots are from another training run than models/model.pt"]
+    index_file.write_text(json.dumps(index))
+    (root / "models/ema_snapshots/step-0000004.pt").write_bytes(b"truncated")
+    result = cli(root, "ema")
+    assert result.exit_code == 1 and len(errors(result)) == 1
+    assert "EMA snapshot models/ema_snapshots/step-0000004.pt is corrupt" in errors(result)[0]
+    assert not (root / "models/model_ema.pt").exists()
+
+
+def test_fid_against_sigma_rel_across_experiments(tmp_path):
+    from pipeline import ema_sweep
+    from pipeline.compare import _revisions
+
+    def rev(name, ema, fid, weights="ema"):
+        return {"rev": name * 40 if len(name) == 1 else name, "name": name, "data": {
+            "params": {"params.yaml": {"data": {"sample": {"weights": weights}}}},
+            "metrics": {"metrics/fid.json": {"data": {"fid": {"ddpm": {"10": fid, "20": fid - 1},
+                                                               "ddim": {"10": fid + 5, "20": fid + 4}}}},
+                        "metrics/ema.json": {"data": ema}}}}
+
+    head = rev("a", {"source": "train", "kind": "fixed", "decay": 0.995}, 90.0)
+    head["experiments"] = [{"name": n, "revs": [rev(n, {"source": "posthoc", "kind": "power", "sigma_rel": s}, f)]}
+                           for n, s, f in (("s20", 0.2, 60.0), ("s05", 0.05, 50.0), ("s10", 0.1, 40.0))]
+    head["experiments"].append({"name": "raw", "revs": [rev("raw", {"source": "train", "kind": "fixed",
+                                                                     "decay": 0.995}, 45.0, weights="raw")]})
+    points, references = ema_sweep.sweep(_revisions([head]))
+    assert [p["sigma_rel"] for p in points] == [0.05, 0.1, 0.2]
+    assert [r["label"] for r in references] == ["fixed EMA 0.995", "raw weights"]
+    text = ema_sweep.render(points, references, None)
+    assert "(20 sampling steps" in text and "| 0.1 (posthoc) | s10 | **39.00** | **44.00** |" in text
+    assert "| fixed EMA 0.995 | a | 89.00 | 94.00 |" in text
+    ema_sweep.plot(points, references, 10, tmp_path / "f.png")
+    assert (tmp_path / "f.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="no FID at 50 steps"):
+        ema_sweep.render(points, references, 50)

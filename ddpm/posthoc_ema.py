@@ -32,7 +32,7 @@ _CHUNK = 1 << 16  # steps per block when summing inner products
 
 def snapshot_steps(steps: int, every: int) -> list[int]:
     """The steps after which the profiles are snapshotted: every ``every`` steps and the last."""
-    if every <= 0:
+    if every <= 0 or steps <= 0:
         return []
     return sorted(set(range(every, steps + 1, every)) | {steps})
 

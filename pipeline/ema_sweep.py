@@ -34,7 +34,7 @@ def sweep(revisions) -> tuple[list[dict], list[dict]]:
         if not isinstance(fid, dict) or not isinstance(ema, dict):
             continue
         params = _get((data.get("params") or {}).get("params.yaml") or {}, "data") or {}
-        experiment = name or str(rev)[:7]
+        experiment = name or (str(rev)[:7] if len(str(rev)) == 40 else str(rev))
         if _get(params, "sample.weights") == "raw":
             references.append({"experiment": experiment, "label": "raw weights", "fid": fid})
         elif ema.get("sigma_rel") is not None:
@@ -74,10 +74,10 @@ def render(points: list[dict], references: list[dict], steps: int | None) -> str
         cells = []
         for s in samplers:
             f = _fid(p, s, steps)
-            cells.append("–" if f is None else f"**{f:.2f}**" if f == best[s] else f"{f:.2f}")
+            cells.append("–" if f is None else f"**{f:.3f}**" if f == best[s] else f"{f:.3f}")
         lines.append(f"| {p['sigma_rel']:g} ({p['source']}) | {p['experiment']} | " + " | ".join(cells) + " |")
     for r in references:
-        cells = ["–" if (f := _fid(r, s, steps)) is None else f"{f:.2f}" for s in samplers]
+        cells = ["–" if (f := _fid(r, s, steps)) is None else f"{f:.3f}" for s in samplers]
         lines.append(f"| {r['label']} | {r['experiment']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -314,8 +314,8 @@ def test_fid_against_sigma_rel_across_experiments(tmp_path):
     assert [p["sigma_rel"] for p in points] == [0.05, 0.1, 0.2]
     assert [r["label"] for r in references] == ["fixed EMA 0.995", "raw weights"]
     text = ema_sweep.render(points, references, None)
-    assert "(20 sampling steps" in text and "| 0.1 (posthoc) | s10 | **39.00** | **44.00** |" in text
-    assert "| fixed EMA 0.995 | a | 89.00 | 94.00 |" in text
+    assert "(20 sampling steps" in text and "| 0.1 (posthoc) | s10 | **39.000** | **44.000** |" in text
+    assert "| fixed EMA 0.995 | a | 89.000 | 94.000 |" in text
     ema_sweep.plot(points, references, 10, tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 0
     with pytest.raises(ValueError, match="no FID at 50 steps"):

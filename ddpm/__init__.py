@@ -11,6 +11,9 @@ Modules, one job each:
   unet         the DDPM U-Net
   samplers     the sampling loop and one step function per sampler
   training     the training loop (AdamW, warm-up, clipping, EMA), resumable state
+  ema          averages of the weights: power (EDM2) | warmup (diffusers) | fixed (Ho et al.)
+  posthoc_ema  EDM2's post-hoc EMA: snapshots' profiles, least squares, reconstruction
+  evaluation   held-out denoising error (ε-MSE at fixed timesteps and noise)
   distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
   data         data sets as uint8 tensors

@@ -1,6 +1,10 @@
 """What a trained diffusion model is: the U-Net's architecture plus the diffusion it
 was trained for. ``ModelSpec`` is stored in every checkpoint (as a plain dict) so that
 the sampler can rebuild network and diffusion from the file alone.
+
+A diffusion checkpoint holds two sets of weights: ``model``, the raw weights of the last
+training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s state:
+``module.*`` plus ``n_averaged``). ``load_model`` picks one: ``weights`` is ``ema`` or ``raw``.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -58,13 +62,18 @@ def weights_mismatch(expected: dict, state: dict) -> str | None:
     return ", ".join(parts) or None
 
 
+WEIGHTS = ("ema", "raw")  # which weights of a checkpoint: the average, or the last step's
+
+
 def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpec, dict]:
-    """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``model``. Returns (net, spec, ckpt)."""
+    """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``raw``. Returns (net, spec, ckpt)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         spec = ModelSpec.from_dict(ckpt["config"]["model"])
         net = spec.build_unet()
-        state = ckpt[weights]
+        state = ckpt["model" if weights == "raw" else "ema"]
         if weights == "ema":  # AveragedModel's state: "module.*" weights plus "n_averaged"
             state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:

@@ -1,5 +1,8 @@
-"""The training loop: AdamW with linear warm-up, gradient clipping, and an EMA of the
-weights kept by ``torch.optim.swa_utils.AveragedModel``.
+"""The training loop: AdamW with linear warm-up, gradient clipping, and averages of the
+weights kept by ``torch.optim.swa_utils.AveragedModel`` (``ddpm.ema``): the EMA named by
+``ema`` (power-function EMA by default), and the power EMAs of ``ema_profiles``, which
+``on_snapshot`` receives every ``ema_snapshot_every`` steps and after the last step, for
+post-hoc EMA (``ddpm.posthoc_ema``).
 
 The data set is one uint8 tensor [N, C, H, W] held on the training device; each step
 draws a batch of indices, a timestep t (uniform, or importance-sampled: see
@@ -14,7 +17,7 @@ the single-process run with the same ``batch_size``. (With importance sampling e
 updates its own loss history from its shard.)
 
 Resuming: ``train_state_dict`` turns the whole ``TrainState`` (weights, EMA, optimizer,
-scheduler, step, losses, the timestep sampler, the batch generator and the global
+scheduler, step, losses, the profiles, the timestep sampler, the batch generator and the global
 torch/CUDA RNG states that dropout uses) into plain data that
 ``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
 training continues exactly where it stopped.
@@ -28,13 +31,15 @@ from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge, Gt, Lt
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
 from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepare_model, to_memory_format
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
+from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
 from ddpm.objectives import training_terms
+from ddpm.posthoc_ema import check_schedule, snapshot_steps
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 
@@ -47,13 +52,24 @@ class TrainConfig:
     warmup_steps: Annotated[int, Ge(0)] = 1000
     weight_decay: Annotated[float, Ge(0)] = 0.0
     grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
-    ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.9999
+    ema: EMAConfig = field(default_factory=PowerEMA)  # the average that sampling uses (ddpm.ema)
+    # σ_rel of the post-hoc power EMAs
+    ema_profiles: list[Annotated[float, Gt(0), Lt(MAX_SIGMA_REL)]] = field(default_factory=lambda: [0.05, 0.10])
+    ema_snapshot_every: Annotated[int, Ge(0)] = 1000  # profiles snapshotted every N steps and after the last; 0 never
     log_every: Annotated[int, Ge(1)] = 100
     checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
     precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # tf32/bf16: CUDA only
     memory_format: Literal["contiguous", "channels_last"] = "contiguous"
     compile: Literal["none", "default", "max-autotune"] = "none"
+
+    def __post_init__(self):
+        check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """The steps after which the profiles are snapshotted (none without profiles)."""
+        return snapshot_steps(self.steps, self.ema_snapshot_every) if self.ema_profiles else []
 
 
 @dataclass
@@ -63,6 +79,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
+    profiles: list[AveragedModel] = field(default_factory=list)  # post-hoc EMA profiles (power EMAs)
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
@@ -83,10 +100,11 @@ def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> T
     optimizer = make_adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = averaged_model(model, cfg.ema)
+    profiles = [averaged_model(model, PowerEMA(sigma_rel=s)) for s in cfg.ema_profiles] if cfg.snapshot_steps else []
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return TrainState(model, ema, optimizer, scheduler, generator)
+    return TrainState(model, ema, optimizer, scheduler, generator, profiles)
 
 
 def train(
@@ -104,13 +122,15 @@ def train(
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    on_snapshot: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it.
 
     ``on_checkpoint`` runs on every rank every ``cfg.checkpoint_every`` steps, after the
     losses and weights so far were checked finite (a collective: it may call
     ``train_state_dict``). ``timestep_sampler`` draws t (default uniform); an importance
-    sampler is updated in place."""
+    sampler is updated in place. ``on_snapshot`` runs on every rank after each step of
+    ``cfg.snapshot_steps``, before that step's checkpoint, with the losses so far checked finite."""
     device = diffusion.device
     images = images.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
@@ -118,6 +138,7 @@ def train(
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
     forward = compile_model(model, cfg.compile)
+    snapshots = set(cfg.snapshot_steps)
     while state.step < cfg.steps:
         # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
         #     every rank draws the global batch and keeps its shard
@@ -145,6 +166,8 @@ def train(
         state.optimizer.step()
         state.scheduler.step()
         state.ema.update_parameters(state.model)
+        for profile in state.profiles:
+            profile.update_parameters(state.model)
         state.step += 1
         state.pending.append(loss_value.detach())
         if progress is not None:
@@ -155,6 +178,9 @@ def train(
             state.pending.clear()
             if on_log is not None:
                 on_log(state)
+        if on_snapshot is not None and state.step in snapshots:
+            _checked_losses(state, world)
+            on_snapshot(state)
         if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
             _checked_losses(state, world)
             bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
@@ -212,6 +238,7 @@ def train_state_dict(state: TrainState, world: World = SINGLE, timestep_sampler=
         return None
     return _to_cpu({
         "step": state.step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+        "ema_profiles": [p.state_dict() for p in state.profiles],
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "generator": state.generator.get_state(), "rng": rngs, "losses": [list(x) for x in state.losses],
         "pending": torch.stack(state.pending) if state.pending else torch.zeros(0),
@@ -224,6 +251,10 @@ def load_train_state(state: TrainState, d: dict, world: World = SINGLE, timestep
     device = next(state.model.parameters()).device
     state.model.load_state_dict(d["model"])
     state.ema.load_state_dict(d["ema"])
+    if len(d["ema_profiles"]) != len(state.profiles):
+        raise ValueError(f"the training state holds {len(d['ema_profiles'])} EMA profiles, the config {len(state.profiles)}")
+    for profile, saved in zip(state.profiles, d["ema_profiles"]):
+        profile.load_state_dict(saved)
     state.optimizer.load_state_dict(d["optimizer"])
     state.scheduler.load_state_dict(d["scheduler"])
     state.generator.set_state(d["generator"])

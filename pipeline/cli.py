@@ -84,6 +84,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
                                                   "else start fresh) | never | require"),
           system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
                                               help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
+          snapshots: Path = typer.Option(Path("models/ema_snapshots"),
+                                         help="folder for the post-hoc EMA snapshots (train.ema_profiles)"),
           device: str = DEVICE):
     """Train the diffusion U-Net (seed, schedule, prediction, timesteps, loss, variance, timestep_sampling,
     hybrid_lambda, model.*, train.*).
@@ -94,17 +96,29 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     choices = [m.value for m in stage.Resume]
     if resume not in choices:
         raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
-    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics)
+    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics, snapshots)
 
 
 @app.command()
 @clear_errors
-def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+def ema(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt"), help="train's checkpoint"),
+        snapshots: Path = typer.Option(Path("models/ema_snapshots"), help="train's EMA snapshots"),
+        out: Path = typer.Option(Path("models/model_ema.pt"), help="checkpoint for sample, nll and denoise"),
+        metrics: Path = typer.Option(Path("metrics/ema.json"), help="which average, and the fit of a post-hoc one")):
+    """Choose the average of the weights (ema.sigma_rel): train's own EMA, or EDM2's post-hoc EMA."""
+    from pipeline import ema as stage
+
+    stage.main(params, checkpoint, snapshots, out, metrics)
+
+
+@app.command()
+@clear_errors
+def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
            out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
            device: str = DEVICE):
-    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>)."""
+    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>); sample.weights: ema | raw."""
     from pipeline import sample as stage
 
     stage.main(params, checkpoint, sampler, steps, out, device)
@@ -136,15 +150,27 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
 
 @app.command()
 @clear_errors
-def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
         data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
         metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
         plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
         device: str = DEVICE):
-    """NLL of the test split in bits/dim from the full variational bound, EMA weights (nll.*)."""
+    """NLL of the test split in bits/dim from the full variational bound (nll.*; nll.weights: ema | raw)."""
     from pipeline import nll as stage
 
     stage.main(params, checkpoint, data, metrics, plot, device)
+
+
+@app.command()
+@clear_errors
+def denoise(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
+            data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+            metrics: Path = typer.Option(Path("metrics/denoise.json"), help="MSE of the raw, EMA and untrained weights"),
+            device: str = DEVICE):
+    """Held-out denoising MSE (ε) of the raw, EMA and untrained weights, side by side (denoise.*)."""
+    from pipeline import denoise as stage
+
+    stage.main(params, checkpoint, data, metrics, device)
 
 
 @app.command()
@@ -158,11 +184,15 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            classifier_metrics: Path = typer.Option(Path("metrics/classifier.json"), help="extractor test accuracy"),
            loss: Path = typer.Option(Path("plots/train_loss.csv"), help="training loss curve (step, loss)"),
            loss_figure: Path = typer.Option(Path("reports/train_loss.png")),
-           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png")):
+           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png"),
+           ema_metrics: Path = typer.Option(Path("metrics/ema.json"), help="which average the ema stage chose"),
+           sigma_plot: Path = typer.Option(Path("plots/fid_vs_sigma_rel.csv"),
+                                           help="(sampler, steps, sigma_rel, fid) per cell, for dvc plots diff")):
     """Collect the cells into metrics/fid.json, the FID-vs-steps plot and the markdown + HTML report."""
     from pipeline import report as stage
 
-    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples)
+    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
+               ema_metrics, sigma_plot)
 
 
 @app.command()
@@ -194,12 +224,17 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
             columns: str = typer.Option("prediction", help="param (dotted key) for the table's columns"),
             extra: list[str] = typer.Option([], "--param", help="more params to show per experiment (repeatable)"),
             out: Path = typer.Option(None, help="also write the tables to this markdown file (and rows as .json)"),
-            commits: str = typer.Option("head", help="head: experiments of HEAD; all: of every commit")):
+            commits: str = typer.Option("head", help="head: experiments of HEAD; all: of every commit"),
+            sigma_rel_figure: Path = typer.Option(None, "--sigma-rel-figure",
+                                                  help="also plot FID against the EMA length sigma_rel over the "
+                                                       "experiments (a PNG) and tabulate it"),
+            sigma_rel_steps: int = typer.Option(None, "--sigma-rel-steps",
+                                                help="sampling steps of that plot (default: the most in the sweep)")):
     """Ablation table across DVC experiments: best FID (and bits/dim) per rows × columns param values.
     Not a DVC stage: it reads every experiment."""
     from pipeline import compare as stage
 
-    stage.main(exp_json, rows, columns, extra, out, commits)
+    stage.main(exp_json, rows, columns, extra, out, commits, sigma_rel_figure, sigma_rel_steps)
 
 
 @app.command()

@@ -75,14 +75,16 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "nll": _read(root / "metrics/nll.json"), "losses": read_losses(root / "plots/train_loss.csv"),
+            "nll": _read(root / "metrics/nll.json"), "ema": _read(root / "metrics/ema.json"),
+            "denoise": _read(root / "metrics/denoise.json"), "losses": read_losses(root / "plots/train_loss.csv"),
             "cells": cells,
             "system": system_metrics.read(root / "logs/train_system.json")}
 
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:
     summary = {"params": flat_params, "exp": exp_name, "rev": revision, "train": run["train"],
-               "classifier": run["classifier"], "nll": run.get("nll"),
+               "classifier": run["classifier"], "nll": run.get("nll"), "ema": run.get("ema"),
+               "denoise": run.get("denoise"),
                "cells": {k: c["metrics"] for k, c in run["cells"].items()}}
     return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -113,7 +115,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
     with mlflow.start_run(run_name=exp_name, tags=tags) as parent:
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         summary = {**_numeric(run["train"], "train."), **_numeric(run["classifier"], "classifier."),
-                   **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll.")}
+                   **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll."), **_numeric(run.get("ema"), "ema."),
+                   **_numeric({k: v for k, v in (run.get("denoise") or {}).items() if k != "by_timestep"}, "denoise.")}
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(params_path))
         for folder in ("reports", "plots"):

@@ -1,9 +1,10 @@
 """Stage `nll`: the negative log-likelihood of the test split in bits/dim, from the full
 variational bound (Ho et al. 2020, eq. 5; ``ddpm.likelihood.nll_bits_per_dim``) of the
-EMA model, on the first ``nll.num_images`` test images. Writes the DVC metrics file and
-the mean bound term per timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is
-the timestep index of ``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms;
-the prior term L_T is in the metrics only)."""
+checkpoint's averaged or raw weights (``nll.weights``: ema | raw), on the first
+``nll.num_images`` test images. Writes the DVC metrics file and the mean bound term per
+timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is the timestep index of
+``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms; the prior term L_T is
+in the metrics only)."""
 
 import math
 import time
@@ -24,7 +25,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     check_writable(metrics, plot)
     split = load_split(data)
     dev = resolve_device(device)
-    net, spec, ckpt = load_model(checkpoint, dev)
+    net, spec, ckpt = load_model(checkpoint, dev, weights=p.weights)
     if tuple(split.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
         raise ValueError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
@@ -51,7 +52,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
                          "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
                          "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
                          "num_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
-                         "seconds": round(seconds, 2)})
+                         "weights": p.weights, "seconds": round(seconds, 2)})
     mean_terms = (torch.stack(terms).sum(0) / n).tolist()
     write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "

@@ -10,14 +10,18 @@ stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the te
 reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
+from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ddpm.classifier import ClassifierConfig
 from ddpm.data import DATASETS
+from ddpm.ema import EMA_CHOICES, MAX_SIGMA_REL, PowerEMA
+from ddpm.model import WEIGHTS
 from ddpm.objectives import LOSSES, check_objective
 from ddpm.schedules import SCHEDULES
 from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
@@ -52,6 +56,13 @@ class ClassifierParams(Strict):
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1.0e-3, gt=0)
     seed: Seed = 0
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
+class TrainParams(TrainConfig):
+    """``ddpm.training.TrainConfig``, with ``ema`` a union tagged by ``kind`` (the choices of ``ddpm.ema``)."""
+
+    ema: Annotated[Union[EMA_CHOICES], Field(discriminator="kind")] = field(default_factory=PowerEMA)  # type: ignore
 
 
 class DDPMSampler(Strict):
@@ -97,6 +108,7 @@ class SampleParams(Strict):
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
     seed: Seed = 1
+    weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]  # the checkpoint's average, or its raw weights
 
 
 class FidParams(Strict):
@@ -111,6 +123,19 @@ class NllParams(Strict):
     batch_size: int = Field(250, ge=1)
     clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
     seed: Seed = 2  # the noise of x_t ~ q(x_t | x_0) at every t
+    weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]
+
+
+class EmaParams(Strict):
+    # None: train's own EMA (train.ema) unchanged; a number: post-hoc EMA of that σ_rel from the snapshots
+    sigma_rel: float | None = Field(None, gt=0, lt=MAX_SIGMA_REL)
+
+
+class DenoiseParams(Strict):
+    num_images: int = Field(512, ge=1)  # the first N test images
+    timesteps: int = Field(8, ge=1)  # the grid: midpoints of this many equal slices of {0..T-1}
+    batch_size: int = Field(256, ge=1)
+    seed: Seed = 3  # the fixed noise
 
 
 class Params(Strict):
@@ -124,7 +149,7 @@ class Params(Strict):
     hybrid_lambda: float = Field(1.0e-3, gt=0)  # λ of loss=hybrid
     data: DataParams = Field(default_factory=DataParams)
     model: UNetConfig = Field(default_factory=UNetConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
+    train: TrainParams = Field(default_factory=TrainParams)
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {
@@ -133,6 +158,8 @@ class Params(Strict):
         "heun": HeunSampler(kind="heun")})
     fid: FidParams = Field(default_factory=FidParams)
     nll: NllParams = Field(default_factory=NllParams)
+    ema: EmaParams = Field(default_factory=EmaParams)
+    denoise: DenoiseParams = Field(default_factory=DenoiseParams)
 
     @model_validator(mode="after")
     def _check(self):
@@ -152,6 +179,10 @@ class Params(Strict):
         for name in self.samplers:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"sampler name {name!r} must be letters, digits and '_' (it names files and metrics)")
+        if self.ema.sigma_rel is not None and not self.train.snapshot_steps:
+            raise ValueError(f"ema.sigma_rel {self.ema.sigma_rel} asks for post-hoc EMA, which needs snapshots: "
+                             "set train.ema_profiles (e.g. [0.05, 0.1]) and train.ema_snapshot_every > 0, "
+                             "or ema.sigma_rel: null for train's own EMA")
         try:
             self.model.validate(self.data.image_size or {"cifar10": 32}.get(self.data.name, 28))
         except ValueError as e:
@@ -229,11 +260,13 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
               "hybrid_lambda", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
-               "sample.precision", "sample.seed", "samplers.${item.sampler}"],
+               "sample.precision", "sample.seed", "sample.weights", "samplers.${item.sampler}"],
     "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "report": ["sample.samplers", "sample.steps"],
     "nll": ["nll"],
+    "ema": ["ema"],
+    "denoise": ["denoise"],
 }
 
 

@@ -5,6 +5,12 @@ HTML: FID table (rows = sampler, columns = steps, as in the DDIM paper's Table 1
 KID / precision / recall / Inception Score tables, the extractor's test accuracy, the
 figures, and per cell the sample grid and the denoising strip.
 
+It also states which weights the cells sampled (``sample.weights``, from each cell's
+``info.json``) and which average they are (``metrics/ema.json`` of the `ema` stage), and
+writes ``plots/fid_vs_sigma_rel.csv`` (sampler, steps, σ_rel, FID): one point per cell at
+this experiment's σ_rel; ``dvc plots diff`` over the experiments of a σ_rel sweep joins
+them into FID-vs-σ_rel lines (EDM2 Fig. 1), as does ``python -m pipeline compare --sigma-rel-figure``.
+
 The markdown links images relative to itself; the HTML embeds them (base64), so it
 opens anywhere as one file.
 """
@@ -82,6 +88,7 @@ def render_markdown(doc: dict, here: Path) -> str:
               f"{doc['reference_images']} reference images."]
     if doc["classifier_accuracy"] is not None:
         lines += [f"- Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}"]
+    lines += [f"- Weights: {doc['weights']}."]
     lines += [f"- Best: **{doc['best'][0]}** with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.", ""]
     for title, note, rows in doc["tables"]:
         lines += [f"## {title} by sampler and steps ({note})", "",
@@ -118,6 +125,7 @@ def render_html(doc: dict) -> str:
            f"{doc['reference_images']} reference images.</li>"]
     if doc["classifier_accuracy"] is not None:
         out.append(f"<li>Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}</li>")
+    out.append(f"<li>Weights: {e(doc['weights'])}.</li>")
     out.append(f"<li>Best: <b>{e(doc['best'][0])}</b> with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.</li></ul>")
     for title, note, rows in doc["tables"]:
         out.append(f'<h2>{e(title)} by sampler and steps <small>({e(note)})</small></h2><table class="{e(title)}">')
@@ -137,8 +145,32 @@ def render_html(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def describe_weights(infos: list[dict], ema: dict | None) -> str:
+    """'ema (post-hoc power EMA, σ_rel 0.07)' and the like, from the cells' info.json and metrics/ema.json."""
+    used = sorted({i.get("weights", "ema") for i in infos})
+    if ema is None:
+        average = "average not recorded"
+    else:
+        kind = {"power": "power-function EMA", "warmup": "EMA with warm-up", "fixed": "fixed-decay EMA"}.get(
+            ema.get("kind"), f"{ema.get('kind')} EMA")
+        detail = (f"σ_rel {ema['sigma_rel']}" if ema.get("sigma_rel") is not None
+                  else f"decay {ema['decay']}" if "decay" in ema else "")
+        source = "post-hoc (EDM2), " if ema.get("source") == "posthoc" else "train's "
+        average = f"{source}{kind}" + (f", {detail}" if detail else "")
+    return " and ".join(used) + f" (the checkpoint's average: {average})"
+
+
+def sigma_rel_rows(cells: dict, samplers: list[str], steps: list[int], ema: dict | None) -> list[tuple]:
+    """(sampler, steps, σ_rel, FID) per cell; none when the average has no σ_rel (not a power EMA)."""
+    sigma = (ema or {}).get("sigma_rel")
+    if sigma is None:
+        return []
+    return [(s, k, sigma, cells[s, k]["fid"]) for s in samplers for k in steps]
+
+
 def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
-         html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path) -> None:
+         html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path,
+         ema_metrics: Path | None = None, sigma_plot: Path | None = None) -> None:
     sp = for_stage(load_params(params_path), "report").sample
     check_writable(metrics_out, plot_csv, figure, markdown, html_out, loss_figure)
     samplers, steps = list(sp.samplers), sorted(sp.steps)
@@ -161,6 +193,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
     write_csv(plot_csv, ["sampler", "steps", *columns],
               [(s, k, *(cells[s, k][c] for c in columns)) for s in samplers for k in steps])
+    ema = read_json(ema_metrics) if ema_metrics is not None and ema_metrics.is_file() else None
+    if sigma_plot is not None:
+        write_csv(sigma_plot, ["sampler", "steps", "sigma_rel", "fid"], sigma_rel_rows(cells, samplers, steps, ema))
+    infos = [read_json(i) for s in samplers for k in steps if (i := samples_dir / f"{s}-{k}" / "info.json").is_file()]
     plot_fid(cells, samplers, steps, figure)
     figures = [("FID vs sampling steps", figure)]
     losses = read_losses(loss_csv)
@@ -171,6 +207,7 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     doc = {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
            "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
            "best": best, "best_fid": cells[best]["fid"], "figures": figures,
+           "weights": describe_weights(infos, ema),
            "tables": [(title, note, rows) for key, title, fmt, note in TABLES
                       if (rows := table(cells, samplers, steps, key, fmt)) is not None],
            "cells": [(f"{s}-{k}", samples_dir / f"{s}-{k}" / "grid.png", samples_dir / f"{s}-{k}" / "strip.png")

@@ -1,5 +1,7 @@
 """Stage `sample`: draw samples from the trained model with one sampler × step count
-(one cell of the sample matrix) and write them as uint8 plus a PNG grid.
+(one cell of the sample matrix) and write them as uint8 plus a PNG grid. ``sample.weights``
+picks the checkpoint's averaged (``ema``) or raw weights; ``info.json`` records which, and
+which average (the checkpoint's ``ema_config``).
 
 Batch i of ``sample.batch_size`` images draws from its own generator, seeded with
 ``derive_seed(sample.seed, i)``, so the samples do not depend on how the batches are
@@ -22,6 +24,11 @@ from pipeline.params import for_stage, load_params
 from pipeline.strip import StripRecorder
 
 
+def ema_summary(ckpt: dict) -> dict:
+    """The scalar entries of the checkpoint's ``ema_config`` (source, kind, σ_rel or decay, ...)."""
+    return {k: v for k, v in (ckpt.get("ema_config") or {}).items() if not isinstance(v, (list, dict))}
+
+
 def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str) -> None:
     params = load_params(params_path)
     if sampler not in params.samplers:
@@ -32,7 +39,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     sp, cfg = p.sample, p.samplers[sampler]
     check_writable(*(out_dir / f for f in ("samples.pt", "grid.png", "strip.png", "info.json", "system.json")))
     with distributed.process_group(resolve_device(device)) as (world, dev):
-        net, spec, ckpt = load_model(checkpoint, dev)
+        net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
         if not 1 <= steps <= spec.timesteps:
             raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
         diffusion = spec.build_diffusion(dev)
@@ -68,6 +75,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
             strip.save(out_dir / "strip.png")  # batch 0 is always rank 0's
             write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options,
                                                "steps": steps, "num_samples": images.shape[0],
+                                               "weights": sp.weights, "ema": ema_summary(ckpt),
                                                "seconds": round(seconds, 2), "processes": world.size,
                                                "images_per_second": round(images.shape[0] / seconds, 2),
                                                "device": str(dev)})

@@ -10,10 +10,21 @@ a file from another config is never resumed into; with ``--resume auto`` a run s
 and starts fresh, with ``--resume require`` it fails. The file is deleted once the
 outputs are written. Under ``torchrun`` this is DDP training: rank 0 reads and writes
 files and prints, the others train.
+
+The checkpoint holds the raw weights (``model``), their average (``ema``, the rule of
+``train.ema``) and ``ema_config`` naming that rule. Post-hoc EMA: after each step of
+``train.ema_snapshot_every`` (and the last) the power EMAs of ``train.ema_profiles`` are
+written in float16 to ``<state>.snapshots/step-NNNNNNN.pt`` beside the resume file (DVC
+deletes a stage's outputs before it runs, so they cannot live in the output folder while
+training); the resume file lists those it covers, a resumed run drops any written after
+it, and at the end they are published, with ``index.json``, as ``--snapshots``.
 """
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from enum import Enum
@@ -22,9 +33,11 @@ from pathlib import Path
 import torch
 
 from ddpm import distributed
-from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
 from ddpm.data import load_split
+from ddpm.ema import averaged_weights
 from ddpm.model import ModelSpec
+from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
 from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, load_train_state, train, train_state_dict
 from pipeline import system_metrics
@@ -88,9 +101,63 @@ def read_resume_file(path: Path, config: dict, mode: Resume) -> tuple[dict | Non
     return ckpt, f"resuming from step {ckpt['step']} of {path}"
 
 
+def snapshot_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def staging_dir(state_path: Path) -> Path:
+    """Where the EMA snapshots wait while training: beside the resume file."""
+    return state_path.with_name(state_path.stem + ".snapshots")
+
+
+def prepare_staging(staging: Path, ckpt: dict | None, state_path: Path) -> list[int]:
+    """The snapshot steps already written: those the resume file lists (checked present), the
+    ones written after it deleted; with nothing to resume from, an emptied folder."""
+    if ckpt is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
+        return []
+    listed = [int(k) for k in ckpt.get("ema_snapshots", [])]
+    missing = [snapshot_name(k) for k in listed if not (staging / snapshot_name(k)).is_file()]
+    if missing:
+        raise CheckpointError(f"resume file {state_path} lists EMA snapshots missing from {staging}: "
+                              f"{', '.join(missing)}")
+    staging.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        if f.name not in {snapshot_name(k) for k in listed}:  # written after the resume file, or a temporary
+            f.unlink()
+    return listed
+
+
+def publish_snapshots(staging: Path, steps: list[int], out: Path, index: dict) -> None:
+    """Hard-link (or copy) the staged snapshots and ``index.json`` into a new folder, then swap it in for ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 otherwise
+    try:
+        for k in steps:
+            try:
+                os.link(staging / snapshot_name(k), tmp / snapshot_name(k))
+            except OSError:
+                shutil.copy2(staging / snapshot_name(k), tmp / snapshot_name(k))
+        write_json(tmp / "index.json", index)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
          state_path: Path = Path("checkpoints/train_state.pt"), resume: Resume = Resume.auto,
-         system: Path = Path("logs/train_system.json")) -> None:
+         system: Path = Path("logs/train_system.json"), snapshots: Path = Path("models/ema_snapshots")) -> None:
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     p = for_stage(params, "train")
@@ -117,9 +184,12 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         # rank 0 decides whether to resume and hands the state to every rank
         found = None
+        staging = staging_dir(state_path)
+        written: list[int] = []  # snapshot steps in the staging folder (rank 0)
         if world.is_main:
             try:
                 found = read_resume_file(state_path, training, resume)
+                written = prepare_staging(staging, found[0], state_path)
             except CheckpointError as e:
                 found = e
         found = distributed.broadcast(found, world)
@@ -139,8 +209,19 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         def checkpoint(s) -> None:
             d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
             if world.is_main:
-                save_checkpoint(state_path, config=config, **d)
+                save_checkpoint(state_path, config=config, **d, ema_snapshots=sorted(written))
                 saved["step"] = s.step
+
+        sigma_rels = list(p.train.ema_profiles)
+
+        def ema_snapshot(s) -> None:
+            if world.is_main:
+                weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
+                if not all(v.isfinite().all() for w in weights for v in w.values()):
+                    raise FloatingPointError(f"the EMA profiles are not finite in float16 at step {s.step}")
+                save_snapshot(staging / snapshot_name(s.step), step=s.step, sigma_rels=sigma_rels, weights=weights,
+                              config={"model": spec.to_dict(), "fingerprint": config["fingerprint"]})
+                written.append(s.step)
 
         start = time.perf_counter()
         try:
@@ -149,7 +230,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                 bar(first_step)
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
-                      world=world, progress=bar, on_checkpoint=checkpoint)
+                      world=world, progress=bar, on_checkpoint=checkpoint, on_snapshot=ema_snapshot)
         except FloatingPointError as e:
             last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
                     else "no checkpoint was written")
@@ -158,10 +239,16 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         if world.is_main:
             cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
-            save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
-                            ema=cpu(state.ema.state_dict()), timestep_sampler=timestep_sampler.state_dict())
-            write_csv(plot, ["step", "loss"], state.losses)
             n_params = sum(t.numel() for t in net.parameters())
+            publish_snapshots(staging, sorted(written), snapshots, {
+                "steps": sorted(written), "sigma_rels": sigma_rels if written else [],
+                "files": [snapshot_name(k) for k in sorted(written)], "dtype": str(SNAPSHOT_DTYPE).removeprefix("torch."),
+                "bytes": sum((staging / snapshot_name(k)).stat().st_size for k in written),
+                "fingerprint": config["fingerprint"]})
+            save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
+                            ema=cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(p.train.ema)},
+                            timestep_sampler=timestep_sampler.state_dict())
+            write_csv(plot, ["step", "loss"], state.losses)
             write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
                                  "parameters": n_params})
             trained = state.step - first_step
@@ -169,6 +256,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                                 "resumed_from_step": first_step,
                                 "images_per_second": round(trained * p.train.batch_size / max(seconds, 1e-9), 1)})
             state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
+            shutil.rmtree(staging, ignore_errors=True)
             print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
                   + (f" × {world.size}" if world.is_distributed else "") + f" → {out}")
         distributed.barrier(world)

@@ -21,12 +21,12 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, idx_dir):
-    """Runs prepare → classifier → train → sample → fid → report once for the module."""
+    """Runs prepare → classifier → train → ema → sample → fid → report once for the module."""
     wd = tmp_path_factory.mktemp("cli")
     (wd / "params.yaml").write_text(yaml.safe_dump(tiny_params(idx_dir)))
     mp = pytest.MonkeyPatch()
     mp.chdir(wd)
-    for args in (["prepare"], ["classifier", "--device", "cpu"], ["train", "--device", "cpu"],
+    for args in (["prepare"], ["classifier", "--device", "cpu"], ["train", "--device", "cpu"], ["ema"],
                  ["sample", "--sampler", "ddpm", "--steps", 2, "--out", "samples/ddpm-2"],
                  ["sample", "--sampler", "ddim", "--steps", 3, "--out", "samples/ddim-3"]):
         r = invoke(*args)
@@ -143,5 +143,6 @@ def test_undefined_sampler(workdir, tmp_path):
 
 def test_help_lists_every_stage():
     r = invoke("--help")
-    for stage in ("prepare", "classifier", "train", "sample", "fid-ref", "fid", "report", "log", "compare"):
+    for stage in ("prepare", "classifier", "train", "ema", "sample", "fid-ref", "fid", "nll", "denoise", "report",
+                  "log", "compare"):
         assert stage in r.output

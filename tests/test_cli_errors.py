@@ -15,10 +15,11 @@ SENTINEL = b"produced by an earlier run"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """A workspace with a trained tiny model (models/model.pt)."""
+    """A workspace with a trained tiny model (models/model.pt, its snapshots, models/model_ema.pt)."""
     torch.set_num_threads(1)
     root = workspace(tmp_path_factory.mktemp("trained"), steps=2)
     assert cli(root, "train", "--device", "cpu").exit_code == 0
+    assert cli(root, "ema").exit_code == 0
     return root
 
 

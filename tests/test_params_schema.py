@@ -190,7 +190,7 @@ def test_a_number_without_bounds_is_caught(monkeypatch):
     import copy
 
     schema = copy.deepcopy(SCHEMA)
-    schema["$defs"]["TrainConfig"]["properties"]["new_rate"] = {"type": "number", "default": 0.5}
+    schema["$defs"]["TrainParams"]["properties"]["new_rate"] = {"type": "number", "default": 0.5}
     monkeypatch.setitem(globals(), "SCHEMA", schema)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     with pytest.raises(AssertionError, match="train.new_rate is a number without a lower bound"):

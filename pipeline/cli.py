@@ -90,11 +90,13 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
            out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
+           guidance: str = typer.Option(None, help="a classifier-free guidance setting defined under 'guidance' "
+                                                   "(class-conditional models; default: none, w = 0)"),
            device: str = DEVICE):
-    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>)."""
+    """Sample one cell of the sampler × steps (× guidance) matrix (sample.*, samplers.<name>, guidance.<name>)."""
     from pipeline import sample as stage
 
-    stage.main(params, checkpoint, sampler, steps, out, device)
+    stage.main(params, checkpoint, sampler, steps, out, device, guidance)
 
 
 @app.command("fid-ref")
@@ -145,11 +147,17 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            classifier_metrics: Path = typer.Option(Path("metrics/classifier.json"), help="extractor test accuracy"),
            loss: Path = typer.Option(Path("plots/train_loss.csv"), help="training loss curve (step, loss)"),
            loss_figure: Path = typer.Option(Path("reports/train_loss.png")),
-           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png")):
-    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and the markdown + HTML report."""
+           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png"),
+           sweep_plot: Path = typer.Option(Path("plots/guidance_sweep.csv"),
+                                           help="one row per cell and guidance weight w (FID, precision, recall, "
+                                                "class accuracy)"),
+           sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png"))):
+    """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
+    report."""
     from pipeline import report as stage
 
-    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples)
+    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
+               sweep_plot, sweep_figure)
 
 
 @app.command()

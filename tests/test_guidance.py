@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import REPO
 from PIL import Image
 from test_samplers_family import FAMILY, FAMILY_IDS, M, S, W, tolerance
 from tiny import CLASSES, cli, workspace
@@ -291,9 +292,20 @@ def test_model_spec_round_trip_keeps_the_classes(tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
-def test_params_guidance_needs_a_class_model():
-    from conftest import REPO
+def test_dvc_sweep_plot_template_draws_one_line_per_cell_through_its_w():
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    plot = next(p["plots/guidance_sweep.csv"] for p in stages["report"]["plots"] if "plots/guidance_sweep.csv" in p)
+    assert (plot["template"], plot["x"], plot["y"]) == ("guidance_sweep", "recall", "precision")
+    template = json.loads((REPO / ".dvc" / "plots" / "guidance_sweep.json").read_text())
+    assert template["encoding"]["color"]["field"] == "cell"
+    assert template["layer"][0]["encoding"]["order"]["field"] == "w"
+    assert template["layer"][1]["encoding"]["text"]["field"] == "guidance"
+    # the guided cells are the plain matrix plus the guidance axis, named <sampler>-<steps>-<guidance>
+    assert stages["sample_guided"]["matrix"]["guidance"] == "${sample.guidance}"
+    assert "samples/${item.sampler}-${item.steps}-${item.guidance}" in stages["sample_guided"]["outs"]
 
+
+def test_params_guidance_needs_a_class_model():
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["sample"]["guidance"] = ["w3"]
     with pytest.raises(ParamsError, match="needs conditioning: class"):

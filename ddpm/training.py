@@ -8,6 +8,9 @@ The data set is one uint8 tensor [N, C, H, W] held on the training device; each 
 draws a batch of indices, a timestep t (uniform, or importance-sampled: see
 ``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
 ``torch.Generator``, so a run is a function of its seed.
+A class-conditional model also gets each example's label, replaced by the null class
+with probability ``cond_drop`` (classifier-free guidance training, ``ddpm.guidance``),
+drawn from the same generator.
 The loss is logged every ``log_every`` steps only (no host synchronisation per step);
 a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
 
@@ -38,6 +41,7 @@ from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepa
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
+from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
 from ddpm.posthoc_ema import check_schedule, snapshot_steps
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
@@ -119,6 +123,8 @@ def train(
     variance: str = "fixed_small",
     hybrid_lambda: float = 1.0e-3,
     timestep_sampler: UniformSampler | ImportanceSampler | None = None,
+    labels: torch.Tensor | None = None,
+    cond_drop: float = 0.0,
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
@@ -130,9 +136,12 @@ def train(
     losses and weights so far were checked finite (a collective: it may call
     ``train_state_dict``). ``timestep_sampler`` draws t (default uniform); an importance
     sampler is updated in place. ``on_snapshot`` runs on every rank after each step of
-    ``cfg.snapshot_steps``, before that step's checkpoint, with the losses so far checked finite."""
+    ``cfg.snapshot_steps``, before that step's checkpoint, with the losses so far checked finite.
+    ``labels`` (int64 [N], for a class-conditional model, whose ``num_classes`` is the null
+    class) go with ``images``; each is dropped to the null class with probability ``cond_drop``."""
     device = diffusion.device
     images = images.to(device)
+    labels = None if labels is None else labels.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
@@ -150,10 +159,14 @@ def train(
         t, weights = sampler.sample(cfg.batch_size, g, device)
         t, weights = t[mine], (None if weights is None else weights[mine])
         noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
+        y = None
+        if labels is not None:  # class labels, each replaced by the null class with probability cond_drop
+            y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
         x0, noise = to_memory_format(x0, cfg.memory_format), to_memory_format(noise, cfg.memory_format)
         with autocast_context(cfg.precision, device):
-            terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+            terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda,
+                                   labels=y)
         losses = terms["loss"]
         if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
             sampler.update(t, terms["vlb"])

@@ -117,11 +117,14 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
            out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
+           guidance: str = typer.Option(None, help="a classifier-free guidance setting defined under 'guidance' "
+                                                   "(class-conditional models; default: none, w = 0)"),
            device: str = DEVICE):
-    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>); sample.weights: ema | raw."""
+    """Sample one cell of the sampler × steps (× guidance) matrix (sample.*, samplers.<name>, guidance.<name>);
+    sample.weights: ema | raw."""
     from pipeline import sample as stage
 
-    stage.main(params, checkpoint, sampler, steps, out, device)
+    stage.main(params, checkpoint, sampler, steps, out, device, guidance)
 
 
 @app.command("fid-ref")
@@ -187,12 +190,17 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png"),
            ema_metrics: Path = typer.Option(Path("metrics/ema.json"), help="which average the ema stage chose"),
            sigma_plot: Path = typer.Option(Path("plots/fid_vs_sigma_rel.csv"),
-                                           help="(sampler, steps, sigma_rel, fid) per cell, for dvc plots diff")):
-    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and the markdown + HTML report."""
+                                           help="(sampler, steps, sigma_rel, fid) per cell, for dvc plots diff"),
+           sweep_plot: Path = typer.Option(Path("plots/guidance_sweep.csv"),
+                                           help="one row per cell and guidance weight w (FID, precision, recall, "
+                                                "class accuracy)"),
+           sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png"))):
+    """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
+    report."""
     from pipeline import report as stage
 
     stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
-               ema_metrics, sigma_plot)
+               ema_metrics, sigma_plot, sweep_plot, sweep_figure)
 
 
 @app.command()

@@ -3,8 +3,8 @@
 One parent run per pipeline run (named and tagged with the DVC experiment name and
 the git revision) holding every param, the summary metrics and the report; child runs
 for `train` (with the loss curve as a metric history), `classifier`, and one per
-sampler × steps cell (FID/KID/precision/recall/IS, throughput, sample grid and
-denoising strip). `train` and each cell carry the system metrics their stage recorded
+sampler × steps (× guidance) cell (FID/KID/precision/recall/IS, class accuracy, throughput,
+sample grid and denoising strip). `train` and each cell carry the system metrics their stage recorded
 while it worked (``system/...`` histories: CPU, memory, disk, network, GPU; see
 pipeline/system_metrics.py). The parent holds the report (markdown, self-contained
 HTML) and the figures (FID vs steps, loss curve) under `reports/`.
@@ -67,9 +67,10 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
     """Everything this run produced that goes to MLflow, read from the stage outputs under ``root``."""
     cells = {}
     for s in params.sample.samplers:
-        for k in params.sample.steps:
-            name = f"{s}-{k}"
-            cells[name] = {"sampler": s, "steps": k, "metrics": _read(root / f"metrics/cells/{name}.json"),
+        for k, g in [(k, g) for k in params.sample.steps for g in [None, *params.sample.guidance]]:
+            name = f"{s}-{k}" + (f"-{g}" if g else "")
+            cells[name] = {"sampler": s, "steps": k, "guidance": g,
+                           "metrics": _read(root / f"metrics/cells/{name}.json"),
                            "info": _read(root / f"samples/{name}/info.json"),
                            "system": system_metrics.read(root / f"samples/{name}/system.json"),
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
@@ -126,7 +127,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
         with mlflow.start_run(run_name="train", nested=True, tags=tags) as child:
             mlflow.log_params({k: v if not isinstance(v, list) else json.dumps(v) for k, v in flat.items()
                                if k.split(".")[0] in ("seed", "schedule", "prediction", "timesteps", "loss", "variance",
-                                                         "timestep_sampling", "hybrid_lambda", "model", "train")})
+                                                         "timestep_sampling", "hybrid_lambda", "conditioning",
+                                                         "cond_drop", "model", "train")})
             history = [Metric("loss", loss, 0, step) for step, loss in run["losses"]]
             history += system_metrics.mlflow_metrics(run["system"])  # the run page's "System metrics"
             _log_history(client, child.info.run_id, history)
@@ -140,8 +142,12 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
         for name, cell in run["cells"].items():
             with mlflow.start_run(run_name=f"sample/{name}", nested=True, tags=tags) as child:
                 sampler = params.samplers[cell["sampler"]].model_dump()
+                guidance = params.guidance[cell["guidance"]].model_dump() if cell["guidance"] else {}
                 mlflow.log_params({"sampler": cell["sampler"], "steps": cell["steps"],
                                    **{f"sampler.{k}": v for k, v in sampler.items()},
+                                   **({"guidance": cell["guidance"]} if cell["guidance"] else {}),
+                                   **{f"guidance.{k}": json.dumps(v) if isinstance(v, tuple) else v
+                                      for k, v in guidance.items()},
                                    **{k: v for k, v in flat.items() if k.startswith("sample.")}})
                 mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
                                                                      _numeric(cell["info"]).items()

@@ -9,7 +9,9 @@ except ``train.checkpoint_every`` and ``train.log_every``) and of the training i
 a file from another config is never resumed into; with ``--resume auto`` a run says so
 and starts fresh, with ``--resume require`` it fails. The file is deleted once the
 outputs are written. Under ``torchrun`` this is DDP training: rank 0 reads and writes
-files and prints, the others train.
+files and prints, the others train. With ``conditioning: class`` the U-Net is
+class-conditional on the split's labels (``cond_drop`` of them dropped to the null class);
+the checkpoint records the class names.
 
 The checkpoint holds the raw weights (``model``), their average (``ema``, the rule of
 ``train.ema``) and ``ema_config`` naming that rule. Post-hoc EMA: after each step of
@@ -34,7 +36,7 @@ import torch
 
 from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
-from ddpm.data import load_split
+from ddpm.data import DataError, load_split
 from ddpm.ema import averaged_weights
 from ddpm.model import ModelSpec
 from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
@@ -53,9 +55,9 @@ class Resume(str, Enum):
     require = "require"  # fail unless --state exists and is from the same config
 
 
-def training_config(params, images: torch.Tensor) -> dict:
+def training_config(params, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """What determines the trained weights: the stage's params (minus NOT_FINGERPRINTED),
-    flattened, plus the training images' shape and SHA-256."""
+    flattened, plus the training images' shape and SHA-256 (and the labels', when they are used)."""
     flat = {}
 
     def walk(prefix, value):
@@ -72,6 +74,8 @@ def training_config(params, images: torch.Tensor) -> dict:
     images = images.contiguous()
     flat["data.shape"] = list(images.shape)
     flat["data.sha256"] = hashlib.sha256(images.numpy().data).hexdigest()
+    if labels is not None:
+        flat["data.labels_sha256"] = hashlib.sha256(labels.long().contiguous().numpy().data).hexdigest()
     return flat
 
 
@@ -166,10 +170,16 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     _, channels, height, width = split.images.shape
     if height != width:
         raise ValueError(f"{data}: images must be square, got {height}×{width}")
+    labels = split.labels if p.conditioning == "class" else None
+    if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
+        raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
+    classes = list(split.classes) if labels is not None else []
     spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
-                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance)
-    training = training_config(params, split.images)
-    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling}
+                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance,
+                     conditioning=p.conditioning, num_classes=len(classes), classes=classes)
+    training = training_config(params, split.images, labels)
+    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling,
+                 **({"cond_drop": p.cond_drop} if labels is not None else {})}
     config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
               "training": training, "fingerprint": fingerprint(training)}
     distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
@@ -230,7 +240,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                 bar(first_step)
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
-                      world=world, progress=bar, on_checkpoint=checkpoint, on_snapshot=ema_snapshot)
+                      labels=labels, cond_drop=p.cond_drop, world=world, progress=bar, on_checkpoint=checkpoint,
+                      on_snapshot=ema_snapshot)
         except FloatingPointError as e:
             last = (f"the last good checkpoint is {state_path} at step {saved['step']}" if saved["step"] is not None
                     else "no checkpoint was written")

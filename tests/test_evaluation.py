@@ -218,7 +218,8 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     def report(classifier_metrics):
         report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
                           r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
-                          tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples")
+                          tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples",
+                          tmp_path / "plots" / "sweep.csv", r / "sweep.png")
 
     # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
     with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):
@@ -238,7 +239,10 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     html = (r / "report.html").read_text()
     assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
     assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
-    assert html.count("data:image/png;base64,") == 2 + 2 + 1  # figures, two grids, one strip
+    assert html.count("data:image/png;base64,") == 3 + 2 + 1  # figures, two grids, one strip
+    # an unconditional model: precision vs recall per cell, no class accuracy, no guidance table
+    assert (tmp_path / "plots" / "sweep.csv").read_text().splitlines()[1] == "ddpm-2,ddpm,2,none,0.0,31.5,,0.5,0.25"
+    assert "Precision vs recall" in md and "Guidance sweep" not in md
     assert "src=\"../" not in html and "0.9123" in html and "ddpm-3 samples: missing" in html
     assert (r / "fid_vs_steps.png").stat().st_size > 0 and (r / "train_loss.png").stat().st_size > 0
 

@@ -61,7 +61,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with up to 32 groups and at least 2 channels per group (when there are 2 channels).
+
+    One channel per group would subtract every channel's spatial mean, and with it the per-channel
+    timestep (and class) embedding a ResBlock adds just before its second norm: the network could
+    not see t. 32 groups of 2+ channels (the DDPM models, ch >= 64) are unchanged by the floor.
+    """
+    groups = math.gcd(32, channels)
+    if channels // groups < 2 and channels > 1:
+        groups = math.gcd(32, channels // 2)
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):

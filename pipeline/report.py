@@ -96,7 +96,8 @@ def plot_sweep(rows: list[dict], figure: Path) -> None:
             for r in mine:
                 ax.annotate(f"w={r['w']:g}" + ("" if r["guidance"] in ("none", f"w{r['w']:g}") else f" {r['guidance']}"),
                             (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set(xlabel=labels[x], ylabel=labels[y], title=f"{y} vs {x}".replace("_", " "))
+        short = {"fid": "FID", "class_accuracy": "class accuracy", "precision": "precision", "recall": "recall"}
+        ax.set(xlabel=labels[x], ylabel=labels[y], title=f"{short[y]} vs {short[x]}")
         ax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7)
     _save(plt, fig, figure)

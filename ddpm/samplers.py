@@ -30,16 +30,16 @@ functions branch on Python values (i, options), never on tensor values.
 import inspect
 import typing
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
 
+from ddpm.acceleration import network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the network; the sampler's state keeps its own dtype
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -204,18 +204,18 @@ def check_options(sampler: str, options: dict | None) -> Callable:
 def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: str, clip: str,
               percentile: float, precision: str, variance: str = "fixed_small") -> Callable[[torch.Tensor, int], Prediction]:
     """``denoise(x, i)``: the network at respaced index i (original timestep ``timesteps[i]``) as a
-    Prediction. bf16 autocast applies on CUDA only; the output is cast back to x's dtype."""
+    Prediction. The network runs through ``ddpm.acceleration.network`` (bf16: autocast, on CUDA or
+    CPU), its output cast back to x's dtype, so x̂_0, its clipping and the steps see no bf16 tensor."""
     for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, PRECISIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
     check_clip(clip, percentile)
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
-    bf16 = precision == "bf16" and d.device.type == "cuda"
+    forward = network(model, resolve(d.device, precision).precision, d.device)
 
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            out = model(x, t_orig[idx])
+        out = forward(x, t_orig[idx])
         return to_prediction(d, prediction, out.to(x.dtype), x, idx, clip=clip, percentile=percentile,
                              variance=variance)
 
@@ -247,7 +247,8 @@ def sample(
     ``variance`` is the model's (``ModelSpec.variance``): with ``learned`` the network's
     log-variance, on the respaced β and β̃, goes to the step function in ``pred.log_variance``.
     ``clip``: static | dynamic | none, what happens to x̂_0 (``percentile`` for dynamic).
-    ``precision``: fp32 | bf16 (autocast of the network on CUDA; the CPU always runs fp32).
+    ``precision``: auto | fp32 | bf16, of the network (bf16: autocast on CUDA or CPU; auto: bf16 on
+    CUDA, fp32 on CPU); x and every step's arithmetic keep x's dtype (float32, or float64).
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
     ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
     when given, sees every step's result (original timestep t), e.g. for denoising strips.

@@ -188,34 +188,5 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
     stage.main(exp_json, rows, columns, extra, out, commits)
 
 
-@app.command()
-@clear_errors
-def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-cifar10 | fashion-mnist | tiny"),
-          device: str = DEVICE,
-          batch_size: int = typer.Option(None, help="training batch (default 128 on CUDA, 8 on CPU)"),
-          sample_batch_size: int = typer.Option(None, help="sampling batch (default 512 on CUDA, 8 on CPU)"),
-          sample_steps: int = typer.Option(10, help="sampling steps per measured sample() call"),
-          samplers: str = typer.Option("ddpm,ddim", help="comma-separated samplers"),
-          warmup: int = typer.Option(None, help="untimed iterations (default 5 on CUDA, 1 on CPU)"),
-          repeats: int = typer.Option(None, help="timed rounds, median reported (default 5 on CUDA, 3 on CPU)"),
-          iters: int = typer.Option(None, help="iterations per timed round (default 10 on CUDA, 1 on CPU)"),
-          precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16"),
-          memory_format: str = typer.Option("auto", help="auto (channels_last on CUDA) | contiguous | channels_last"),
-          compile: str = typer.Option("auto", help="auto (default on CUDA, none on CPU) | none | default | max-autotune"),
-          peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (default datasheet for known GPUs, "
-                                                       "a measured fp32 matmul rate on CPU)"),
-          peer: str = typer.Option("diffusers", help="diffusers | none"),
-          threads: int = typer.Option(None, help="PyTorch CPU threads (default PyTorch's)"),
-          out: Path = typer.Option(None, help="also write the JSON here")):
-    """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
-    from pipeline import bench as command
-
-    command.main(command.config_from_options(
-        config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
-        sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
-        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
-        threads=threads), out)
-
-
 if __name__ == "__main__":
     app()

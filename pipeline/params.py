@@ -89,7 +89,9 @@ class SampleParams(Strict):
     spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
     clip: Literal["static", "none", "dynamic"] = "static"
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
     seed: int = 1
 
 
@@ -193,7 +195,8 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
               "hybrid_lambda", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
-               "sample.precision", "sample.seed", "samplers.${item.sampler}"],
+               "sample.precision", "sample.memory_format", "sample.compile", "sample.seed",
+               "samplers.${item.sampler}"],
     "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "report": ["sample.samplers", "sample.steps"],

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ddpm import distributed
+from ddpm.acceleration import make_denoiser
 from ddpm.checkpoint import atomic_save
 from ddpm.model import load_model
 from ddpm.samplers import sample
@@ -32,6 +33,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     sp, cfg = p.sample, p.samplers[sampler]
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev)
+        denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
         if not 1 <= steps <= spec.timesteps:
             raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
         diffusion = spec.build_diffusion(dev)
@@ -51,10 +53,10 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                 if i == 0:  # the first batch also records the denoising strip (x_T drawn as sample() draws it)
                     x_T = torch.randn(shape, generator=g, device=dev)
                     on_step = strip = StripRecorder(x_T, steps)
-                x = sample(net, diffusion, shape, sampler=cfg.kind,
+                x = sample(denoiser, diffusion, shape, sampler=cfg.kind,
                            steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip=sp.clip, percentile=sp.clip_percentile, precision=sp.precision,
-                           generator=g, options=options, progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
+                           clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
+                           progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
                 chunks.append((i, to_uint8(x).cpu()))
         gathered = distributed.gather(chunks, world)
         seconds = time.perf_counter() - start

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ddpm.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count_flops, run_benchmark
-from pipeline.cli import app
+from benchmarks.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count_flops, run_benchmark
+from benchmarks.cli import app
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 SMALL = dict(model="tiny", device="cpu", batch_size=2, sample_batch_size=2, sample_steps=2, warmup=0, repeats=1, threads=1,
@@ -99,5 +99,7 @@ def test_cpu_attention_flops_are_counted():
 def test_bench_command_rejects_bad_choices():
     r = CliRunner().invoke(app, ["bench", "--config", "nope", "--device", "cpu"])
     assert r.exit_code == 1 and "ddpm-cifar10" in r.output
-    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "bf16"])
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "tf32"])
     assert r.exit_code == 1 and "needs a CUDA device" in r.output
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "fp16"])
+    assert r.exit_code == 1 and "auto, fp32, tf32, bf16" in r.output

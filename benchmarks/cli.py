@@ -1,10 +1,11 @@
 """The benchmark commands (not DVC stages): ``python -m benchmarks bench`` and
-``python -m benchmarks gpu-check``.
+``python -m benchmarks gpu-check`` and ``python -m benchmarks overhead``.
 
 ``bench`` runs the side-by-side benchmark of ``benchmarks.bench``, printed as JSON (and
 written to ``--out`` when given). Options left out take defaults for the device: the GPU
 fast path (``ddpm.acceleration``'s ``auto``: bf16, channels_last, torch.compile) and batch
-128 on CUDA, plain fp32 and small batches on CPU. ``gpu-check`` is ``benchmarks.gpu_check``.
+128 on CUDA, plain fp32 and small batches on CPU. ``gpu-check`` is ``benchmarks.gpu_check``,
+``overhead`` is ``benchmarks.overhead``.
 """
 
 import json
@@ -83,3 +84,16 @@ def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for gpu_c
     from benchmarks import gpu_check as command
 
     command.main(out, size, device, set_, ddp_processes, peak_tflops, budget)
+
+
+@app.command()
+@clear_errors
+def overhead(repo: Path = typer.Option(Path("."), help="the repository whose pipeline to measure"),
+             repeats: int = typer.Option(3, help="fresh processes per import timing (median)"),
+             set_: list[str] = typer.Option([], "--set", help="override a param, key=value (YAML value; repeatable)"),
+             out: Path = typer.Option(None, help="also write the JSON here")):
+    """The pipeline's fixed overhead: each stage's start-up and DVC's share, from a zero-work `dvc exp run`."""
+    from benchmarks import overhead as command
+    from benchmarks.gpu_check import parse_sets
+
+    command.main(out, repo.resolve(), repeats, parse_sets(set_))

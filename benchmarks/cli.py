@@ -18,6 +18,14 @@ from pipeline.cli import DEVICE, clear_errors
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmarks of the DDPM pipeline (not DVC stages).")
 
+@app.callback()
+def _process() -> None:
+    """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
+    from pipeline.common import keep_freed_memory
+
+    keep_freed_memory()
+
+
 # (CUDA, CPU) defaults for the options left out
 DEFAULTS = {"batch_size": (128, 8), "sample_batch_size": (512, 8), "warmup": (5, 1), "repeats": (5, 3),
             "iters": (10, 1)}

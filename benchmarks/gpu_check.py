@@ -10,8 +10,8 @@ part that fails or runs long leaves the others' figures (and says what happened)
               MFU, peak memory
   experiment  the default experiment (``params.yaml``, precision/memory_format/compile
               ``auto``, i.e. the fast path) for a few thousand training steps, every sampler
-              at 50 steps, FID and bits/dim: ``dvc repro`` in a copy of the repository's
-              tracked files, so it is exactly what a user runs
+              at 50 steps, FID and bits/dim: ``dvc repro report nll`` (every stage but the
+              MLflow log) in a copy of the repository's tracked files, so it is what a user runs
   ddp         when there is more than one GPU: ``torchrun --nproc_per_node N -m pipeline
               train`` (NCCL) against one process on the same params, img/s and speed-up
 
@@ -57,7 +57,7 @@ SIZES = {
                        "model.attn_resolutions": [14], "train.steps": 6, "train.batch_size": 8,
                        "train.warmup_steps": 2, "train.log_every": 2, "classifier.steps": 20,
                        "classifier.batch_size": 32, "classifier.arch": {"width": 8, "feature_dim": 16},
-                       "sample.samplers": ["ddim", "heun"], "sample.steps": [2], "sample.num_samples": 24,
+                       "sample.samplers": ["ddim"], "sample.steps": [2], "sample.num_samples": 24,
                        "sample.batch_size": 12, "fid.batch_size": 64, "fid.kid_subset_size": 12,
                        "nll.num_images": 2, "nll.batch_size": 2},
         "ddp_steps": 4,
@@ -149,15 +149,15 @@ def copy_repository(dest: Path, repo: Path = REPO) -> None:
         subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
 
 
-def experiment_part(size: dict, overrides: dict, out: Path, limit: float, deadline: float) -> dict:
+def experiment_part(size: dict, overrides: dict, device: str, out: Path, limit: float, deadline: float) -> dict:
     repo = out / "experiment"
     copy_repository(repo)
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for key, value in {**size["experiment"], **overrides}.items():
         set_dotted(params, key, value)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run = run_part(["dvc", "repro"], repo, out / "experiment.log", min(limit, deadline - time.monotonic()),
-                   child_env(**size["env"]))
+    run = run_part(["dvc", "repro", "report", "nll"], repo, out / "experiment.log",  # all but the MLflow log
+                   min(limit, deadline - time.monotonic()), child_env(**size["env"]))
     cells = {}
     for info in sorted(repo.glob("samples/*/info.json")):
         cell = read(info) or {}
@@ -165,7 +165,11 @@ def experiment_part(size: dict, overrides: dict, out: Path, limit: float, deadli
         cells[info.parent.name] = {"images_per_second": cell.get("images_per_second"), "seconds": cell.get("seconds"),
                                    "num_samples": cell.get("num_samples"), "fid": metrics.get("fid"),
                                    "kid_mean": metrics.get("kid_mean")}
-    return {"run": run, "params": {k: params[k.split(".")[0]] for k in ("train", "model", "sample")},
+    from ddpm.acceleration import resolve
+
+    fast = {stage: vars(resolve(device, *(params[stage][k] for k in ("precision", "memory_format", "compile"))))
+            for stage in ("train", "sample")}
+    return {"run": run, "params": {k: params[k] for k in ("train", "model", "sample")}, "fast_path": fast,
             "train": {**(read(repo / "logs/train_timing.json") or {}), **(read(repo / "metrics/train.json") or {})},
             "cells": cells, "nll": read(repo / "metrics/nll.json"), "classifier": read(repo / "metrics/classifier.json")}
 
@@ -215,6 +219,10 @@ def _fmt(v, spec="{:.3g}") -> str:
     return "—" if v is None else spec.format(v)
 
 
+def _path(p: dict) -> str:
+    return f"{p['precision']}, {p['memory_format']}, compile {p['compile']}"
+
+
 def _mib(v) -> str:
     return "—" if v is None else f"{v / 2**20:.0f} MiB"
 
@@ -252,8 +260,8 @@ def markdown(report: dict) -> str:
                       f"{e['run']['seconds']} s)", "",
                   f"train: {t.get('steps', '—')} steps of batch {e['params']['train']['batch_size']} in "
                   f"{_fmt(t.get('seconds'))} s, {_fmt(t.get('images_per_second'))} img/s, final loss "
-                  f"{_fmt(t.get('final_loss'), '{:.4f}')}; precision {e['params']['train']['precision']}, memory format "
-                  f"{e['params']['train']['memory_format']}, compile {e['params']['train']['compile']}; classifier "
+                  f"{_fmt(t.get('final_loss'), '{:.4f}')}; fast path (auto) of train: {_path(e['fast_path']['train'])}, "
+                  f"of sample: {_path(e['fast_path']['sample'])}; classifier "
                   f"accuracy {_fmt((e['classifier'] or {}).get('test_accuracy'), '{:.3f}')}; bits/dim "
                   f"{_fmt((e['nll'] or {}).get('bits_per_dim'), '{:.3f}')}", "",
                   "| cell | samples | img/s | seconds | FID | KID |", "|---|---|---|---|---|---|"]
@@ -308,7 +316,7 @@ def main(out: Path, size: str = "auto", device: str = "auto", sets: list[str] = 
         print(f"gpu-check: {name} done after {report['seconds']} s → {out / 'gpu_check.md'}", flush=True)
 
     note("bench", bench_part(s, str(dev), peak_tflops, out, s["limits"]["bench"], deadline))
-    note("experiment", experiment_part(s, overrides, out, s["limits"]["experiment"], deadline))
+    note("experiment", experiment_part(s, overrides, str(dev), out, s["limits"]["experiment"], deadline))
     note("ddp", ddp_part(s, ddp_processes, str(dev), out, s["limits"]["ddp"], deadline) if ddp_processes
          else {"status": f"skipped: {torch.cuda.device_count()} GPU(s)"})
     print((out / "gpu_check.md").read_text())

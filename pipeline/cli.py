@@ -14,6 +14,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
 
+@app.callback()
+def _process() -> None:
+    """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
+    from pipeline.common import keep_freed_memory
+
+    keep_freed_memory()
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
 

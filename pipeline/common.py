@@ -13,6 +13,27 @@ import torch
 from ddpm.checkpoint import atomic_write
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep the memory a process frees (no mmap per large block, no trimming),
+    so that a tensor allocated again reuses warm pages instead of faulting in fresh zeroed ones.
+
+    glibc serves blocks above its mmap threshold (128 KiB to 32 MiB, adapting) with a fresh mmap
+    and returns them on free; a batch of activations is such a block, so every layer of every step
+    page-faults its output in anew. On the 2-core CPU this took 45% of the CPU preset's sampling
+    time (batch 400: 10.7 → 5.9 CPU-s per sample() call) and 13% of a training step (batch 64).
+    The cost: a process's memory stays at its peak until it exits (stage processes are short).
+    A no-op (False) where the C library has no ``mallopt`` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

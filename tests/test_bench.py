@@ -103,3 +103,16 @@ def test_bench_command_rejects_bad_choices():
     assert r.exit_code == 1 and "needs a CUDA device" in r.output
     r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "fp16"])
     assert r.exit_code == 1 and "auto, fp32, tf32, bf16" in r.output
+
+
+def test_cpu_mfu_against_the_measured_matmul_rates():
+    """Without a given peak, the CPU's fp32 and bf16 matmul rates are measured (per wall and per
+    process CPU time) and MFU is reported against both clocks; bf16 runs on the CPU too."""
+    r = run_benchmark(BenchConfig(**{**SMALL, "peak_flops": None, "samplers": ("ddim",), "peer": "none",
+                                     "precision": "bf16"}))
+    rates = r["measured_matmul_flops"]
+    assert all(positive(rates[clock][p]) for clock in ("wall", "process_cpu") for p in ("fp32", "bf16"))
+    assert r["peak_flops"]["value"] == rates["wall"]["bf16"] and "bfloat16" in r["peak_flops"]["source"]
+    ours = r["models"]["ours"]
+    assert positive(ours["train"]["mfu_by_process_cpu_time"]) and positive(ours["sample"]["ddim"]["mfu_by_process_cpu_time"])
+    assert r["settings"]["precision"] == "bf16"

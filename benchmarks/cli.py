@@ -99,9 +99,10 @@ def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for gpu_c
 def overhead(repo: Path = typer.Option(Path("."), help="the repository whose pipeline to measure"),
              repeats: int = typer.Option(3, help="fresh processes per import timing (median)"),
              set_: list[str] = typer.Option([], "--set", help="override a param, key=value (YAML value; repeatable)"),
+             work: str = typer.Option("zero", help="zero (start-up only) | cpu-preset (the CPU preset itself)"),
              out: Path = typer.Option(None, help="also write the JSON here")):
     """The pipeline's fixed overhead: each stage's start-up and DVC's share, from a zero-work `dvc exp run`."""
     from benchmarks import overhead as command
     from benchmarks.gpu_check import parse_sets
 
-    command.main(out, repo.resolve(), repeats, parse_sets(set_))
+    command.main(out, repo.resolve(), repeats, parse_sets(set_), work)

@@ -19,6 +19,8 @@ is in the figures: a few tens of milliseconds), so
 and it times ``import`` of each stage's module (``-X importtime``-style, in a fresh process).
 The fixed overhead of a preset run is the sum of the stages' start-ups plus DVC's share;
 divide by the preset's wall time for the fraction (the README's Performance section).
+``--work cpu-preset`` runs the CPU preset itself (its ``-S`` values read from the Makefile)
+the same way: its wall time, each stage's wall and CPU time, and DVC's share.
 """
 
 import json
@@ -73,23 +75,34 @@ def import_seconds(module: str, repeats: int, cwd: Path, env: dict) -> tuple[flo
     return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
 
 
-def main(out: Path | None, repo: Path, repeats: int, sets: dict) -> dict:
+def cpu_preset(repo: Path) -> list[str]:
+    """The CPU preset's ``-S`` arguments, read from the Makefile (where they are defined once)."""
+    rule = "print-cpu-preset: ; @printf '%s\\n' $(CPU_PRESET)"
+    out = subprocess.run(["make", "-s", "--eval", rule, "print-cpu-preset"], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()
+
+
+def main(out: Path | None, repo: Path, repeats: int, sets: dict, work_kind: str = "zero") -> dict:
     work = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpm-overhead-{os.getpid()}"
     copy_repository(work, repo)
     shim_dir, log = work / ".shim", work / ".shim" / "commands.log"
     shim_dir.mkdir()
     (shim_dir / "python").write_text(SHIM.format(python=sys.executable, log=str(log)))
     (shim_dir / "python").chmod(0o755)
-    # one intra-op thread: with next to no work, a second thread only adds its start-up and, on a
-    # loaded machine, waits for a core (which is not start-up)
-    env = child_env(OMP_NUM_THREADS="1")
+    # zero work: one intra-op thread (a second only adds its start-up and, on a loaded machine,
+    # waits for a core, which is not start-up); the CPU preset runs as `make repro` runs it
+    env = child_env(**({"OMP_NUM_THREADS": "1"} if work_kind == "zero" else {}))
     env["PATH"] = f"{shim_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(work)
-    args = [f"{k}={json.dumps(v)}" for k, v in {**ZERO_WORK, **sets}.items()]
+    if work_kind not in ("zero", "cpu-preset"):
+        raise ValueError(f"unknown work {work_kind!r}; choose zero or cpu-preset")
+    preset = cpu_preset(repo) if work_kind == "cpu-preset" else [
+        a for k, v in ZERO_WORK.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    args = preset + [a for k, v in sets.items() for a in ("-S", f"{k}={json.dumps(v)}")]
     load = os.getloadavg()
     start, cpu = time.perf_counter(), _children_cpu()
-    r = subprocess.run(["dvc", "exp", "run", *[a for kv in args for a in ("-S", kv)]], cwd=work, env=env,
-                       capture_output=True, text=True)
+    r = subprocess.run(["dvc", "exp", "run", *args], cwd=work, env=env, capture_output=True, text=True)
     total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu
     if r.returncode != 0:
         raise RuntimeError(f"dvc exp run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
@@ -98,17 +111,17 @@ def main(out: Path | None, repo: Path, repeats: int, sets: dict) -> dict:
     per_kind: dict[str, list[dict]] = {}
     for s in stages:
         per_kind.setdefault(s["args"][2], []).append(s)
-    imports = {m: import_seconds(f"pipeline.{m}", repeats, work, env) for m in STAGE_MODULES}
+    imports = {m: import_seconds(f"pipeline.{m}", repeats, work, env) for m in STAGE_MODULES} if repeats else {}
     wall, cpu = sum(s["wall"] for s in stages), sum(s["cpu"] for s in stages)
     result = {
-        "repo": str(repo), "load_average_at_start": list(load), "load_average_at_end": list(os.getloadavg()),
+        "repo": str(repo), "work": work_kind, "load_average_at_start": list(load), "load_average_at_end": list(os.getloadavg()),
         "dvc_exp_run": {"wall": round(total, 2), "cpu": round(total_cpu, 2)},
         "stages": {"processes": len(stages), "wall": round(wall, 2), "cpu": round(cpu, 2)},
         "dvc_share": {"wall": round(total - wall, 2), "cpu": round(total_cpu - cpu, 2)},
         "per_stage": {k: {"processes": len(v), "wall": round(statistics.median(s["wall"] for s in v), 2),
                           "cpu": round(statistics.median(s["cpu"] for s in v), 2),
-                          "import_wall": round(imports[k.replace("-", "_")][0], 2),
-                          "import_cpu": round(imports[k.replace("-", "_")][1], 2)}
+                          **({"import_wall": round(imports[k.replace("-", "_")][0], 2),
+                              "import_cpu": round(imports[k.replace("-", "_")][1], 2)} if imports else {})}
                       for k, v in per_kind.items()},
     }
     shutil.rmtree(work, ignore_errors=True)

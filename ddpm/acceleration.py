@@ -12,13 +12,13 @@
     compile        auto (default on CUDA, none on CPU) | none | default | max-autotune
                    (``torch.compile`` of the model's forward)
 
-``auto`` is what was measured fastest on CPU (fp32: this CPU's bf16 matmul rate is below
-its fp32 rate, see the README) and what the GPU fast path should be on CUDA (not yet
-measured on a GPU in this project). ``resolve`` turns the three choices into concrete ones
+``auto`` is what was measured fastest on CPU (plain fp32: bf16 autocast, channels_last and
+torch.compile were slower or no faster there, see the README) and what the GPU fast path
+should be on CUDA (not yet measured on a GPU in this project). ``resolve`` turns the three choices into concrete ones
 for a device and checks them before any work (tf32 on a CPU is an error, not a silent
 fall-back); ``prepare_model`` moves a model to its device in its memory format;
 ``compile_model`` wraps its forward; ``network`` is the one place where the network runs
-under bf16 autocast (training, sampling, the NLL and the benchmark all call it), its output
+under bf16 autocast (training, sampling and the benchmark call it), its output
 cast back to the input's dtype; ``make_adamw`` builds AdamW, fused into one kernel (on CUDA,
 and on CPU, where the fused kernel is 3.5× faster per step than the default loop);
 ``make_denoiser`` gives the ``model(x, t)`` callable a sampler calls, with all of it applied.
@@ -62,11 +62,6 @@ def resolve(device, precision: str = "auto", memory_format: str = "auto", compil
     if path.precision == "tf32" and kind != "cuda":
         raise ValueError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
     return path
-
-
-def check_choices(device, precision: str = "auto", memory_format: str = "auto", compile: str = "auto") -> None:
-    """Raise ValueError naming the option when a choice is unknown or needs CUDA."""
-    resolve(device, precision, memory_format, compile)
 
 
 def set_matmul_precision(precision: str, device) -> None:

@@ -7,8 +7,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
 import ddpm.training
-from ddpm.acceleration import (FastPath, check_choices, compile_model, make_adamw, make_denoiser, prepare_model,
-                               resolve)
+from ddpm.acceleration import FastPath, compile_model, make_adamw, make_denoiser, prepare_model, resolve
 from ddpm.diffusion import Diffusion
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.training import TrainConfig, init_state, train
@@ -75,7 +74,7 @@ def test_training_defaults_match_the_plain_algorithm():
 ])
 def test_bad_choices_fail_before_work(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        check_choices("cpu", **kwargs)
+        resolve("cpu", **kwargs)
     with pytest.raises(ValueError, match=match):
         init_state(tiny_unet(), TrainConfig(**kwargs), 0, "cpu")
 

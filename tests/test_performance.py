@@ -1,6 +1,8 @@
 """The performance plumbing: the training-time estimate, `make repro` without a GPU,
 and `make gpu-check` in CI size."""
 
+import pytest
+
 from pipeline.common import Estimate
 
 
@@ -95,9 +97,6 @@ def test_gpu_check_in_ci_size(tmp_path, idx_dir):
     assert d["speedup"] > 0
     for needle in ("| `tiny` | train step | fp32 |", "| ddim-2 | 24 |", "of train: fp32, contiguous, compile none", "speed-up"):
         assert needle in table, table
-
-
-import pytest  # noqa: E402
 
 
 @pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((10, 3, 8, 8), 4), ((3, 1, 5, 7), 8)])

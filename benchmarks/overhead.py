@@ -33,11 +33,8 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
+from benchmarks.gpu_check import child_env, copy_repository
 
-from benchmarks.gpu_check import child_env, copy_repository, set_dotted
-
-REPO = Path(__file__).resolve().parents[1]
 STAGE_MODULES = ("prepare", "classifier", "train", "sample", "fid_ref", "fid", "nll", "report", "log")
 
 # next to no work in every stage; the sample matrix has the CPU preset's shape

@@ -19,8 +19,7 @@ Modules, one job each:
   data         data sets as uint8 tensors
   classifier   the feature-extractor classifier for offline FID
   metrics      FID / KID / IS through torch-fidelity
-  acceleration the GPU fast path: precision, memory format, torch.compile, fused AdamW
-  bench        throughput and MFU of our U-Net against diffusers' UNet2DModel
+  acceleration the fast path: precision (bf16 autocast), memory format, torch.compile, fused AdamW
 
-It never imports YAML, Typer, DVC or MLflow.
+It never imports YAML, Typer, DVC, MLflow or the benchmarks (``benchmarks/``).
 """

@@ -36,17 +36,17 @@ functions branch on Python values (i, options), never on tensor values.
 import inspect
 import typing
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
 
+from ddpm.acceleration import network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
 from ddpm.guidance import Guidance, guided_eps
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the network; the sampler's state keeps its own dtype
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -212,7 +212,8 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
               percentile: float, precision: str, variance: str = "fixed_small", labels: torch.Tensor | None = None,
               null_label: int | None = None, guidance: Guidance | None = None) -> Callable[[torch.Tensor, int], Prediction]:
     """``denoise(x, i)``: the network at respaced index i (original timestep ``timesteps[i]``) as a
-    Prediction. bf16 autocast applies on CUDA only; the output is cast back to x's dtype.
+    Prediction. The network runs through ``ddpm.acceleration.network`` (bf16: autocast, on CUDA or
+    CPU), its output cast back to x's dtype, so x̂_0, its clipping and the steps see no bf16 tensor.
     With ``labels`` the network is called as ``model(x, t, labels)`` and guided (module docstring)."""
     for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, PRECISIONS)):
         if value not in allowed:
@@ -224,14 +225,13 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
     if labels is not None and guidance.w != 0 and null_label is None:
         raise ValueError("classifier-free guidance needs the null label (the model's num_classes)")
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
-    bf16 = precision == "bf16" and d.device.type == "cuda"
+    forward = network(model, resolve(d.device, precision).precision, d.device)
     # which respaced steps are guided: decided once, on the host, from σ = sqrt((1 - ᾱ) / ᾱ)
     sigmas = ((1 - d.alphas_cumprod) / d.alphas_cumprod).sqrt().tolist() if guidance.w != 0 else []
     guided = [guidance.active(sigma) for sigma in sigmas]
 
     def net(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            out = model(x, t_orig[idx]) if y is None else model(x, t_orig[idx], y)
+        out = forward(x, t_orig[idx]) if y is None else forward(x, t_orig[idx], y)
         return out.to(x.dtype)
 
     def denoise(x: torch.Tensor, i: int) -> Prediction:
@@ -283,7 +283,8 @@ def sample(
     ``variance`` is the model's (``ModelSpec.variance``): with ``learned`` the network's
     log-variance, on the respaced β and β̃, goes to the step function in ``pred.log_variance``.
     ``clip``: static | dynamic | none, what happens to x̂_0 (``percentile`` for dynamic).
-    ``precision``: fp32 | bf16 (autocast of the network on CUDA; the CPU always runs fp32).
+    ``precision``: auto | fp32 | bf16, of the network (bf16: autocast on CUDA or CPU; auto: bf16 on
+    CUDA, fp32 on CPU); x and every step's arithmetic keep x's dtype (float32, or float64).
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
     ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
     when given, sees every step's result (original timestep t), e.g. for denoising strips.

@@ -24,8 +24,10 @@ scheduler, step, losses, the profiles, the timestep sampler, the batch generator
 torch/CUDA RNG states that dropout uses) into plain data that
 ``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
 training continues exactly where it stopped.
-``precision``, ``memory_format`` and ``compile`` select the GPU fast path (see
-``ddpm.acceleration``); their defaults leave a CPU run unchanged.
+``precision``, ``memory_format`` and ``compile`` select the fast path (see
+``ddpm.acceleration``); their default ``auto`` is the GPU fast path on CUDA and leaves a
+CPU run plain fp32. With ``bf16`` only the network's forward runs under autocast: the
+loss, the variational bound and the tables stay float32.
 """
 
 from collections.abc import Callable
@@ -37,7 +39,7 @@ from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepare_model, to_memory_format
+from ddpm.acceleration import compile_model, make_adamw, network, prepare_model, resolve, to_memory_format
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
@@ -63,9 +65,9 @@ class TrainConfig:
     log_every: Annotated[int, Ge(1)] = 100
     checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # tf32/bf16: CUDA only
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
-    compile: Literal["none", "default", "max-autotune"] = "none"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
 
     def __post_init__(self):
         check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
@@ -146,7 +148,8 @@ def train(
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
-    forward = compile_model(model, cfg.compile)
+    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile)
+    forward = network(compile_model(model, fast.compile), fast.precision, device)
     snapshots = set(cfg.snapshot_steps)
     while state.step < cfg.steps:
         # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
@@ -163,10 +166,9 @@ def train(
         if labels is not None:  # class labels, each replaced by the null class with probability cond_drop
             y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        x0, noise = to_memory_format(x0, cfg.memory_format), to_memory_format(noise, cfg.memory_format)
-        with autocast_context(cfg.precision, device):
-            terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda,
-                                   labels=y)
+        x0, noise = to_memory_format(x0, fast.memory_format), to_memory_format(noise, fast.memory_format)
+        terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda,
+                               labels=y)
         losses = terms["loss"]
         if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
             sampler.update(t, terms["vlb"])

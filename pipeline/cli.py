@@ -15,6 +15,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
 
+@app.callback()
+def _process() -> None:
+    """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
+    from pipeline.common import keep_freed_memory
+
+    keep_freed_memory()
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -243,35 +251,6 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
     from pipeline import compare as stage
 
     stage.main(exp_json, rows, columns, extra, out, commits, sigma_rel_figure, sigma_rel_steps)
-
-
-@app.command()
-@clear_errors
-def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-cifar10 | fashion-mnist | tiny"),
-          device: str = DEVICE,
-          batch_size: int = typer.Option(None, help="training batch (default 128 on CUDA, 8 on CPU)"),
-          sample_batch_size: int = typer.Option(None, help="sampling batch (default 512 on CUDA, 8 on CPU)"),
-          sample_steps: int = typer.Option(10, help="sampling steps per measured sample() call"),
-          samplers: str = typer.Option("ddpm,ddim", help="comma-separated samplers"),
-          warmup: int = typer.Option(None, help="untimed iterations (default 5 on CUDA, 1 on CPU)"),
-          repeats: int = typer.Option(None, help="timed rounds, median reported (default 5 on CUDA, 3 on CPU)"),
-          iters: int = typer.Option(None, help="iterations per timed round (default 10 on CUDA, 1 on CPU)"),
-          precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16"),
-          memory_format: str = typer.Option("auto", help="auto (channels_last on CUDA) | contiguous | channels_last"),
-          compile: str = typer.Option("auto", help="auto (default on CUDA, none on CPU) | none | default | max-autotune"),
-          peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (default datasheet for known GPUs, "
-                                                       "a measured fp32 matmul rate on CPU)"),
-          peer: str = typer.Option("diffusers", help="diffusers | none"),
-          threads: int = typer.Option(None, help="PyTorch CPU threads (default PyTorch's)"),
-          out: Path = typer.Option(None, help="also write the JSON here")):
-    """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
-    from pipeline import bench as command
-
-    command.main(command.config_from_options(
-        config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
-        sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
-        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
-        threads=threads), out)
 
 
 def main() -> None:

@@ -107,7 +107,9 @@ class SampleParams(Strict):
     spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
     clip: Literal["static", "none", "dynamic"] = "static"
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
     seed: Seed = 1
     weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]  # the checkpoint's average, or its raw weights
     guidance: list[str] = Field(default_factory=list)  # names under `guidance`: one more matrix axis (class models)
@@ -295,10 +297,11 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
               "hybrid_lambda", "conditioning", "cond_drop", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
-               "sample.precision", "sample.seed", "sample.weights", "samplers.${item.sampler}"],
+               "sample.precision", "sample.memory_format", "sample.compile", "sample.seed", "sample.weights",
+               "samplers.${item.sampler}"],
     "sample_guided": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip",
-                      "sample.clip_percentile", "sample.precision", "sample.seed", "sample.weights",
-                      "samplers.${item.sampler}", "guidance.${item.guidance}"],
+                      "sample.clip_percentile", "sample.precision", "sample.memory_format", "sample.compile",
+                      "sample.seed", "sample.weights", "samplers.${item.sampler}", "guidance.${item.guidance}"],
     "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
     "fid": ["fid"],
     "fid_guided": ["fid"],

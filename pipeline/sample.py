@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from ddpm import distributed
+from ddpm.acceleration import make_denoiser
 from ddpm.checkpoint import atomic_save
 from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
@@ -66,6 +67,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     cell = f"{sampler}-{steps}" + (f"-{guidance}" if guidance else "")
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
+        denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
         if not 1 <= steps <= spec.timesteps:
             raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
         if guidance is not None and spec.conditioning != "class":
@@ -90,10 +92,10 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                     x_T = torch.randn(shape, generator=g, device=dev)
                     on_step = strip = StripRecorder(x_T, steps)
                 y = balanced_labels(n, K, start=i, device=dev) if K else None  # image i has class i mod K
-                x = sample(net, diffusion, shape, sampler=cfg.kind,
+                x = sample(denoiser, diffusion, shape, sampler=cfg.kind,
                            steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip=sp.clip, percentile=sp.clip_percentile, precision=sp.precision,
-                           generator=g, options=options, progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
+                           clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
+                           progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
                            labels=y, null_label=K, guidance=guide)
                 chunks.append((i, to_uint8(x).cpu(), None if y is None else y.cpu()))
         gathered = distributed.gather(chunks, world)

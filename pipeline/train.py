@@ -236,8 +236,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         start = time.perf_counter()
         try:
             with system_metrics.record(system, enabled=world.is_main), \
-                    progress(p.train.steps, "train", enabled=world.is_main) as bar:
-                bar(first_step)
+                    progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=first_step) as bar:
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
                       labels=labels, cond_drop=p.cond_drop, world=world, progress=bar, on_checkpoint=checkpoint,

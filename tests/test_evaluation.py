@@ -88,6 +88,28 @@ def test_fid_matches_on_gaussian_features_with_known_distance():
     assert "isc_mean" not in m  # no logits, no Inception Score
 
 
+@pytest.mark.parametrize("n_gen,n_ref", [(40, 300), (300, 40), (5, 5)])
+def test_precision_recall_with_stored_radii_equals_torch_fidelity(n_gen, n_ref):
+    """The reference's radii computed once (reference_statistics) give exactly torch-fidelity's
+    precision, recall and F-score; on clustered features, so that neither is trivially 0 or 1."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(n_gen)
+    centres = torch.randn(6, 8, generator=g, dtype=torch.float64) * 3
+    # generated around centres 0-3, reference around 2-5: each has vectors far from the other
+    gen = centres[torch.randint(0, 4, (n_gen,), generator=g)] + torch.randn(n_gen, 8, generator=g, dtype=torch.float64)
+    ref = centres[torch.randint(2, 6, (n_ref,), generator=g)] + torch.randn(n_ref, 8, generator=g, dtype=torch.float64)
+    expected = prc_features_to_metric(gen.float(), ref.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                      save_cpu_ram=True, verbose=False)
+    stats = M.reference_statistics({"features": ref})
+    assert stats["prc_radii"].shape == (n_ref,)
+    got = M.precision_recall(gen, ref, stats["prc_radii"])
+    assert got == {k: expected[k] for k in ("precision", "recall", "f_score")}
+    assert M.precision_recall(gen, ref) == got  # radii computed on the spot: the same
+    if n_gen > 5:
+        assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+
+
 def test_inception_without_network_or_weights_fails_fast_with_one_line(monkeypatch, tmp_path):
     import torch_fidelity.feature_extractor_inceptionv3 as inc
 

@@ -47,3 +47,19 @@ def test_timestep_embedding_is_sinusoidal():
 def test_bad_image_size_is_rejected():
     with pytest.raises(ValueError, match="not divisible"):
         UNet(UNetConfig(ch_mult=(1, 2, 2, 2)), image_size=28, in_channels=1, out_channels=1)
+
+
+def test_upsample_is_nearest_neighbour():
+    """The CPU path of Upsample (repeated pixels) is F.interpolate(mode="nearest"), forward and backward."""
+    import torch.nn.functional as F
+
+    from ddpm.unet import Upsample
+
+    x = torch.randn(3, 5, 7, 6, requires_grad=True)
+    g = torch.randn(3, 5, 14, 12)
+    out = Upsample()(x)
+    (grad,) = torch.autograd.grad(out, x, g)
+    ref = F.interpolate(x, scale_factor=2, mode="nearest")
+    (ref_grad,) = torch.autograd.grad(ref, x, g)
+    assert torch.equal(out, ref)
+    assert torch.allclose(grad, ref_grad, atol=1e-6)

@@ -241,7 +241,7 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
         report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
                           r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
                           tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples",
-                          tmp_path / "plots" / "sweep.csv", r / "sweep.png")
+                          sweep_csv=tmp_path / "plots" / "sweep.csv", sweep_figure=r / "sweep.png")
 
     # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
     with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):

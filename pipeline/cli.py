@@ -140,11 +140,14 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
 def fid_ref(params: Path = PARAMS, reference: Path = typer.Option(Path("data/prepared/test.pt"), help="reference split"),
             classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
             out: Path = typer.Option(Path("data/reference"), help="folder for stats.pt and info.json"),
+            floor_from: Path | None = typer.Option(None, help="real images (a prepared split) for the real-data floor"),
+            floor_out: Path | None = typer.Option(None, help="JSON for the real-data floor's metrics"),
             device: str = DEVICE):
-    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...)."""
+    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...);
+    with --floor-from, also the real-data floor: sample.num_samples real images against it."""
     from pipeline import fid_ref as stage
 
-    stage.main(params, reference, classifier, out, device)
+    stage.main(params, reference, classifier, out, device, floor_from, floor_out)
 
 
 @app.command()
@@ -202,13 +205,14 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            sweep_plot: Path = typer.Option(Path("plots/guidance_sweep.csv"),
                                            help="one row per cell and guidance weight w (FID, precision, recall, "
                                                 "class accuracy)"),
-           sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png"))):
+           sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png")),
+           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-ref)")):
     """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
     report."""
     from pipeline import report as stage
 
     stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
-               ema_metrics, sigma_plot, sweep_plot, sweep_figure)
+               ema_metrics, sigma_plot, sweep_plot, sweep_figure, floor)
 
 
 @app.command()

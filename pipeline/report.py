@@ -134,7 +134,10 @@ def render_markdown(doc: dict, here: Path) -> str:
     if doc["classifier_accuracy"] is not None:
         lines += [f"- Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}"]
     lines += [f"- Weights: {doc['weights']}."]
-    lines += [f"- Best: **{doc['best'][0]}** with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.", ""]
+    lines += [f"- Best: **{doc['best'][0]}** with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}."]
+    if doc["floor"]:
+        lines += [f"- {floor_line(doc['floor'])}"]
+    lines += [""]
     for title, note, rows in doc["tables"]:
         lines += [f"## {title} by sampler and steps ({note})", "",
                   "| sampler | " + " | ".join(f"{k} steps" for k in steps) + " |", "|---|" + "---:|" * len(steps)]
@@ -162,6 +165,13 @@ GUIDANCE_NOTE = ("Classifier-free guidance ε̃ = (1 + w) ε(x, y) − w ε(x, �
                  "class they were drawn for.")
 
 
+def floor_line(floor: dict) -> str:
+    """The real-data floor, the scale of every FID above: real training images against the same reference."""
+    return (f"Real-data floor: FID {floor['fid']:.2f}, precision {floor['precision']:.3f}, recall "
+            f"{floor['recall']:.3f} ({floor['num_images']} real training images against the same reference: "
+            "what a perfect model would score with as many samples).")
+
+
 def _img(path: Path, alt: str) -> str:
     if not path.is_file():
         return f"<p><em>{html.escape(alt)}: missing</em></p>"
@@ -183,7 +193,10 @@ def render_html(doc: dict) -> str:
     if doc["classifier_accuracy"] is not None:
         out.append(f"<li>Extractor (classifier) test accuracy: {doc['classifier_accuracy']:.4f}</li>")
     out.append(f"<li>Weights: {e(doc['weights'])}.</li>")
-    out.append(f"<li>Best: <b>{e(doc['best'][0])}</b> with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.</li></ul>")
+    out.append(f"<li>Best: <b>{e(doc['best'][0])}</b> with {doc['best'][1]} steps, FID {doc['best_fid']:.2f}.</li>")
+    if doc["floor"]:
+        out.append(f"<li>{e(floor_line(doc['floor']))}</li>")
+    out.append("</ul>")
     for title, note, rows in doc["tables"]:
         out.append(f'<h2>{e(title)} by sampler and steps <small>({e(note)})</small></h2><table class="{e(title)}">')
         out.append("<tr><th>sampler</th>" + "".join(f"<th>{k} steps</th>" for k in steps) + "</tr>")
@@ -237,7 +250,7 @@ def sigma_rel_rows(cells: dict, samplers: list[str], steps: list[int], ema: dict
 def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
          html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path,
          ema_metrics: Path | None = None, sigma_plot: Path | None = None, sweep_csv: Path | None = None,
-         sweep_figure: Path | None = None) -> None:
+         sweep_figure: Path | None = None, floor_metrics: Path | None = None) -> None:
     sp = for_stage(load_params(params_path), "report").sample
     check_writable(*(p for p in (metrics_out, plot_csv, figure, markdown, html_out, loss_figure, sweep_csv,
                                  sweep_figure) if p is not None))
@@ -263,6 +276,9 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
         raise FileNotFoundError(f"{classifier_metrics} does not exist: the ddpm-classifier extractor's test "
                                 "accuracy belongs in the report (run the classifier stage)")
     metrics["best"] = {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}
+    floor = read_json(floor_metrics) if floor_metrics is not None and floor_metrics.is_file() else None
+    if floor is not None:
+        metrics["floor"] = {k: floor[k] for k in ("fid", "precision", "recall", "num_images") if k in floor}
     write_json(metrics_out, metrics)
     columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
     write_csv(plot_csv, ["sampler", "steps", *columns],
@@ -294,7 +310,7 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
                         for r in sweep])
     doc = {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
            "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
-           "best": best, "best_fid": cells[best]["fid"], "figures": figures,
+           "best": best, "best_fid": cells[best]["fid"], "figures": figures, "floor": floor,
            "weights": describe_weights(infos, ema),
            "tables": [(title, note, rows) for key, title, fmt, note in TABLES
                       if (rows := table(cells, samplers, steps, key, fmt)) is not None],

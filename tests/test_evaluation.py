@@ -162,6 +162,16 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     m = json.loads(cell.read_text())
     assert {"fid", "kid_mean", "precision", "recall", "isc_mean"} <= m.keys() and m["reference_images"] == 64
 
+    # the real-data floor: all 64 reference images themselves score FID 0; 16 of them (sample.num_samples) do not
+    p = yaml.safe_load(params.read_text())
+    for n, zero in ((64, True), (16, False)):
+        p["sample"]["num_samples"] = n
+        params.write_text(yaml.safe_dump(p))
+        ref_stage.main(params, test, classifier, tmp_path / "ref_floor", "cpu", test, tmp_path / "floor.json")
+        floor = json.loads((tmp_path / "floor.json").read_text())
+        assert floor["num_images"] == n and floor["reference_images"] == 64
+        assert (abs(floor["fid"]) < 1e-6) == zero and floor["recall"] > 0.5
+
     # another data set: the statistics change with it
     test2, _, _ = _stage_files(tmp_path / "b", idx_dir, seed=6)
     ref_stage.main(params, test2, classifier, tmp_path / "reference2", "cpu")
@@ -184,7 +194,8 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
 def test_dvc_recomputes_the_reference_when_its_inputs_change():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     ref, fid = stages["fid_ref"], stages["fid"]
-    assert {"data/prepared/test.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert {"data/prepared/test.pt", "data/prepared/train.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert ref["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
     assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
     assert ref["outs"] == ["data/reference"]
     assert "data/reference/stats.pt" in fid["deps"] and "data/prepared/test.pt" not in fid["deps"]
@@ -231,6 +242,8 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
              "fid": f, "kid_mean": f / 1000, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "f_score": 0.33,
              "isc_mean": 3.0, "isc_std": 0.1}))
     (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"test_accuracy": 0.9123}))
+    (tmp_path / "metrics" / "floor.json").write_text(json.dumps(
+        {"fid": 0.79, "precision": 0.7, "recall": 0.89, "num_images": 400, "reference_images": 128}))
     (tmp_path / "loss.csv").write_text("step,loss\n2,0.9\n4,0.5\n6,0.3\n")
     for name in ("ddpm-2", "ddim-3"):
         _png(tmp_path / "samples" / name / "grid.png", 200)
@@ -241,7 +254,8 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
         report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
                           r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
                           tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples",
-                          sweep_csv=tmp_path / "plots" / "sweep.csv", sweep_figure=r / "sweep.png")
+                          sweep_csv=tmp_path / "plots" / "sweep.csv", sweep_figure=r / "sweep.png",
+                          floor_metrics=tmp_path / "metrics" / "floor.json")
 
     # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
     with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):
@@ -257,8 +271,11 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     md = (r / "report.md").read_text()
     # DDIM Table 1 layout: rows = samplers, columns = steps
     assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md and "| ddim | 12.00 | 9.75 |" in md
+    assert "Real-data floor: FID 0.79, precision 0.700, recall 0.890 (400 real" in md
+    assert json.loads((tmp_path / "metrics" / "fid.json").read_text())["floor"]["fid"] == 0.79
     assert "0.9123" in md and "](../samples/ddim-3/strip.png)" in md and "](train_loss.png)" in md
     html = (r / "report.html").read_text()
+    assert "<li>Real-data floor: FID 0.79" in html
     assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
     assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
     assert html.count("data:image/png;base64,") == 3 + 2 + 1  # figures, two grids, one strip

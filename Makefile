@@ -1,6 +1,9 @@
-# make repro   set up (apt + .venv) and run the pipeline: `dvc repro` on params.yaml
-# make repro PRESET=cpu   the CPU preset (finishes in minutes on 2 cores) as a DVC experiment
-# make test    set up and run the test suite
+# make repro              set up (apt + .venv) and run the pipeline: with a CUDA GPU the full
+#                         experiment (params.yaml), without one the CPU preset (it says so)
+# make repro PRESET=full  the full experiment, `dvc repro` on params.yaml (hours on a CPU)
+# make repro PRESET=cpu   the CPU preset (minutes on 2 cores) as a DVC experiment
+# make test               set up and run the test suite
+# make gpu-check          every GPU figure in one run (benchmarks/gpu_check.sh; < 10 min on one H100)
 SHELL := /bin/bash
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -8,13 +11,18 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # The CPU preset: a small U-Net, short training, a smaller sample matrix.
 CPU_PRESET := -S model.ch=16 -S model.num_res_blocks=1 -S 'model.attn_resolutions=[7]' \
-	-S train.steps=600 -S train.batch_size=64 -S train.warmup_steps=100 -S train.ema_decay=0.995 \
+	-S train.steps=600 -S train.batch_size=64 -S train.warmup_steps=100 \
+	-S '~train.ema' -S '+train.ema={kind: fixed, decay: 0.995}' -S train.ema_snapshot_every=50 \
 	-S train.checkpoint_every=200 \
 	-S classifier.steps=300 -S classifier.batch_size=128 \
 	-S 'sample.steps=[10,20]' -S sample.num_samples=400 -S sample.batch_size=400 -S fid.kid_subset_size=200 \
 	-S nll.num_images=16 -S nll.batch_size=16
 
-.PHONY: setup repro test clean-venv
+# auto: full with CUDA, cpu without
+PRESET ?= auto
+DVC ?= dvc
+
+.PHONY: setup repro test gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -31,11 +39,22 @@ $(STAMP): requirements.txt pyproject.toml
 	@touch $(STAMP)
 
 repro: setup
-ifeq ($(PRESET),cpu)
-	dvc exp run $(CPU_PRESET)
-else
-	dvc repro
-endif
+	@preset=$(PRESET); \
+	if [ "$$preset" = auto ]; then \
+		if python -c 'import sys, torch; sys.exit(not torch.cuda.is_available())'; then preset=full; else \
+			echo "make repro: no CUDA GPU here, so this runs the CPU preset (a small U-Net, short training: minutes on 2 cores)."; \
+			echo "make repro: the full experiment of params.yaml is sized for a GPU (hours on a CPU): make repro PRESET=full"; \
+			preset=cpu; \
+		fi; \
+	fi; \
+	case "$$preset" in \
+		full) echo "+ $(DVC) repro"; $(DVC) repro ;; \
+		cpu) echo "+ $(DVC) exp run $(CPU_PRESET)"; $(DVC) exp run $(CPU_PRESET) ;; \
+		*) echo "make repro: unknown PRESET=$$preset; choose full, cpu or auto" >&2; exit 2 ;; \
+	esac
+
+gpu-check: setup
+	bash benchmarks/gpu_check.sh
 
 test: setup
 	python -m pytest

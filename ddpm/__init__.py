@@ -12,13 +12,15 @@ Modules, one job each:
   samplers     the sampling loop and one step function per sampler
   preview      cheap ancestral sample grids to watch training (independent of samplers)
   training     the training loop (AdamW, warm-up, clipping, EMA), resumable state
+  ema          averages of the weights: power (EDM2) | warmup (diffusers) | fixed (Ho et al.)
+  posthoc_ema  EDM2's post-hoc EMA: snapshots' profiles, least squares, reconstruction
+  evaluation   held-out denoising error (ε-MSE at fixed timesteps and noise)
   distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
   data         data sets as uint8 tensors
   classifier   the feature-extractor classifier for offline FID
   metrics      FID / KID / IS through torch-fidelity
-  acceleration the GPU fast path: precision, memory format, torch.compile, fused AdamW
-  bench        throughput and MFU of our U-Net against diffusers' UNet2DModel
+  acceleration the fast path: precision (bf16 autocast), memory format, torch.compile, fused AdamW
 
-It never imports YAML, Typer, DVC or MLflow.
+It never imports YAML, Typer, DVC, MLflow or the benchmarks (``benchmarks/``).
 """

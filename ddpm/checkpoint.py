@@ -5,11 +5,17 @@ A checkpoint is one ``torch.save`` file holding plain data only, so it loads wit
 
     {"format": FORMAT, "step": int, "config": {...}, "model": state_dict, ...extra}
 
-(a diffusion model adds "ema", the EMA weights).
+(a diffusion model adds "ema", the averaged weights, beside "model", the raw weights of
+the last step, and "ema_config", which average "ema" is; see ``ddpm.model``).
 
 ``config`` holds everything needed to rebuild the network and the diffusion
 (``config["unet"]`` is a ``UNetConfig`` as a dict). Files are written to a temporary
 name and renamed into place, so a crash never leaves a half-written checkpoint.
+
+An EMA snapshot (post-hoc EMA, ``ddpm.posthoc_ema``) is a file of its own format:
+
+    {"format": SNAPSHOT_FORMAT, "step": int, "config": {...}, "sigma_rels": [σ_rel, ...],
+     "weights": [state_dict per σ_rel (float16)]}
 """
 
 import os
@@ -21,6 +27,7 @@ from typing import BinaryIO
 import torch
 
 FORMAT = "ddpm-checkpoint/1"
+SNAPSHOT_FORMAT = "ddpm-ema-snapshot/1"
 
 
 class CheckpointError(ValueError):
@@ -81,3 +88,25 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
     return ckpt
+
+
+def save_snapshot(path, *, step: int, config: dict, sigma_rels: list[float], weights: list[dict]) -> None:
+    """An EMA snapshot: the weights of the power EMAs of ``sigma_rels`` after ``step`` steps."""
+    atomic_save({"format": SNAPSHOT_FORMAT, "step": step, "config": config, "sigma_rels": list(sigma_rels),
+                 "weights": weights}, path)
+
+
+def load_snapshot(path) -> dict:
+    """Load and check an EMA snapshot; raises ``CheckpointError`` naming the file on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"EMA snapshot {path} does not exist")
+    try:
+        snap = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"EMA snapshot {path} is corrupt or not a torch file: {first_line(e)}") from e
+    if not isinstance(snap, dict) or snap.get("format") != SNAPSHOT_FORMAT:
+        raise CheckpointError(f"{path} is not a {SNAPSHOT_FORMAT} file")
+    if {"step", "config", "sigma_rels", "weights"} - snap.keys() or len(snap["sigma_rels"]) != len(snap["weights"]):
+        raise CheckpointError(f"EMA snapshot {path} is incomplete")
+    return snap

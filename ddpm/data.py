@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torchvision
-from torchvision.transforms import v2 as T
 
 from ddpm.checkpoint import first_line
+
+# torchvision is imported inside the readers: importing it costs a second or more (it loads
+# torch._dynamo), and every stage imports this module for load_split alone.
 
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "folder")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -116,6 +117,8 @@ def check_source(name: str, root, cache, download: bool = False) -> None:
 
 
 def load_mnist_like(name: str, root, cache, download: bool = False) -> dict[str, Split]:
+    import torchvision
+
     cls = {"fashion_mnist": torchvision.datasets.FashionMNIST, "mnist": torchvision.datasets.MNIST}[name]
     root, cache = Path(root), Path(cache)
     raw = cache / cls.__name__ / "raw"
@@ -137,24 +140,30 @@ def load_mnist_like(name: str, root, cache, download: bool = False) -> dict[str,
 
 
 # ------------------------------------------------------------------ CIFAR-10
-class _CIFAR10(torchvision.datasets.CIFAR10):
-    """torchvision's CIFAR-10 reader; integrity means the batch files exist (md5 checked only on download)."""
+def _cifar10_reader():
+    """torchvision's CIFAR-10 reader, with integrity meaning the batch files exist (md5 checked only on download)."""
+    import torchvision
 
-    meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
+    class _CIFAR10(torchvision.datasets.CIFAR10):
+        meta = {**torchvision.datasets.CIFAR10.meta, "md5": None}
 
-    def _check_integrity(self) -> bool:
-        base = Path(self.root) / self.base_folder
-        return all((base / f).is_file() for f, _ in self.train_list + self.test_list)
+        def _check_integrity(self) -> bool:
+            base = Path(self.root) / self.base_folder
+            return all((base / f).is_file() for f, _ in self.train_list + self.test_list)
+
+    return _CIFAR10
 
 
 def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
+    import torchvision
+
     root = Path(root)
     check_source("cifar10", root, cache, download)
     where = root if (root / "cifar-10-batches-py").is_dir() else Path(cache)
     out = {}
     for split in SPLITS:
         try:
-            cls = torchvision.datasets.CIFAR10 if download and where == Path(cache) else _CIFAR10
+            cls = torchvision.datasets.CIFAR10 if download and where == Path(cache) else _cifar10_reader()
             ds = cls(root=str(where), train=split == "train", download=download and where == Path(cache))
         except Exception as e:
             raise DataError(f"cannot load cifar10 {split} split from {where}: {e}") from e
@@ -165,6 +174,9 @@ def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
 
 # ------------------------------------------------------------------ image folder
 def load_image_folder(root, image_size: int, channels: int, test_fraction: float, seed: int) -> dict[str, Split]:
+    import torchvision
+    from torchvision.transforms import v2 as T
+
     root = Path(root)
     check_source("folder", root, root)
     if image_size < 1:
@@ -201,5 +213,7 @@ def resize_split(split: Split, image_size: int) -> Split:
     """Resize square images to ``image_size`` (antialiased bilinear)."""
     if image_size in (0, split.images.shape[-1]):
         return split
+    from torchvision.transforms import v2 as T
+
     images = T.functional.resize(split.images, [image_size, image_size], antialias=True)
     return Split(images.contiguous(), split.labels, split.classes)

@@ -12,10 +12,18 @@ for Inception.
 
 The work is split so that a reference set is processed once: ``extract_features``
 runs the extractor (features for FID/KID/precision-recall, logits for the Inception
-Score), ``reference_statistics`` adds the mean and covariance, and
-``metrics_from_features`` computes FID, KID, precision/recall and IS from two sets of
-features with torch-fidelity's own metric functions. Nothing goes through
-torch-fidelity's on-disk cache.
+Score), ``reference_statistics`` adds the mean and covariance and the reference's
+precision/recall radii (``prc_radii``), and ``metrics_from_features`` computes FID, KID,
+precision/recall and IS from two sets of features with torch-fidelity's own metric
+functions. Nothing goes through torch-fidelity's on-disk cache.
+
+Precision/recall (Kynkäänniemi et al. 2019) give every feature vector a ball reaching to its
+k-th nearest neighbour in its own set. torch-fidelity's ``prc_features_to_metric`` finds the
+reference's radii anew on every call: for 10,000 reference images that is a 10⁴×10⁴ distance
+matrix and a k-th value per row, seconds of work repeated in every sample cell. So
+``precision_recall`` takes them from the reference statistics, computed once; it is
+torch-fidelity's computation otherwise (its distance function, the same comparisons, the
+same result: ``tests/test_evaluation.py``).
 """
 
 import os
@@ -190,25 +198,56 @@ def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier"
     return {k: torch.cat(v) for k, v in out.items()}
 
 
+PRC_NEIGHBORHOOD = 3  # k of the k-th nearest neighbour (torch-fidelity's default)
+PRC_BATCH = 10000  # rows of the distance matrix at a time, as torch-fidelity's prc_batch_size
+
+
+def prc_radii(features: torch.Tensor, neighborhood: int = PRC_NEIGHBORHOOD) -> torch.Tensor:
+    """Each float32 feature vector's distance to its k-th nearest neighbour in the same set (itself
+    excluded), as torch-fidelity's ``calculate_precision_recall_part`` computes it."""
+    from torch_fidelity.metric_prc import calc_cdist_part
+
+    f = features.float()
+    return torch.cat([calc_cdist_part(b, f, PRC_BATCH).kthvalue(neighborhood + 1).values for b in f.split(PRC_BATCH)])
+
+
+def precision_recall(generated: torch.Tensor, reference: torch.Tensor, reference_radii: torch.Tensor | None = None,
+                     neighborhood: int = PRC_NEIGHBORHOOD) -> dict[str, float]:
+    """Precision, recall and F-score of ``generated`` against ``reference`` features: torch-fidelity's
+    ``prc_features_to_metric`` (``save_cpu_ram``), with the reference's radii given (``prc_radii``)."""
+    from torch_fidelity.metric_prc import calc_cdist_part
+
+    g, r = generated.float(), reference.float()
+    radii_g = prc_radii(g, neighborhood)
+    radii_r = prc_radii(r, neighborhood) if reference_radii is None else reference_radii
+    # recall: is each reference vector inside some generated vector's ball; precision: the other way
+    recall = torch.cat([(calc_cdist_part(b, g, PRC_BATCH) <= radii_g).any(dim=1).float()
+                        for b in r.split(PRC_BATCH)]).mean().item()
+    precision = torch.cat([(calc_cdist_part(b, r, PRC_BATCH) <= radii_r).any(dim=1).float()
+                           for b in g.split(PRC_BATCH)]).mean().item()
+    return {"precision": precision, "recall": recall, "f_score": 2 * precision * recall / max(1e-5, precision + recall)}
+
+
 def reference_statistics(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Features plus their mean ``mu`` and covariance ``sigma`` (float64), as stored for a reference set."""
+    """Features plus their mean ``mu`` and covariance ``sigma`` (float64) and precision/recall radii
+    ``prc_radii``, as stored for a reference set."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
     if features["features"].shape[0] < 2:
         raise ValueError("reference statistics need at least 2 images")
     stats = fid_features_to_statistics(features["features"].double())
-    return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"]))}
+    return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"])),
+            "prc_radii": prc_radii(features["features"])}
 
 
 def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *,
                           kid_subset_size: int = 1000, isc: bool = True, seed: int = 2020) -> dict[str, float]:
     """FID, KID (mean, std), precision/recall/F-score and Inception Score of ``generated``
     against ``reference`` (dicts from ``extract_features``; ``reference`` may carry
-    ``mu``/``sigma`` from ``reference_statistics``), computed by torch-fidelity."""
+    ``mu``/``sigma``/``prc_radii`` from ``reference_statistics``), computed by torch-fidelity."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_kid import kid_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
 
     g, r = generated["features"].double(), reference["features"].double()
     if g.shape[1] != r.shape[1]:
@@ -225,8 +264,7 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
     m = dict(fid_statistics_to_metric(s1, s2, verbose=False))
     subset = min(kid_subset_size, g.shape[0], r.shape[0])
     m.update(kid_features_to_metric(g, r, kid_subsets=100, kid_subset_size=subset, rng_seed=seed, verbose=False))
-    m.update(prc_features_to_metric(g.float(), r.float(), prc_neighborhood=3, prc_batch_size=10000,
-                                    save_cpu_ram=True, verbose=False))
+    m.update(precision_recall(g, r, reference.get("prc_radii")))
     out = {"fid": m["frechet_inception_distance"], "kid_mean": m["kernel_inception_distance_mean"],
            "kid_std": m["kernel_inception_distance_std"], "precision": m["precision"], "recall": m["recall"],
            "f_score": m["f_score"]}

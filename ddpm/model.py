@@ -1,12 +1,18 @@
 """What a trained diffusion model is: the U-Net's architecture plus the diffusion it
 was trained for. ``ModelSpec`` is stored in every checkpoint (as a plain dict) so that
-the sampler can rebuild network and diffusion from the file alone.
+the sampler can rebuild network and diffusion from the file alone; a class-conditional
+model (``conditioning = class``) records its class names and their count there too.
+
+A diffusion checkpoint holds two sets of weights: ``model``, the raw weights of the last
+training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s state:
+``module.*`` plus ``n_averaged``). ``load_model`` picks one: ``weights`` is ``ema`` or ``raw``.
 """
 
 from dataclasses import asdict, dataclass, field
 
 from ddpm.checkpoint import CheckpointError, first_line, load_checkpoint
 from ddpm.diffusion import Diffusion
+from ddpm.guidance import check_conditioning
 from ddpm.unet import UNet, UNetConfig
 
 
@@ -20,6 +26,18 @@ class ModelSpec:
     prediction: str = "eps"
     # fixed_small | fixed_large | learned; absent from checkpoints written before it existed
     variance: str = "fixed_small"
+    # none | class, and the class names (their count is num_classes); absent from older checkpoints
+    conditioning: str = "none"
+    num_classes: int = 0
+    classes: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        check_conditioning(self.conditioning)
+        if self.conditioning == "class" and not (self.num_classes >= 1 and len(self.classes) == self.num_classes):
+            raise ValueError(f"conditioning=class needs num_classes >= 1 and as many class names, got "
+                             f"num_classes={self.num_classes} and {len(self.classes)} names")
+        if self.conditioning == "none" and (self.num_classes or self.classes):
+            raise ValueError("conditioning=none takes no classes")
 
     @property
     def out_channels(self) -> int:
@@ -36,10 +54,11 @@ class ModelSpec:
         d = dict(d)
         u = dict(d.pop("unet"))
         unet = UNetConfig(**{**u, "ch_mult": tuple(u["ch_mult"]), "attn_resolutions": tuple(u["attn_resolutions"])})
-        return cls(unet=unet, **d)
+        return cls(unet=unet, **{**d, "classes": list(d.get("classes", []))})
 
     def build_unet(self) -> UNet:
-        return UNet(self.unet, image_size=self.image_size, in_channels=self.channels, out_channels=self.out_channels)
+        return UNet(self.unet, image_size=self.image_size, in_channels=self.channels, out_channels=self.out_channels,
+                    num_classes=self.num_classes)
 
     def build_diffusion(self, device="cpu") -> Diffusion:
         return Diffusion.from_schedule(self.schedule, self.timesteps, device=device)
@@ -58,13 +77,18 @@ def weights_mismatch(expected: dict, state: dict) -> str | None:
     return ", ".join(parts) or None
 
 
+WEIGHTS = ("ema", "raw")  # which weights of a checkpoint: the average, or the last step's
+
+
 def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpec, dict]:
-    """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``model``. Returns (net, spec, ckpt)."""
+    """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``raw``. Returns (net, spec, ckpt)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         spec = ModelSpec.from_dict(ckpt["config"]["model"])
         net = spec.build_unet()
-        state = ckpt[weights]
+        state = ckpt["model" if weights == "raw" else "ema"]
         if weights == "ema":  # AveragedModel's state: "module.*" weights plus "n_averaged"
             state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
     except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:

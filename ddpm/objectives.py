@@ -11,6 +11,8 @@
               With T = 1000 this is improved-diffusion's ``mse + vb · T / 1000``.
 
 t ~ Uniform{0, …, T-1} or importance-sampled (``ddpm.timestep_sampling``), ε ~ N(0, I).
+A class-conditional network gets the batch's labels (some already replaced by the null
+class, ``ddpm.guidance.drop_labels``) as ``model(x_t, t, labels)``.
 """
 
 import torch
@@ -47,13 +49,13 @@ def check_objective(loss: str, variance: str, timestep_sampling: str = "uniform"
 
 def training_terms(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                    prediction: str = "eps", loss: str = "simple", variance: str = "fixed_small",
-                   hybrid_lambda: float = 1.0e-3) -> dict[str, torch.Tensor]:
+                   hybrid_lambda: float = 1.0e-3, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Per-example terms, each shape [B]: ``loss`` (what is minimised), and ``mse`` and/or ``vlb``
-    (T · L_t in bits/dim) when the objective uses them."""
+    (T · L_t in bits/dim) when the objective uses them. ``labels``: a class-conditional model's."""
     check_objective(loss, variance)
     # (1) x_t = sqrt(ᾱ_t) x_0 + sqrt(1 - ᾱ_t) ε   (eq. 4)
     xt = q_sample(d, x0, t, noise)
-    out = model(xt, t).float()
+    out = (model(xt, t) if labels is None else model(xt, t, labels)).float()
     mean_out, var_out = split_output(out, x0.shape[1], variance)
     terms = {}
     if loss in ("simple", "hybrid"):
@@ -79,6 +81,6 @@ def training_terms(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise
 
 def training_losses(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                     prediction: str = "eps", loss: str = "simple", variance: str = "fixed_small",
-                    hybrid_lambda: float = 1.0e-3) -> torch.Tensor:
+                    hybrid_lambda: float = 1.0e-3, labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-example loss, shape [B]."""
-    return training_terms(model, d, x0, t, noise, prediction, loss, variance, hybrid_lambda)["loss"]
+    return training_terms(model, d, x0, t, noise, prediction, loss, variance, hybrid_lambda, labels)["loss"]

@@ -23,6 +23,12 @@ Samplers (``SAMPLERS``):
 
 ``ddim_invert`` runs DDIM η = 0 backwards, x_0 → x_T.
 
+Class-conditional models (``labels`` given) are guided in that one place, ``denoise``, so
+every sampler is (``ddpm.guidance``): at a guided step the conditional and the unconditional
+(null-class) outputs come from one forward pass of the 2B-batch, both are converted to ε̂
+(whatever the network predicts), ε̃ = (1 + w) ε̂_c − w ε̂_u, and only then is x̂_0 formed and
+clipped. A learned variance is the conditional half's: guidance moves the mean only.
+
 The loop runs under ``torch.inference_mode()`` with no host synchronisation: step
 functions branch on Python values (i, options), never on tensor values.
 """
@@ -30,16 +36,17 @@ functions branch on Python values (i, options), never on tensor values.
 import inspect
 import typing
 from collections.abc import Callable
-from contextlib import nullcontext
 from typing import Literal
 
 import torch
 
+from ddpm.acceleration import network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
+from ddpm.guidance import Guidance, guided_eps
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")  # of the network; the sampler's state keeps its own dtype
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -202,22 +209,48 @@ def check_options(sampler: str, options: dict | None) -> Callable:
 
 
 def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: str, clip: str,
-              percentile: float, precision: str, variance: str = "fixed_small") -> Callable[[torch.Tensor, int], Prediction]:
+              percentile: float, precision: str, variance: str = "fixed_small", labels: torch.Tensor | None = None,
+              null_label: int | None = None, guidance: Guidance | None = None) -> Callable[[torch.Tensor, int], Prediction]:
     """``denoise(x, i)``: the network at respaced index i (original timestep ``timesteps[i]``) as a
-    Prediction. bf16 autocast applies on CUDA only; the output is cast back to x's dtype."""
+    Prediction. The network runs through ``ddpm.acceleration.network`` (bf16: autocast, on CUDA or
+    CPU), its output cast back to x's dtype, so x̂_0, its clipping and the steps see no bf16 tensor.
+    With ``labels`` the network is called as ``model(x, t, labels)`` and guided (module docstring)."""
     for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, PRECISIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
     check_clip(clip, percentile)
+    guidance = (guidance or Guidance()).check()
+    if labels is None and guidance.w != 0:
+        raise ValueError("classifier-free guidance needs labels (a class-conditional model)")
+    if labels is not None and guidance.w != 0 and null_label is None:
+        raise ValueError("classifier-free guidance needs the null label (the model's num_classes)")
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
-    bf16 = precision == "bf16" and d.device.type == "cuda"
+    forward = network(model, resolve(d.device, precision).precision, d.device)
+    # which respaced steps are guided: decided once, on the host, from σ = sqrt((1 - ᾱ) / ᾱ)
+    sigmas = ((1 - d.alphas_cumprod) / d.alphas_cumprod).sqrt().tolist() if guidance.w != 0 else []
+    guided = [guidance.active(sigma) for sigma in sigmas]
+
+    def net(x: torch.Tensor, idx: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        out = forward(x, t_orig[idx]) if y is None else forward(x, t_orig[idx], y)
+        return out.to(x.dtype)
 
     def denoise(x: torch.Tensor, i: int) -> Prediction:
         idx = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        with torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext():
-            out = model(x, t_orig[idx])
-        return to_prediction(d, prediction, out.to(x.dtype), x, idx, clip=clip, percentile=percentile,
-                             variance=variance)
+        if not (guided and guided[i]):
+            return to_prediction(d, prediction, net(x, idx, labels), x, idx, clip=clip, percentile=percentile,
+                                 variance=variance)
+        # (1) conditional and unconditional outputs from one forward pass of [x; x] with [y; ∅]
+        y = torch.cat([labels, torch.full_like(labels, null_label)])
+        out_c, out_u = net(torch.cat([x, x]), torch.cat([idx, idx]), y).chunk(2)
+        # (2) both as ε̂, whatever the network predicts (unclipped)
+        cond = to_prediction(d, prediction, out_c, x, idx, variance=variance)
+        uncond = to_prediction(d, prediction, out_u, x, idx, variance=variance)
+        # (3) ε̃ = (1 + w) ε̂_c − w ε̂_u (rescaled when asked); then x̂_0 from ε̃, clipped as asked
+        eps = guided_eps(cond.eps, uncond.eps, guidance.w, guidance.rescale)
+        pred = to_prediction(d, "eps", eps, x, idx, clip=clip, percentile=percentile)
+        # (4) a learned variance is the conditional model's: guidance moves the mean only
+        pred.log_variance = cond.log_variance
+        return pred
 
     return denoise
 
@@ -240,6 +273,9 @@ def sample(
     progress: Callable[[int], None] | None = None,
     x_T: torch.Tensor | None = None,
     on_step: Callable[[int, torch.Tensor, Prediction], None] | None = None,
+    labels: torch.Tensor | None = None,
+    null_label: int | None = None,
+    guidance: Guidance | None = None,
 ) -> torch.Tensor:
     """Generate a batch of shape ``shape`` in [-1, 1] (not clamped) with ``sampler``.
 
@@ -247,15 +283,22 @@ def sample(
     ``variance`` is the model's (``ModelSpec.variance``): with ``learned`` the network's
     log-variance, on the respaced β and β̃, goes to the step function in ``pred.log_variance``.
     ``clip``: static | dynamic | none, what happens to x̂_0 (``percentile`` for dynamic).
-    ``precision``: fp32 | bf16 (autocast of the network on CUDA; the CPU always runs fp32).
+    ``precision``: auto | fp32 | bf16, of the network (bf16: autocast on CUDA or CPU; auto: bf16 on
+    CUDA, fp32 on CPU); x and every step's arithmetic keep x's dtype (float32, or float64).
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
     ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
     when given, sees every step's result (original timestep t), e.g. for denoising strips.
+    ``labels`` (int64 [B]) condition a class-conditional model, called as ``model(x, t, labels)``;
+    ``guidance`` (``ddpm.guidance.Guidance``) guides it, with ``null_label`` as the unconditional label.
     """
     step_fn = check_options(sampler, options)
+    if labels is not None and labels.shape != (shape[0],):
+        raise ValueError(f"labels must have shape [{shape[0]}], got {list(labels.shape)}")
     timesteps = timestep_subsequence(diffusion.num_timesteps, steps or diffusion.num_timesteps, spacing)
     d = respace(diffusion, timesteps)
-    denoise = _denoiser(model, d, timesteps, prediction, clip, percentile, precision, variance)
+    labels = None if labels is None else labels.to(diffusion.device)
+    denoise = _denoiser(model, d, timesteps, prediction, clip, percentile, precision, variance, labels, null_label,
+                        guidance)
     device = diffusion.device
     x = _noise_like(torch.empty(shape, device=device), generator) if x_T is None else x_T.to(device)
     state: dict = {"denoise": denoise}

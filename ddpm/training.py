@@ -1,10 +1,16 @@
-"""The training loop: AdamW with linear warm-up, gradient clipping, and an EMA of the
-weights kept by ``torch.optim.swa_utils.AveragedModel``.
+"""The training loop: AdamW with linear warm-up, gradient clipping, and averages of the
+weights kept by ``torch.optim.swa_utils.AveragedModel`` (``ddpm.ema``): the EMA named by
+``ema`` (power-function EMA by default), and the power EMAs of ``ema_profiles``, which
+``on_snapshot`` receives every ``ema_snapshot_every`` steps and after the last step, for
+post-hoc EMA (``ddpm.posthoc_ema``).
 
 The data set is one uint8 tensor [N, C, H, W] held on the training device; each step
 draws a batch of indices, a timestep t (uniform, or importance-sampled: see
 ``ddpm.timestep_sampling``) and noise ε ~ N(0, I) per example from one seeded
 ``torch.Generator``, so a run is a function of its seed.
+A class-conditional model also gets each example's label, replaced by the null class
+with probability ``cond_drop`` (classifier-free guidance training, ``ddpm.guidance``),
+drawn from the same generator.
 The loss is logged every ``log_every`` steps only (no host synchronisation per step), and
 ``state.grad_norm`` then holds that step's total gradient norm before clipping;
 a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
@@ -15,12 +21,14 @@ the single-process run with the same ``batch_size``. (With importance sampling e
 updates its own loss history from its shard.)
 
 Resuming: ``train_state_dict`` turns the whole ``TrainState`` (weights, EMA, optimizer,
-scheduler, step, losses, the timestep sampler, the batch generator and the global
+scheduler, step, losses, the profiles, the timestep sampler, the batch generator and the global
 torch/CUDA RNG states that dropout uses) into plain data that
 ``torch.load(weights_only=True)`` reads back; ``load_train_state`` restores it, and
 training continues exactly where it stopped.
-``precision``, ``memory_format`` and ``compile`` select the GPU fast path (see
-``ddpm.acceleration``); their defaults leave a CPU run unchanged.
+``precision``, ``memory_format`` and ``compile`` select the fast path (see
+``ddpm.acceleration``); their default ``auto`` is the GPU fast path on CUDA and leaves a
+CPU run plain fp32. With ``bf16`` only the network's forward runs under autocast: the
+loss, the variational bound and the tables stay float32.
 """
 
 from collections.abc import Callable
@@ -29,13 +37,16 @@ from typing import Annotated, Literal
 
 import torch
 from annotated_types import Ge, Gt, Lt
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import autocast_context, compile_model, make_adamw, prepare_model, to_memory_format
+from ddpm.acceleration import compile_model, make_adamw, network, prepare_model, resolve, to_memory_format
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
+from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
+from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
+from ddpm.posthoc_ema import check_schedule, snapshot_steps
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
 
@@ -48,13 +59,24 @@ class TrainConfig:
     warmup_steps: Annotated[int, Ge(0)] = 1000
     weight_decay: Annotated[float, Ge(0)] = 0.0
     grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
-    ema_decay: Annotated[float, Ge(0), Lt(1)] = 0.9999
+    ema: EMAConfig = field(default_factory=PowerEMA)  # the average that sampling uses (ddpm.ema)
+    # σ_rel of the post-hoc power EMAs
+    ema_profiles: list[Annotated[float, Gt(0), Lt(MAX_SIGMA_REL)]] = field(default_factory=lambda: [0.05, 0.10])
+    ema_snapshot_every: Annotated[int, Ge(0)] = 1000  # profiles snapshotted every N steps and after the last; 0 never
     log_every: Annotated[int, Ge(1)] = 100
     checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
-    precision: Literal["fp32", "tf32", "bf16"] = "fp32"  # tf32/bf16: CUDA only
-    memory_format: Literal["contiguous", "channels_last"] = "contiguous"
-    compile: Literal["none", "default", "max-autotune"] = "none"
+    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
+
+    def __post_init__(self):
+        check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
+
+    @property
+    def snapshot_steps(self) -> list[int]:
+        """The steps after which the profiles are snapshotted (none without profiles)."""
+        return snapshot_steps(self.steps, self.ema_snapshot_every) if self.ema_profiles else []
 
 
 @dataclass
@@ -64,6 +86,7 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     generator: torch.Generator
+    profiles: list[AveragedModel] = field(default_factory=list)  # post-hoc EMA profiles (power EMAs)
     step: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
@@ -85,10 +108,11 @@ def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> T
     optimizer = make_adamw(model.parameters(), device, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(cfg.warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup))
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay), use_buffers=True)
+    ema = averaged_model(model, cfg.ema)
+    profiles = [averaged_model(model, PowerEMA(sigma_rel=s)) for s in cfg.ema_profiles] if cfg.snapshot_steps else []
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    return TrainState(model, ema, optimizer, scheduler, generator)
+    return TrainState(model, ema, optimizer, scheduler, generator, profiles)
 
 
 def train(
@@ -103,23 +127,32 @@ def train(
     variance: str = "fixed_small",
     hybrid_lambda: float = 1.0e-3,
     timestep_sampler: UniformSampler | ImportanceSampler | None = None,
+    labels: torch.Tensor | None = None,
+    cond_drop: float = 0.0,
     progress: Callable[[int], None] | None = None,
     on_log: Callable[[TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    on_snapshot: Callable[[TrainState], None] | None = None,
 ) -> TrainState:
     """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it.
 
     ``on_checkpoint`` runs on every rank every ``cfg.checkpoint_every`` steps, after the
     losses and weights so far were checked finite (a collective: it may call
     ``train_state_dict``). ``timestep_sampler`` draws t (default uniform); an importance
-    sampler is updated in place."""
+    sampler is updated in place. ``on_snapshot`` runs on every rank after each step of
+    ``cfg.snapshot_steps``, before that step's checkpoint, with the losses so far checked finite.
+    ``labels`` (int64 [N], for a class-conditional model, whose ``num_classes`` is the null
+    class) go with ``images``; each is dropped to the null class with probability ``cond_drop``."""
     device = diffusion.device
     images = images.to(device)
+    labels = None if labels is None else labels.to(device)
     g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
-    forward = compile_model(model, cfg.compile)
+    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile)
+    forward = network(compile_model(model, fast.compile), fast.precision, device)
+    snapshots = set(cfg.snapshot_steps)
     while state.step < cfg.steps:
         # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
         #     every rank draws the global batch and keeps its shard
@@ -131,10 +164,13 @@ def train(
         t, weights = sampler.sample(cfg.batch_size, g, device)
         t, weights = t[mine], (None if weights is None else weights[mine])
         noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
+        y = None
+        if labels is not None:  # class labels, each replaced by the null class with probability cond_drop
+            y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        x0, noise = to_memory_format(x0, cfg.memory_format), to_memory_format(noise, cfg.memory_format)
-        with autocast_context(cfg.precision, device):
-            terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda)
+        x0, noise = to_memory_format(x0, fast.memory_format), to_memory_format(noise, fast.memory_format)
+        terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda,
+                               labels=y)
         losses = terms["loss"]
         if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
             sampler.update(t, terms["vlb"])
@@ -150,6 +186,8 @@ def train(
         state.optimizer.step()
         state.scheduler.step()
         state.ema.update_parameters(state.model)
+        for profile in state.profiles:
+            profile.update_parameters(state.model)
         state.step += 1
         state.pending.append(loss_value.detach())
         if progress is not None:
@@ -160,6 +198,9 @@ def train(
             state.pending.clear()
             if on_log is not None:
                 on_log(state)
+        if on_snapshot is not None and state.step in snapshots:
+            _checked_losses(state, world)
+            on_snapshot(state)
         if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
             _checked_losses(state, world)
             bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
@@ -217,6 +258,7 @@ def train_state_dict(state: TrainState, world: World = SINGLE, timestep_sampler=
         return None
     return _to_cpu({
         "step": state.step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+        "ema_profiles": [p.state_dict() for p in state.profiles],
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),
         "generator": state.generator.get_state(), "rng": rngs, "losses": [list(x) for x in state.losses],
         "pending": torch.stack(state.pending) if state.pending else torch.zeros(0),
@@ -229,6 +271,10 @@ def load_train_state(state: TrainState, d: dict, world: World = SINGLE, timestep
     device = next(state.model.parameters()).device
     state.model.load_state_dict(d["model"])
     state.ema.load_state_dict(d["ema"])
+    if len(d["ema_profiles"]) != len(state.profiles):
+        raise ValueError(f"the training state holds {len(d['ema_profiles'])} EMA profiles, the config {len(state.profiles)}")
+    for profile, saved in zip(state.profiles, d["ema_profiles"]):
+        profile.load_state_dict(saved)
     state.optimizer.load_state_dict(d["optimizer"])
     state.scheduler.load_state_dict(d["scheduler"])
     state.generator.set_state(d["generator"])

@@ -9,6 +9,11 @@ the last halves the resolution. The DDPM CIFAR-10 model is ch=128,
 ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,), dropout=0.1 (35.7M
 parameters). The image size and channel counts come from the data and the objective,
 not from the config.
+
+A class-conditional U-Net (``num_classes`` = K > 0) adds a learned class embedding to the
+timestep embedding, as guided-diffusion's ``label_emb`` does; row K of the embedding is
+the null class ∅ of classifier-free guidance (``ddpm.guidance``). It is called as
+``net(x, t, y)``; an unconditional one as ``net(x, t)``.
 """
 
 import math
@@ -56,7 +61,16 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with up to 32 groups and at least 2 channels per group (when there are 2 channels).
+
+    One channel per group would subtract every channel's spatial mean, and with it the per-channel
+    timestep (and class) embedding a ResBlock adds just before its second norm: the network could
+    not see t. 32 groups of 2+ channels (the DDPM models, ch >= 64) are unchanged by the floor.
+    """
+    groups = math.gcd(32, channels)
+    if channels // groups < 2 and channels > 1:
+        groups = math.gcd(32, channels // 2)
+    return nn.GroupNorm(groups, channels)
 
 
 class ResBlock(nn.Module):
@@ -99,6 +113,17 @@ class AttnBlock(nn.Module):
         return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
+class Upsample(nn.Module):
+    """Nearest-neighbour 2× upsampling. On CPU every pixel is repeated twice along each axis
+    (``repeat_interleave``): the same values as ``F.interpolate(mode="nearest")``, whose CPU
+    kernel takes 1.5-3× as long forward and backward; elsewhere ``F.interpolate``."""
+
+    def forward(self, x):
+        if x.device.type == "cpu":
+            return x.repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+
+
 class Block(nn.Module):
     """A ResBlock, followed by attention when the level asks for it."""
 
@@ -112,7 +137,8 @@ class Block(nn.Module):
 
 
 class UNet(nn.Module):
-    def __init__(self, config: UNetConfig, *, image_size: int, in_channels: int, out_channels: int):
+    def __init__(self, config: UNetConfig, *, image_size: int, in_channels: int, out_channels: int,
+                 num_classes: int = 0):
         super().__init__()
         config.validate(image_size)
         self.config = c = config
@@ -142,15 +168,26 @@ class UNet(nn.Module):
                 self.up.append(Block(cur + skips.pop(), c.ch * mult, temb_dim, c.dropout, res in c.attn_resolutions))
                 cur = c.ch * mult
             if level != 0:
-                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                                             nn.Conv2d(cur, cur, 3, padding=1)))
+                self.up.append(nn.Sequential(Upsample(), nn.Conv2d(cur, cur, 3, padding=1)))
                 res *= 2
         self.norm_out, self.conv_out = norm(cur), nn.Conv2d(cur, out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Last, so that the layers above draw the same initial weights as an unconditional U-Net's.
+        if num_classes < 0:
+            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+        self.num_classes = num_classes
+        self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None  # + the null class
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.config.ch))
+        if self.label_emb is not None:
+            if y is None:
+                raise ValueError(f"this U-Net is class-conditional: pass labels y in [0, {self.num_classes}] "
+                                 f"({self.num_classes} = the null class)")
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this U-Net is unconditional (num_classes = 0): it takes no labels")
         h = self.conv_in(x)
         hs = [h]
         for layer in self.down:

@@ -15,6 +15,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
 
+@app.callback()
+def _process() -> None:
+    """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
+    from pipeline.common import keep_freed_memory
+
+    keep_freed_memory()
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -87,6 +95,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
                                                   "else start fresh) | never | require"),
           system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
                                               help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
+          snapshots: Path = typer.Option(Path("models/ema_snapshots"),
+                                         help="folder for the post-hoc EMA snapshots (train.ema_profiles)"),
           samples: Path = typer.Option(Path("plots/train_samples"), help="folder of the preview grids "
                                                                           "(every train.sample_every steps)"),
           mlflow_run: Path = typer.Option(Path("logs/train_mlflow.json"), "--mlflow-run",
@@ -107,20 +117,35 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     if resume not in choices:
         raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
     stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics,
-               samples, mlflow_run, tracking_uri, experiment, live)
+               snapshots, samples, mlflow_run, tracking_uri, experiment, live)
 
 
 @app.command()
 @clear_errors
-def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+def ema(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt"), help="train's checkpoint"),
+        snapshots: Path = typer.Option(Path("models/ema_snapshots"), help="train's EMA snapshots"),
+        out: Path = typer.Option(Path("models/model_ema.pt"), help="checkpoint for sample, nll and denoise"),
+        metrics: Path = typer.Option(Path("metrics/ema.json"), help="which average, and the fit of a post-hoc one")):
+    """Choose the average of the weights (ema.sigma_rel): train's own EMA, or EDM2's post-hoc EMA."""
+    from pipeline import ema as stage
+
+    stage.main(params, checkpoint, snapshots, out, metrics)
+
+
+@app.command()
+@clear_errors
+def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
            out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
+           guidance: str = typer.Option(None, help="a classifier-free guidance setting defined under 'guidance' "
+                                                   "(class-conditional models; default: none, w = 0)"),
            device: str = DEVICE):
-    """Sample one cell of the sampler × steps matrix (sample.*, samplers.<name>)."""
+    """Sample one cell of the sampler × steps (× guidance) matrix (sample.*, samplers.<name>, guidance.<name>);
+    sample.weights: ema | raw."""
     from pipeline import sample as stage
 
-    stage.main(params, checkpoint, sampler, steps, out, device)
+    stage.main(params, checkpoint, sampler, steps, out, device, guidance)
 
 
 @app.command("fid-ref")
@@ -128,11 +153,14 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
 def fid_ref(params: Path = PARAMS, reference: Path = typer.Option(Path("data/prepared/test.pt"), help="reference split"),
             classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
             out: Path = typer.Option(Path("data/reference"), help="folder for stats.pt and info.json"),
+            floor_from: Path | None = typer.Option(None, help="real images (a prepared split) for the real-data floor"),
+            floor_out: Path | None = typer.Option(None, help="JSON for the real-data floor's metrics"),
             device: str = DEVICE):
-    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...)."""
+    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...);
+    with --floor-from, also the real-data floor: sample.num_samples real images against it."""
     from pipeline import fid_ref as stage
 
-    stage.main(params, reference, classifier, out, device)
+    stage.main(params, reference, classifier, out, device, floor_from, floor_out)
 
 
 @app.command()
@@ -149,15 +177,27 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
 
 @app.command()
 @clear_errors
-def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model.pt")),
+def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
         data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
         metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
         plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
         device: str = DEVICE):
-    """NLL of the test split in bits/dim from the full variational bound, EMA weights (nll.*)."""
+    """NLL of the test split in bits/dim from the full variational bound (nll.*; nll.weights: ema | raw)."""
     from pipeline import nll as stage
 
     stage.main(params, checkpoint, data, metrics, plot, device)
+
+
+@app.command()
+@clear_errors
+def denoise(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
+            data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+            metrics: Path = typer.Option(Path("metrics/denoise.json"), help="MSE of the raw, EMA and untrained weights"),
+            device: str = DEVICE):
+    """Held-out denoising MSE (ε) of the raw, EMA and untrained weights, side by side (denoise.*)."""
+    from pipeline import denoise as stage
+
+    stage.main(params, checkpoint, data, metrics, device)
 
 
 @app.command()
@@ -171,11 +211,21 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
            classifier_metrics: Path = typer.Option(Path("metrics/classifier.json"), help="extractor test accuracy"),
            loss: Path = typer.Option(Path("plots/train_loss.csv"), help="training loss curve (step, loss)"),
            loss_figure: Path = typer.Option(Path("reports/train_loss.png")),
-           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png")):
-    """Collect the cells into metrics/fid.json, the FID-vs-steps plot and the markdown + HTML report."""
+           samples: Path = typer.Option(Path("samples"), help="folder of the cells' grid.png and strip.png"),
+           ema_metrics: Path = typer.Option(Path("metrics/ema.json"), help="which average the ema stage chose"),
+           sigma_plot: Path = typer.Option(Path("plots/fid_vs_sigma_rel.csv"),
+                                           help="(sampler, steps, sigma_rel, fid) per cell, for dvc plots diff"),
+           sweep_plot: Path = typer.Option(Path("plots/guidance_sweep.csv"),
+                                           help="one row per cell and guidance weight w (FID, precision, recall, "
+                                                "class accuracy)"),
+           sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png")),
+           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-ref)")):
+    """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
+    report."""
     from pipeline import report as stage
 
-    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples)
+    stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
+               ema_metrics, sigma_plot, sweep_plot, sweep_figure, floor)
 
 
 @app.command()
@@ -208,53 +258,29 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
             columns: str = typer.Option("prediction", help="param (dotted key) for the table's columns"),
             extra: list[str] = typer.Option([], "--param", help="more params to show per experiment (repeatable)"),
             out: Path = typer.Option(None, help="also write the tables to this markdown file (and rows as .json)"),
-            commits: str = typer.Option("head", help="head: experiments of HEAD; all: of every commit")):
+            commits: str = typer.Option("head", help="head: experiments of HEAD; all: of every commit"),
+            sigma_rel_figure: Path = typer.Option(None, "--sigma-rel-figure",
+                                                  help="also plot FID against the EMA length sigma_rel over the "
+                                                       "experiments (a PNG) and tabulate it"),
+            sigma_rel_steps: int = typer.Option(None, "--sigma-rel-steps",
+                                                help="sampling steps of that plot (default: the most in the sweep)")):
     """Ablation table across DVC experiments: best FID (and bits/dim) per rows × columns param values.
     Not a DVC stage: it reads every experiment."""
     from pipeline import compare as stage
 
-    stage.main(exp_json, rows, columns, extra, out, commits)
+    stage.main(exp_json, rows, columns, extra, out, commits, sigma_rel_figure, sigma_rel_steps)
 
 
 @app.command()
 @clear_errors
 def export(checkpoint: Path = typer.Option(Path("models/model.pt"), help="a checkpoint the train stage wrote"),
            out: Path = typer.Option(Path("exported"), help="folder for the diffusers pipeline (unet/, scheduler/)"),
-           weights: str = typer.Option("ema", help="ema | model")):
+           weights: str = typer.Option("ema", help="ema | raw")):
     """Export a trained model to diffusers: UNet2DModel + DDPMScheduler as safetensors, for
     DDPMPipeline / DDIMPipeline.from_pretrained(out). Not a DVC stage."""
     from pipeline import export as command
 
     command.main(checkpoint, out, weights)
-
-
-@app.command()
-@clear_errors
-def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-cifar10 | fashion-mnist | tiny"),
-          device: str = DEVICE,
-          batch_size: int = typer.Option(None, help="training batch (default 128 on CUDA, 8 on CPU)"),
-          sample_batch_size: int = typer.Option(None, help="sampling batch (default 512 on CUDA, 8 on CPU)"),
-          sample_steps: int = typer.Option(10, help="sampling steps per measured sample() call"),
-          samplers: str = typer.Option("ddpm,ddim", help="comma-separated samplers"),
-          warmup: int = typer.Option(None, help="untimed iterations (default 5 on CUDA, 1 on CPU)"),
-          repeats: int = typer.Option(None, help="timed rounds, median reported (default 5 on CUDA, 3 on CPU)"),
-          iters: int = typer.Option(None, help="iterations per timed round (default 10 on CUDA, 1 on CPU)"),
-          precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16"),
-          memory_format: str = typer.Option("auto", help="auto (channels_last on CUDA) | contiguous | channels_last"),
-          compile: str = typer.Option("auto", help="auto (default on CUDA, none on CPU) | none | default | max-autotune"),
-          peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (default datasheet for known GPUs, "
-                                                       "a measured fp32 matmul rate on CPU)"),
-          peer: str = typer.Option("diffusers", help="diffusers | none"),
-          threads: int = typer.Option(None, help="PyTorch CPU threads (default PyTorch's)"),
-          out: Path = typer.Option(None, help="also write the JSON here")):
-    """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
-    from pipeline import bench as command
-
-    command.main(command.config_from_options(
-        config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
-        sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
-        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
-        threads=threads), out)
 
 
 def main() -> None:

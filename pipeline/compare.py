@@ -10,6 +10,9 @@ Experiments that differ only in the training ``seed`` are one configuration run 
 times: for every such group of two or more, a third table gives the mean ± sample
 standard deviation over the seeds of every cell's FID, of the best cell's FID and of
 bits/dim, so that two ablations can be told apart from seed noise.
+
+``--sigma-rel-figure`` adds FID against the EMA length σ_rel over the experiments of a
+σ_rel sweep (``pipeline.ema_sweep``: a table, and a figure with one line per sampler).
 """
 
 import statistics
@@ -215,7 +218,7 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
 
 
 def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], out: Path | None,
-         commits: str = "head") -> None:
+         commits: str = "head", sigma_rel_figure: Path | None = None, sigma_rel_steps: int | None = None) -> None:
     if exp_json is not None:
         if not exp_json.is_file():
             raise FileNotFoundError(f"{exp_json} does not exist")
@@ -224,9 +227,24 @@ def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], ou
         exp_show = dvc_exp_show(commits)
     rows = experiment_rows(exp_show, [row_key, col_key, *extra])
     text = render(rows, row_key, col_key, extra)
+    if sigma_rel_figure is not None:
+        from pipeline import ema_sweep
+
+        points, references = ema_sweep.sweep(_revisions(exp_show))
+        text += "\n" + ema_sweep.render(points, references, sigma_rel_steps)
+        if points:
+            ema_sweep.plot(points, references, sigma_rel_steps, sigma_rel_figure)
+            link = _relative_link(sigma_rel_figure, out) if out is not None else sigma_rel_figure.as_posix()
+            text += f"\n![FID vs σ_rel]({link})\n"
     print(text, end="")
     if out is not None:
         write_atomic(out, text)
         if out.suffix == ".md":
             write_atomic(out.with_suffix(".json"), json.dumps(rows, indent=2) + "\n")
         print(f"compare: {len(rows)} experiments → {out}")
+
+
+def _relative_link(figure: Path, markdown: Path) -> str:
+    import os
+
+    return Path(os.path.relpath(figure.resolve(), markdown.resolve().parent)).as_posix()

@@ -18,9 +18,11 @@ network is run against ours on a random batch (the largest difference is printed
 What diffusers cannot represent stops the command before any work, naming it:
 ``prediction: mean`` (its schedulers predict epsilon, sample or v_prediction),
 ``variance: learned`` (DDIMScheduler has no learned variance: the extra output channels
-would be read as the prediction), and GroupNorm group counts that differ within the
-network (``UNet2DModel`` has one ``norm_num_groups``; ours takes gcd(32, width), so every
-width, skip concatenations included, must be a multiple of 32).
+would be read as the prediction), ``conditioning: class`` (``DDPMPipeline`` and
+``DDIMPipeline`` sample unconditionally, without class labels), and GroupNorm group counts
+that differ within the network (``UNet2DModel`` has one ``norm_num_groups``; ours takes up to
+32 groups of at least 2 channels, so every width, skip concatenations included, must be a
+multiple of 32 and at least 64).
 
 This module is the only one that imports diffusers (``ddpm`` never does).
 """
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import CheckpointError
-from ddpm.model import ModelSpec, load_model
+from ddpm.model import WEIGHTS, ModelSpec, load_model
 from ddpm.unet import AttnBlock, Block, ResBlock, UNet
 from pipeline.common import check_writable
 
@@ -54,12 +56,13 @@ def unsupported(spec: ModelSpec, net: UNet) -> list[str]:
     if spec.variance not in VARIANCE_TYPES:
         problems.append(f"variance: {spec.variance} (DDIMScheduler has no learned variance; "
                         f"exportable: {', '.join(VARIANCE_TYPES)})")
+    if spec.conditioning != "none":
+        problems.append(f"conditioning: {spec.conditioning} (DDPMPipeline and DDIMPipeline sample "
+                        f"unconditionally; exportable: conditioning none)")
     groups = sorted({m.num_groups for m in net.modules() if isinstance(m, torch.nn.GroupNorm)})
     if len(groups) > 1:
-        widths = sorted({m.num_channels for m in net.modules() if isinstance(m, torch.nn.GroupNorm)
-                         if m.num_channels % 32})
-        problems.append(f"GroupNorm with {', '.join(map(str, groups))} groups (widths {widths} are not multiples "
-                        f"of 32; UNet2DModel has a single norm_num_groups: use model.ch a multiple of 32)")
+        problems.append(f"GroupNorm with {', '.join(map(str, groups))} groups in different layers (UNet2DModel has "
+                        f"a single norm_num_groups: use model.ch a multiple of 32, at least 64)")
     return problems
 
 
@@ -155,8 +158,8 @@ def max_difference(net: UNet, unet, spec: ModelSpec, seed: int = 0) -> float:
 
 
 def main(checkpoint: Path, out: Path, weights: str = "ema") -> None:
-    if weights not in ("ema", "model"):
-        raise ValueError(f"--weights must be ema or model, got {weights!r}")
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     net, spec, ckpt = load_model(checkpoint, "cpu", weights=weights)
     problems = unsupported(spec, net)
     if problems:

@@ -3,8 +3,8 @@
 One parent run per pipeline run (named and tagged with the DVC experiment name and
 the git revision) holding every param, the summary metrics and the report; child runs
 for `train` (with the loss curve as a metric history), `classifier`, and one per
-sampler × steps cell (FID/KID/precision/recall/IS, throughput, sample grid and
-denoising strip). `train` and each cell carry the system metrics their stage recorded
+sampler × steps (× guidance) cell (FID/KID/precision/recall/IS, class accuracy, throughput,
+sample grid and denoising strip). `train` and each cell carry the system metrics their stage recorded
 while it worked (``system/...`` histories: CPU, memory, disk, network, GPU; see
 pipeline/system_metrics.py). The parent holds the report (markdown, self-contained
 HTML) and the figures (FID vs steps, loss curve) under `reports/`.
@@ -70,21 +70,23 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
     """Everything this run produced that goes to MLflow, read from the stage outputs under ``root``."""
     cells = {}
     for s in params.sample.samplers:
-        for k in params.sample.steps:
-            name = f"{s}-{k}"
-            cells[name] = {"sampler": s, "steps": k, "metrics": _read(root / f"metrics/cells/{name}.json"),
+        for k, g in [(k, g) for k in params.sample.steps for g in [None, *params.sample.guidance]]:
+            name = f"{s}-{k}" + (f"-{g}" if g else "")
+            cells[name] = {"sampler": s, "steps": k, "guidance": g,
+                           "metrics": _read(root / f"metrics/cells/{name}.json"),
                            "info": _read(root / f"samples/{name}/info.json"),
                            "system": system_metrics.read(root / f"samples/{name}/system.json"),
                            "grid": root / f"samples/{name}/grid.png", "strip": root / f"samples/{name}/strip.png"}
     return {"train": _read(root / "metrics/train.json"), "timing": _read(root / "logs/train_timing.json"),
             "classifier": _read(root / "metrics/classifier.json"), "fid": _read(root / "metrics/fid.json"),
-            "nll": _read(root / "metrics/nll.json"),
+            "nll": _read(root / "metrics/nll.json"), "ema": _read(root / "metrics/ema.json"),
+            "denoise": _read(root / "metrics/denoise.json"),
             "history": _read_history(root / "plots/train_loss.csv"),
             "previews": sorted((int(f.stem.split("_")[-1]), f) for f in (root / "plots/train_samples").glob("step_*.png")),
             "live": _read(root / "logs/train_mlflow.json"),
             "classifier_timing": _read(root / "logs/classifier_timing.json"),
             "pipeline": _read(root / "logs/pipeline_started.json"),
-            "model": root / "models/model.pt",
+            "model": root / "models/model_ema.pt",  # the weights the sample stages use (ema stage)
             "cells": cells,
             "system": system_metrics.read(root / "logs/train_system.json")}
 
@@ -100,7 +102,8 @@ def _read_history(path: Path) -> list[dict]:
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:
     summary = {"params": flat_params, "exp": exp_name, "rev": revision, "train": run["train"],
-               "classifier": run["classifier"], "nll": run.get("nll"),
+               "classifier": run["classifier"], "nll": run.get("nll"), "ema": run.get("ema"),
+               "denoise": run.get("denoise"),
                "cells": {k: c["metrics"] for k, c in run["cells"].items()}}
     return hashlib.sha256(json.dumps(summary, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -177,7 +180,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
         parent_id = parent.info.run_id
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         summary = {**_numeric(run["train"], "train."), **_numeric(run["classifier"], "classifier."),
-                   **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll.")}
+                   **_numeric(run["fid"]), **_numeric(run.get("nll"), "nll."), **_numeric(run.get("ema"), "ema."),
+                   **_numeric({k: v for k, v in (run.get("denoise") or {}).items() if k != "by_timestep"}, "denoise.")}
         mlflow.log_metrics(summary)
         mlflow.log_artifact(str(params_path))
         for folder in ("reports", "plots"):
@@ -204,8 +208,12 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
             with _run(mlflow, client, experiment_id, f"sample/{name}", {**std("python -m pipeline sample"), **tags},
                       parent=parent_id, times=stage_times(cell["info"])) as child:
                 sampler = params.samplers[cell["sampler"]].model_dump()
+                guidance = params.guidance[cell["guidance"]].model_dump() if cell["guidance"] else {}
                 mlflow.log_params({"sampler": cell["sampler"], "steps": cell["steps"],
                                    **{f"sampler.{k}": v for k, v in sampler.items()},
+                                   **({"guidance": cell["guidance"]} if cell["guidance"] else {}),
+                                   **{f"guidance.{k}": json.dumps(v) if isinstance(v, tuple) else v
+                                      for k, v in guidance.items()},
                                    **{k: v for k, v in flat.items() if k.startswith("sample.")}})
                 mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
                                                                      _numeric(cell["info"]).items()

@@ -1,9 +1,11 @@
 """Stage `nll`: the negative log-likelihood of the test split in bits/dim, from the full
 variational bound (Ho et al. 2020, eq. 5; ``ddpm.likelihood.nll_bits_per_dim``) of the
-EMA model, on the first ``nll.num_images`` test images. Writes the DVC metrics file and
-the mean bound term per timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is
-the timestep index of ``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms;
-the prior term L_T is in the metrics only)."""
+checkpoint's averaged or raw weights (``nll.weights``: ema | raw), on the first
+``nll.num_images`` test images. Writes the DVC metrics file and the mean bound term per
+timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is the timestep index of
+``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms; the prior term L_T is
+in the metrics only). A class-conditional model is scored as the unconditional model p(x)
+it also is (the null class), comparable with an unconditional one."""
 
 import math
 import time
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ddpm.data import load_split
+from ddpm.guidance import with_label
 from ddpm.likelihood import nll_bits_per_dim
 from ddpm.model import load_model
 from ddpm.training import to_model_range
@@ -24,19 +27,20 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     check_writable(metrics, plot)
     split = load_split(data)
     dev = resolve_device(device)
-    net, spec, ckpt = load_model(checkpoint, dev)
+    net, spec, ckpt = load_model(checkpoint, dev, weights=p.weights)
     if tuple(split.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
         raise ValueError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
     n = min(p.num_images, split.images.shape[0])
     diffusion = spec.build_diffusion(dev)
+    model = with_label(net, spec.num_classes) if spec.num_classes else net  # p(x): the null class
     g = torch.Generator(device=dev).manual_seed(p.seed)
     totals, priors, decoders, terms = [], [], [], []
     start = time.perf_counter()
     with progress(n * spec.timesteps, "nll") as bar:
         for i in range(0, n, p.batch_size):
             x0 = to_model_range(split.images[i:min(i + p.batch_size, n)].to(dev))
-            out = nll_bits_per_dim(net, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
+            out = nll_bits_per_dim(model, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
                                    clip=p.clip, generator=g,
                                    progress=lambda k, b=x0.shape[0]: bar(k * b))
             totals.append(out["total"].cpu())
@@ -51,7 +55,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
                          "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
                          "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
                          "num_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
-                         "seconds": round(seconds, 2)})
+                         "weights": p.weights, "seconds": round(seconds, 2)})
     mean_terms = (torch.stack(terms).sum(0) / n).tolist()
     write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "

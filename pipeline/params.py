@@ -10,16 +10,19 @@ stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the te
 reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
-from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from annotated_types import Ge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from ddpm.classifier import ClassifierConfig
 from ddpm.data import DATASETS
+from ddpm.ema import EMA_CHOICES, MAX_SIGMA_REL, PowerEMA
+from ddpm.model import WEIGHTS
+from ddpm.guidance import CONDITIONINGS
 from ddpm.objectives import LOSSES, check_objective
 from ddpm.schedules import SCHEDULES
 from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
@@ -39,13 +42,6 @@ class Strict(BaseModel):
 Seed = Annotated[int, Field(ge=0, lt=2**63)]
 
 
-@dataclass
-class TrainParams(TrainConfig):
-    # what the train stage does beside the library's loop: a preview grid of the EMA model
-    # every N steps, written to plots/train_samples/ and logged live to MLflow (0: never)
-    sample_every: Annotated[int, Ge(0)] = 1000
-
-
 class DataParams(Strict):
     name: Literal[DATASETS] = "fashion_mnist"  # type: ignore[valid-type]
     root: str = "/usr/share/datasets/fashion-mnist"
@@ -61,6 +57,16 @@ class ClassifierParams(Strict):
     batch_size: int = Field(256, ge=1)
     lr: float = Field(1.0e-3, gt=0)
     seed: Seed = 0
+
+
+@pydantic_dataclass(config=ConfigDict(extra="forbid", allow_inf_nan=False))
+class TrainParams(TrainConfig):
+    """``ddpm.training.TrainConfig``, with ``ema`` a union tagged by ``kind`` (the choices of ``ddpm.ema``)."""
+
+    ema: Annotated[Union[EMA_CHOICES], Field(discriminator="kind")] = field(default_factory=PowerEMA)  # type: ignore
+    # what the train stage does beside the library's loop: a preview grid of the EMA model
+    # every N steps, written to plots/train_samples/ and logged live to MLflow (0: never)
+    sample_every: int = Field(1000, ge=0)
 
 
 class DDPMSampler(Strict):
@@ -104,8 +110,27 @@ class SampleParams(Strict):
     spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
     clip: Literal["static", "none", "dynamic"] = "static"
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CUDA; the CPU always runs fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
+    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
     seed: Seed = 1
+    weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]  # the checkpoint's average, or its raw weights
+    guidance: list[str] = Field(default_factory=list)  # names under `guidance`: one more matrix axis (class models)
+
+
+class GuidanceParams(Strict):
+    """One classifier-free guidance setting (``ddpm.guidance``): ε̃ = (1 + w) ε_c − w ε_u."""
+
+    w: float = Field(gt=0, le=100)  # w = 0 is the unguided cell <sampler>-<steps> itself
+    rescale: float = Field(0.0, ge=0, le=1)  # φ of Lin et al. 2024; 0 = off
+    # (σ_lo, σ_hi]: guide only there (Kynkäänniemi et al. 2024); null = every step
+    interval: tuple[Annotated[float, Field(ge=0, le=1.0e6)], Annotated[float, Field(gt=0, le=1.0e6)]] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.interval is not None and not self.interval[0] < self.interval[1]:
+            raise ValueError(f"interval [σ_lo, σ_hi] needs σ_lo < σ_hi, got {list(self.interval)}")
+        return self
 
 
 class FidParams(Strict):
@@ -120,6 +145,19 @@ class NllParams(Strict):
     batch_size: int = Field(250, ge=1)
     clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
     seed: Seed = 2  # the noise of x_t ~ q(x_t | x_0) at every t
+    weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]
+
+
+class EmaParams(Strict):
+    # None: train's own EMA (train.ema) unchanged; a number: post-hoc EMA of that σ_rel from the snapshots
+    sigma_rel: float | None = Field(None, gt=0, lt=MAX_SIGMA_REL)
+
+
+class DenoiseParams(Strict):
+    num_images: int = Field(512, ge=1)  # the first N test images
+    timesteps: int = Field(8, ge=1)  # the grid: midpoints of this many equal slices of {0..T-1}
+    batch_size: int = Field(256, ge=1)
+    seed: Seed = 3  # the fixed noise
 
 
 class Params(Strict):
@@ -131,6 +169,8 @@ class Params(Strict):
     variance: Literal[VARIANCES] = "fixed_small"  # type: ignore[valid-type]
     timestep_sampling: Literal[TIMESTEP_SAMPLINGS] = "uniform"  # type: ignore[valid-type]
     hybrid_lambda: float = Field(1.0e-3, gt=0)  # λ of loss=hybrid
+    conditioning: Literal[CONDITIONINGS] = "none"  # type: ignore[valid-type]
+    cond_drop: float = Field(0.1, ge=0, lt=1)  # class only: share of labels replaced by the null class in training
     data: DataParams = Field(default_factory=DataParams)
     model: UNetConfig = Field(default_factory=UNetConfig)
     train: TrainParams = Field(default_factory=TrainParams)
@@ -140,8 +180,11 @@ class Params(Strict):
         "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim"),
         "dpmpp": DPMSolverPPSampler(kind="dpm_solver++"), "euler": EulerSampler(kind="euler"),
         "heun": HeunSampler(kind="heun")})
+    guidance: dict[str, GuidanceParams] = Field(default_factory=dict)
     fid: FidParams = Field(default_factory=FidParams)
     nll: NllParams = Field(default_factory=NllParams)
+    ema: EmaParams = Field(default_factory=EmaParams)
+    denoise: DenoiseParams = Field(default_factory=DenoiseParams)
 
     @model_validator(mode="after")
     def _check(self):
@@ -161,6 +204,25 @@ class Params(Strict):
         for name in self.samplers:
             if not name.replace("_", "").isalnum():
                 raise ValueError(f"sampler name {name!r} must be letters, digits and '_' (it names files and metrics)")
+        if self.ema.sigma_rel is not None and not self.train.snapshot_steps:
+            raise ValueError(f"ema.sigma_rel {self.ema.sigma_rel} asks for post-hoc EMA, which needs snapshots: "
+                             "set train.ema_profiles (e.g. [0.05, 0.1]) and train.ema_snapshot_every > 0, "
+                             "or ema.sigma_rel: null for train's own EMA")
+        for name in self.guidance:
+            if not name.replace("_", "").isalnum():
+                raise ValueError(f"guidance name {name!r} must be letters, digits and '_' (it names files and metrics)")
+        unknown = [g for g in self.sample.guidance if g not in self.guidance]
+        if unknown:
+            raise ValueError(f"sample.guidance names {unknown}, not defined under 'guidance' "
+                             f"(defined: {', '.join(self.guidance) or 'none'})")
+        if len(set(self.sample.guidance)) != len(self.sample.guidance):
+            raise ValueError("sample.guidance must not repeat entries")
+        if self.sample.guidance and self.conditioning != "class":
+            raise ValueError(f"sample.guidance {self.sample.guidance} needs conditioning: class (an unconditional "
+                             "model has no ε(x, y) to guide with); set conditioning: class, or sample.guidance: []")
+        if self.sample.guidance and self.cond_drop == 0:
+            raise ValueError("sample.guidance needs cond_drop > 0: with cond_drop 0 the null class is never "
+                             "trained, so the unconditional ε(x, ∅) that guidance subtracts is untrained")
         try:
             self.model.validate(self.data.image_size or {"cifar10": 32}.get(self.data.name, 28))
         except ValueError as e:
@@ -236,13 +298,21 @@ STAGE_PARAMS: dict[str, list[str]] = {
     "prepare": ["data"],
     "classifier": ["classifier"],
     "train": ["seed", "schedule", "prediction", "timesteps", "loss", "variance", "timestep_sampling",
-              "hybrid_lambda", "model", "train"],
+              "hybrid_lambda", "conditioning", "cond_drop", "model", "train"],
     "sample": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
-               "sample.precision", "sample.seed", "samplers.${item.sampler}"],
-    "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size"],
+               "sample.precision", "sample.memory_format", "sample.compile", "sample.seed", "sample.weights",
+               "samplers.${item.sampler}"],
+    "sample_guided": ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip",
+                      "sample.clip_percentile", "sample.precision", "sample.memory_format", "sample.compile",
+                      "sample.seed", "sample.weights", "samplers.${item.sampler}", "guidance.${item.guidance}"],
+    "fid_ref": ["fid.extractor", "fid.weights_path", "fid.batch_size", "fid.kid_subset_size", "sample.num_samples",
+                "sample.seed"],
     "fid": ["fid"],
-    "report": ["sample.samplers", "sample.steps"],
+    "fid_guided": ["fid"],
+    "report": ["sample.samplers", "sample.steps", "sample.guidance"],
     "nll": ["nll"],
+    "ema": ["ema"],
+    "denoise": ["denoise"],
 }
 
 

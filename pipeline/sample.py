@@ -1,5 +1,12 @@
 """Stage `sample`: draw samples from the trained model with one sampler × step count
-(one cell of the sample matrix) and write them as uint8 plus a PNG grid.
+(one cell of the sample matrix) and write them as uint8 plus a PNG grid. ``sample.weights``
+picks the checkpoint's averaged (``ema``) or raw weights; ``info.json`` records which, and
+which average (the checkpoint's ``ema_config``).
+
+A class-conditional model samples a class-balanced set (image i has class i mod K),
+saves the labels with the images, and draws its grid per class (row k: class k). With
+``--guidance NAME`` (stage `sample_guided`) it is guided by the setting ``guidance.NAME``;
+without, it is the conditional model itself (w = 0).
 
 Batch i of ``sample.batch_size`` images draws from its own generator, seeded with
 ``derive_seed(sample.seed, i)``, so the samples do not depend on how the batches are
@@ -12,7 +19,9 @@ from pathlib import Path
 import torch
 
 from ddpm import distributed
+from ddpm.acceleration import make_denoiser
 from ddpm.checkpoint import atomic_save
+from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
 from ddpm.samplers import sample
 from ddpm.training import to_uint8
@@ -22,20 +31,50 @@ from pipeline.params import for_stage, load_params
 from pipeline.strip import StripRecorder
 
 
-def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str) -> None:
+def ema_summary(ckpt: dict) -> dict:
+    """The scalar entries of the checkpoint's ``ema_config`` (source, kind, σ_rel or decay, ...)."""
+    return {k: v for k, v in (ckpt.get("ema_config") or {}).items() if not isinstance(v, (list, dict))}
+
+
+def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int = 8) -> torch.Tensor:
+    """Up to ``per_class`` images of each class, class k in row k (blank where a class has fewer)."""
+    per = max(1, min(per_class, images.shape[0] // num_classes))
+    rows = []
+    for k in range(num_classes):
+        mine = images[labels == k][:per]
+        rows.append(torch.cat([mine, mine.new_zeros((per - mine.shape[0], *images.shape[1:]))]))
+    return torch.cat(rows)
+
+
+def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str,
+         guidance: str | None = None) -> None:
     started_ms = int(time.time() * 1000)
     params = load_params(params_path)
     if sampler not in params.samplers:
         raise ValueError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
                          f"(defined: {', '.join(params.samplers)})")
-    p = for_stage(params, "sample", sampler=sampler)
+    if guidance is not None and guidance not in params.guidance:
+        raise ValueError(f"guidance {guidance!r} is not defined under 'guidance' in {params_path} "
+                         f"(defined: {', '.join(params.guidance) or 'none'})")
+    if guidance is None:
+        p = for_stage(params, "sample", sampler=sampler)
+        guide = Guidance()
+    else:
+        p = for_stage(params, "sample_guided", sampler=sampler, guidance=guidance)
+        guide = Guidance(**p.guidance[guidance].model_dump()).check()
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     sp, cfg = p.sample, p.samplers[sampler]
     check_writable(*(out_dir / f for f in ("samples.pt", "grid.png", "strip.png", "info.json", "system.json")))
+    cell = f"{sampler}-{steps}" + (f"-{guidance}" if guidance else "")
     with distributed.process_group(resolve_device(device)) as (world, dev):
-        net, spec, ckpt = load_model(checkpoint, dev)
+        net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
+        denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
         if not 1 <= steps <= spec.timesteps:
             raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
+        if guidance is not None and spec.conditioning != "class":
+            raise ValueError(f"--guidance {guidance}: the model in {checkpoint} is unconditional (conditioning: "
+                             f"{spec.conditioning}); guidance needs one trained with conditioning: class")
+        K = spec.num_classes
         diffusion = spec.build_diffusion(dev)
         options = cfg.model_dump(exclude={"kind"})
         mine = range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]  # first image of each batch
@@ -44,7 +83,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         system = out_dir / "system.json"  # written when sampling ends, before the other files
         total = sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps  # rank 0 shows its share
         with system_metrics.record(system, enabled=world.is_main), \
-                progress(total, f"sample {sampler}-{steps}", enabled=world.is_main) as bar:
+                progress(total, f"sample {cell}", enabled=world.is_main) as bar:
             for i in mine:
                 n = min(sp.batch_size, sp.num_samples - i)
                 g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))
@@ -53,26 +92,39 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
                 if i == 0:  # the first batch also records the denoising strip (x_T drawn as sample() draws it)
                     x_T = torch.randn(shape, generator=g, device=dev)
                     on_step = strip = StripRecorder(x_T, steps)
-                x = sample(net, diffusion, shape, sampler=cfg.kind,
+                y = balanced_labels(n, K, start=i, device=dev) if K else None  # image i has class i mod K
+                x = sample(denoiser, diffusion, shape, sampler=cfg.kind,
                            steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip=sp.clip, percentile=sp.clip_percentile, precision=sp.precision,
-                           generator=g, options=options, progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step)
-                chunks.append((i, to_uint8(x).cpu()))
+                           clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
+                           progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
+                           labels=y, null_label=K, guidance=guide)
+                chunks.append((i, to_uint8(x).cpu(), None if y is None else y.cpu()))
         gathered = distributed.gather(chunks, world)
         seconds = time.perf_counter() - start
         if world.is_main:
-            images = torch.cat([x for _, x in sorted((c for part in gathered for c in part), key=lambda c: c[0])])
+            ordered = sorted((c for part in gathered for c in part), key=lambda c: c[0])
+            images = torch.cat([x for _, x, _ in ordered])
+            labels = torch.cat([y for _, _, y in ordered]) if K else None
             out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"]},
-                        out_dir / "samples.pt")
-            write_image_grid(out_dir / "grid.png", images[:64], nrow=8)
+            conditioning = {} if not K else {"labels": labels, "classes": list(spec.classes), "guidance": guidance,
+                                             "w": guide.w}
+            atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"],
+                         **conditioning}, out_dir / "samples.pt")
+            if K:  # one row per class
+                grid = class_grid(images, labels, K)
+                write_image_grid(out_dir / "grid.png", grid, nrow=grid.shape[0] // K)
+            else:
+                write_image_grid(out_dir / "grid.png", images[:64], nrow=8)
             strip.save(out_dir / "strip.png")  # batch 0 is always rank 0's
+            guided = {} if not K else {"guidance": guidance, "w": guide.w, "rescale": guide.rescale,
+                                       "interval": None if guide.interval is None else list(guide.interval)}
             write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options,
                                                "steps": steps, "num_samples": images.shape[0],
+                                               "weights": sp.weights, "ema": ema_summary(ckpt),
                                                "seconds": round(seconds, 2), "processes": world.size,
                                                "images_per_second": round(images.shape[0] / seconds, 2),
                                                "device": str(dev), "started_ms": started_ms,
-                                               "ended_ms": int(time.time() * 1000)})
-            print(f"sample {sampler}-{steps}: {images.shape[0]} images in {seconds:.1f} s"
+                                               "ended_ms": int(time.time() * 1000), **guided})
+            print(f"sample {cell}: {images.shape[0]} images in {seconds:.1f} s"
                   + (f" on {world.size} processes" if world.is_distributed else "") + f" → {out_dir}")
         distributed.barrier(world)

@@ -2,20 +2,38 @@
 the training metrics, the loss curve and the system metrics recorded while it trained.
 
 Resumable: every ``train.checkpoint_every`` steps the whole training state is written
-atomically to ``--state`` (default ``checkpoints/train_state.pt``, not a DVC output);
+atomically to ``--state`` (default ``checkpoints/train-<fingerprint>.pt`` under the repository
+root, not a DVC output, so that a killed queued experiment finds it from its new temporary
+workspace);
 a run that finds it resumes from it, and ends with the same weights as an uninterrupted
 run. The file carries a fingerprint of the training params (all the stage's params
 except ``train.checkpoint_every`` and ``train.log_every``) and of the training images:
 a file from another config is never resumed into; with ``--resume auto`` a run says so
 and starts fresh, with ``--resume require`` it fails. The file is deleted once the
 outputs are written. Under ``torchrun`` this is DDP training: rank 0 reads and writes
-files and prints, the others train.
+files and prints, the others train. With ``conditioning: class`` the U-Net is
+class-conditional on the split's labels (``cond_drop`` of them dropped to the null class);
+the checkpoint records the class names.
+
+The checkpoint holds the raw weights (``model``), their average (``ema``, the rule of
+``train.ema``) and ``ema_config`` naming that rule. Post-hoc EMA: after each step of
+``train.ema_snapshot_every`` (and the last) the power EMAs of ``train.ema_profiles`` are
+written in float16 to ``<state>.snapshots/step-NNNNNNN.pt`` beside the resume file (DVC
+deletes a stage's outputs before it runs, so they cannot live in the output folder while
+training); the resume file lists those it covers, a resumed run drops any written after
+it, and at the end they are published, with ``index.json``, as ``--snapshots``.
+
+Live MLflow (``pipeline.live``): the run is created when training starts, with the stage's
+real start time, and receives loss, learning rate and gradient norm every ``train.log_every``
+steps and a preview grid of the EMA model (``ddpm.preview``) every ``train.sample_every``
+steps as a step-indexed image; the grids are also written to ``--samples``.
 """
 
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict
 from enum import Enum
@@ -24,9 +42,12 @@ from pathlib import Path
 import torch
 
 from ddpm import distributed
-from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from ddpm.data import load_split
+from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
+from ddpm.data import DataError, load_split
+from ddpm.ema import averaged_weights
+from ddpm.guidance import balanced_labels
 from ddpm.model import ModelSpec
+from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
 from ddpm.preview import preview
 from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, load_train_state, to_uint8, train, train_state_dict
@@ -50,9 +71,9 @@ class Resume(str, Enum):
     require = "require"  # fail unless --state exists and is from the same config
 
 
-def training_config(params, images: torch.Tensor) -> dict:
+def training_config(params, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """What determines the trained weights: the stage's params (minus NOT_FINGERPRINTED),
-    flattened, plus the training images' shape and SHA-256."""
+    flattened, plus the training images' shape and SHA-256 (and the labels', when they are used)."""
     flat = {}
 
     def walk(prefix, value):
@@ -69,6 +90,8 @@ def training_config(params, images: torch.Tensor) -> dict:
     images = images.contiguous()
     flat["data.shape"] = list(images.shape)
     flat["data.sha256"] = hashlib.sha256(images.numpy().data).hexdigest()
+    if labels is not None:
+        flat["data.labels_sha256"] = hashlib.sha256(labels.long().contiguous().numpy().data).hexdigest()
     return flat
 
 
@@ -98,6 +121,60 @@ def read_resume_file(path: Path, config: dict, mode: Resume) -> tuple[dict | Non
     return ckpt, f"resuming from step {ckpt['step']} of {path}"
 
 
+def snapshot_name(step: int) -> str:
+    return f"step-{step:07d}.pt"
+
+
+def staging_dir(state_path: Path) -> Path:
+    """Where the EMA snapshots wait while training: beside the resume file."""
+    return state_path.with_name(state_path.stem + ".snapshots")
+
+
+def prepare_staging(staging: Path, ckpt: dict | None, state_path: Path) -> list[int]:
+    """The snapshot steps already written: those the resume file lists (checked present), the
+    ones written after it deleted; with nothing to resume from, an emptied folder."""
+    if ckpt is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True, exist_ok=True)
+        return []
+    listed = [int(k) for k in ckpt.get("ema_snapshots", [])]
+    missing = [snapshot_name(k) for k in listed if not (staging / snapshot_name(k)).is_file()]
+    if missing:
+        raise CheckpointError(f"resume file {state_path} lists EMA snapshots missing from {staging}: "
+                              f"{', '.join(missing)}")
+    staging.mkdir(parents=True, exist_ok=True)
+    for f in staging.iterdir():
+        if f.name not in {snapshot_name(k) for k in listed}:  # written after the resume file, or a temporary
+            f.unlink()
+    return listed
+
+
+def publish_snapshots(staging: Path, steps: list[int], out: Path, index: dict) -> None:
+    """Hard-link (or copy) the staged snapshots and ``index.json`` into a new folder, then swap it in for ``out``."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 otherwise
+    try:
+        for k in steps:
+            try:
+                os.link(staging / snapshot_name(k), tmp / snapshot_name(k))
+            except OSError:
+                shutil.copy2(staging / snapshot_name(k), tmp / snapshot_name(k))
+        write_json(tmp / "index.json", index)
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+        tmp.rename(out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def state_file(template: Path, fp: str) -> Path:
     """``--state`` with ``{fingerprint}`` filled in. A relative path is anchored on the
     repository root (``DVC_ROOT``, mapped out of DVC's temporary experiment workspaces), so a
@@ -117,7 +194,11 @@ def preview_grid(state, diffusion, spec: ModelSpec, path: Path) -> None:
     was_training = net.training
     net.eval()
     g = torch.Generator(device=diffusion.device).manual_seed(PREVIEW_SEED)
-    x = preview(net, diffusion, (PREVIEW_IMAGES, spec.channels, spec.image_size, spec.image_size),
+    model = net
+    if spec.num_classes:  # class-conditional: image i of class i mod K
+        labels = balanced_labels(PREVIEW_IMAGES, spec.num_classes, device=diffusion.device)
+        model = lambda x, t: net(x, t, labels)  # noqa: E731
+    x = preview(model, diffusion, (PREVIEW_IMAGES, spec.channels, spec.image_size, spec.image_size),
                 steps=min(PREVIEW_STEPS, spec.timesteps), prediction=spec.prediction, variance=spec.variance,
                 generator=g)
     net.train(was_training)
@@ -137,7 +218,8 @@ def replace_folder(src: Path, dst: Path) -> None:
 
 def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
          state_path: Path = Path(STATE), resume: Resume = Resume.auto,
-         system: Path = Path("logs/train_system.json"), samples: Path = Path("plots/train_samples"),
+         system: Path = Path("logs/train_system.json"), snapshots: Path = Path("models/ema_snapshots"),
+         samples: Path = Path("plots/train_samples"),
          mlflow_run: Path = Path("logs/train_mlflow.json"), tracking_uri: str | None = None,
          experiment: str = "ddpm", live: bool = True) -> None:
     started_ms = now_ms()
@@ -150,13 +232,19 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     _, channels, height, width = split.images.shape
     if height != width:
         raise ValueError(f"{data}: images must be square, got {height}×{width}")
+    labels = split.labels if p.conditioning == "class" else None
+    if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
+        raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
+    classes = list(split.classes) if labels is not None else []
     spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
-                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance)
-    training = training_config(params, split.images)
+                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance,
+                     conditioning=p.conditioning, num_classes=len(classes), classes=classes)
+    training = training_config(params, split.images, labels)
     fp = fingerprint(training)
     state_path = state_file(state_path, fp)
     previews = state_path.with_name(state_path.stem + ".samples")  # beside the state: they survive a kill too
-    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling}
+    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling,
+                 **({"cond_drop": p.cond_drop} if labels is not None else {})}
     config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
               "training": training, "fingerprint": fp}
     uri = tracking_uri or default_tracking_uri()
@@ -174,9 +262,12 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         # rank 0 decides whether to resume and hands the state to every rank
         found = None
+        staging = staging_dir(state_path)
+        written: list[int] = []  # snapshot steps in the staging folder (rank 0)
         if world.is_main:
             try:
                 found = read_resume_file(state_path, training, resume)
+                written = prepare_staging(staging, found[0], state_path)
             except CheckpointError as e:
                 found = e
         found = distributed.broadcast(found, world)
@@ -229,18 +320,29 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
             if world.is_main:
                 mlflow_state = {"tracking_uri": uri, "run_id": run.run_id} if run is not None and run.run_id else {}
-                save_checkpoint(state_path, config=config, **d, history=[list(h) for h in history],
-                                mlflow=mlflow_state)
+                save_checkpoint(state_path, config=config, **d, ema_snapshots=sorted(written),
+                                history=[list(h) for h in history], mlflow=mlflow_state)
                 saved["step"] = s.step
+
+        sigma_rels = list(p.train.ema_profiles)
+
+        def ema_snapshot(s) -> None:
+            if world.is_main:
+                weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
+                if not all(v.isfinite().all() for w in weights for v in w.values()):
+                    raise FloatingPointError(f"the EMA profiles are not finite in float16 at step {s.step}")
+                save_snapshot(staging / snapshot_name(s.step), step=s.step, sigma_rels=sigma_rels, weights=weights,
+                              config={"model": spec.to_dict(), "fingerprint": config["fingerprint"]})
+                written.append(s.step)
 
         start = time.perf_counter()
         try:
             with system_metrics.record(system, enabled=world.is_main), \
-                    progress(p.train.steps, "train", enabled=world.is_main) as bar:
-                bar(first_step)
+                    progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=first_step) as bar:
                 train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
                       variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
-                      world=world, progress=bar, on_log=on_log, on_checkpoint=checkpoint)
+                      labels=labels, cond_drop=p.cond_drop, world=world, progress=bar, on_log=on_log,
+                      on_checkpoint=checkpoint, on_snapshot=ema_snapshot)
         except BaseException as e:
             if run is not None:
                 record = run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", now_ms(), timeout=10)
@@ -255,13 +357,19 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
 
         if world.is_main:
             cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
+            n_params = sum(t.numel() for t in net.parameters())
+            publish_snapshots(staging, sorted(written), snapshots, {
+                "steps": sorted(written), "sigma_rels": sigma_rels if written else [],
+                "files": [snapshot_name(k) for k in sorted(written)], "dtype": str(SNAPSHOT_DTYPE).removeprefix("torch."),
+                "bytes": sum((staging / snapshot_name(k)).stat().st_size for k in written),
+                "fingerprint": config["fingerprint"]})
             save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
-                            ema=cpu(state.ema.state_dict()), timestep_sampler=timestep_sampler.state_dict())
+                            ema=cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(p.train.ema)},
+                            timestep_sampler=timestep_sampler.state_dict())
             extra = {step: (lr, gn) for step, lr, gn in history}
             write_csv(plot, ["step", "loss", "lr", "grad_norm"],
                       [(step, loss, *extra.get(step, ("", ""))) for step, loss in state.losses])
             replace_folder(previews, samples)
-            n_params = sum(t.numel() for t in net.parameters())
             write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
                                  "parameters": n_params})
             trained = state.step - first_step
@@ -274,6 +382,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             write_json(mlflow_run, {**record, "dataset": dataset})
             state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
             shutil.rmtree(previews, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
                   + (f" × {world.size}" if world.is_distributed else "") + f" → {out}")
             if run is not None:

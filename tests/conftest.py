@@ -86,11 +86,12 @@ def tiny_params(data_root: Path) -> dict:
     p = yaml.safe_load((REPO / "params.yaml").read_text())
     p["data"].update(root=str(data_root), download=False)
     p["model"].update(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[14], dropout=0.0)
-    p["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, ema_decay=0.9)
+    p["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, ema_snapshot_every=2)
     p["classifier"].update(steps=20, batch_size=32, arch={"width": 8, "feature_dim": 16})
     p["sample"].update(steps=[2, 3], num_samples=24, batch_size=12)
     p["fid"].update(batch_size=64, kid_subset_size=12)
     p["nll"].update(num_images=2, batch_size=2)  # the bound costs T network passes per batch
+    p["denoise"].update(num_images=32, batch_size=32)
     return p
 
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from ddpm.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count_flops, run_benchmark
-from pipeline.cli import app
+from benchmarks.bench import MODEL_CONFIGS, BenchConfig, build_ours, build_peer, count_flops, run_benchmark
+from benchmarks.cli import app
 
 HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 SMALL = dict(model="tiny", device="cpu", batch_size=2, sample_batch_size=2, sample_steps=2, warmup=0, repeats=1, threads=1,
@@ -99,5 +99,20 @@ def test_cpu_attention_flops_are_counted():
 def test_bench_command_rejects_bad_choices():
     r = CliRunner().invoke(app, ["bench", "--config", "nope", "--device", "cpu"])
     assert r.exit_code == 1 and "ddpm-cifar10" in r.output
-    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "bf16"])
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "tf32"])
     assert r.exit_code == 1 and "needs a CUDA device" in r.output
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "fp16"])
+    assert r.exit_code == 1 and "auto, fp32, tf32, bf16" in r.output
+
+
+def test_cpu_mfu_against_the_measured_matmul_rates():
+    """Without a given peak, the CPU's fp32 and bf16 matmul rates are measured (per wall and per
+    process CPU time) and MFU is reported against both clocks; bf16 runs on the CPU too."""
+    r = run_benchmark(BenchConfig(**{**SMALL, "peak_flops": None, "samplers": ("ddim",), "peer": "none",
+                                     "precision": "bf16"}))
+    rates = r["measured_matmul_flops"]
+    assert all(positive(rates[clock][p]) for clock in ("wall", "process_cpu") for p in ("fp32", "bf16"))
+    assert r["peak_flops"]["value"] == rates["wall"]["bf16"] and "bfloat16" in r["peak_flops"]["source"]
+    ours = r["models"]["ours"]
+    assert positive(ours["train"]["mfu_by_process_cpu_time"]) and positive(ours["sample"]["ddim"]["mfu_by_process_cpu_time"])
+    assert r["settings"]["precision"] == "bf16"

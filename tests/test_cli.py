@@ -1,14 +1,18 @@
 """Every stage command through Typer's runner, on tiny synthetic data, in a temp folder."""
 
+import hashlib
 import json
 import shutil
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
 
 from conftest import tiny_params
+from ddpm.data import load_split
 from pipeline.cli import app
 
 runner = CliRunner()
@@ -21,12 +25,12 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, idx_dir):
-    """Runs prepare → classifier → train → sample → fid → report once for the module."""
+    """Runs prepare → classifier → train → ema → sample → fid → report once for the module."""
     wd = tmp_path_factory.mktemp("cli")
     (wd / "params.yaml").write_text(yaml.safe_dump(tiny_params(idx_dir)))
     mp = pytest.MonkeyPatch()
     mp.chdir(wd)
-    for args in (["prepare"], ["classifier", "--device", "cpu"], ["train", "--device", "cpu"],
+    for args in (["prepare"], ["classifier", "--device", "cpu"], ["train", "--device", "cpu"], ["ema"],
                  ["sample", "--sampler", "ddpm", "--steps", 2, "--out", "samples/ddpm-2"],
                  ["sample", "--sampler", "ddim", "--steps", 3, "--out", "samples/ddim-3"]):
         r = invoke(*args)
@@ -115,6 +119,25 @@ def test_fid_report_and_log(workdir, monkeypatch):
             (p["step"], p["timestamp_ms"], p["metrics"]["cpu_utilization_percentage"]) for p in points]
         assert "system/system_memory_usage_megabytes" in run.data.metrics
 
+    # stage runs carry the stage's real start and end, and MLflow's standard tags
+    client = mlflow.MlflowClient()
+    timing = json.loads((workdir / "logs/train_timing.json").read_text())
+    assert (train.info.start_time, train.info.end_time) == (timing["started_ms"], timing["ended_ms"])
+    assert train.data.tags["mlflow.source.name"] == "python -m pipeline train"
+    # the training data, its SHA-256 as the digest (cut to MLflow's 36 characters)
+    sha256 = hashlib.sha256(load_split(workdir / "data/prepared/train.pt").images.contiguous().numpy().data).hexdigest()
+    (data,) = client.get_run(train.info.run_id).inputs.dataset_inputs
+    assert data.dataset.digest == sha256[:36] and {t.key: t.value for t in data.tags}["sha256"] == sha256
+    # the EMA model: logged in train's run, registered once (the second `log` added no version),
+    # loaded by its URI and sampled
+    (version,) = client.search_model_versions("name = 'ddpm'")
+    assert version.run_id == train.info.run_id
+    model = mlflow.pyfunc.load_model(f"models:/ddpm/{version.version}")
+    assert model.metadata.get_input_schema().input_names() == ["seed"]
+    images = model.predict(pd.DataFrame({"seed": [0, 1, 0]}), params={"sampler": "ddim", "steps": 3})
+    assert images.shape == (3, 1, 28, 28) and images.dtype == np.uint8
+    assert (images[0] == images[2]).all() and not (images[0] == images[1]).all()  # an image is its seed's
+
 
 def test_bad_param_fails_before_work(workdir, tmp_path):
     p = yaml.safe_load((workdir / "params.yaml").read_text())
@@ -149,6 +172,6 @@ def test_undefined_sampler(workdir, tmp_path):
 
 def test_help_lists_every_stage():
     r = invoke("--help")
-    for stage in ("prepare", "classifier", "train", "sample", "fid-ref", "fid", "report", "log", "compare",
-                  "export"):
+    for stage in ("prepare", "classifier", "train", "ema", "sample", "fid-ref", "fid", "nll", "denoise", "report",
+                  "log", "compare", "export"):
         assert stage in r.output

@@ -1,5 +1,6 @@
 """End to end: `dvc repro` and `dvc exp run -S schedule=cosine` on a tiny config in a
-temporary copy of the repository; both experiments in `dvc exp show` and MLflow."""
+temporary copy of the repository; both experiments in `dvc exp show` and MLflow. A post-hoc
+EMA length (`-S ema.sigma_rel=...`) and the raw weights (`-S sample.weights=raw`) never retrain."""
 
 import json
 import os
@@ -123,3 +124,30 @@ def test_bad_value_under_dvc_loses_nothing(repo, override):
         assert outputs(root) == before  # every earlier output still there, unchanged
     finally:
         (root / "params.yaml").write_text(params)
+
+
+def stages_run(out: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", out))
+
+
+def test_ema_sweep_and_raw_weights_never_retrain(repo, tmp_path):
+    root, env = repo
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "sampling"], root, env)
+    # post-hoc EMA: a new sigma_rel re-runs ema and what reads its checkpoint, never train
+    ran = stages_run(sh(["dvc", "exp", "run", "-S", "ema.sigma_rel=0.07"], root, env))
+    cells = {"sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3"}
+    assert ran == {"check", "ema", *cells, "nll", "denoise", "report", "log"}, ran
+    ema = json.loads((root / "metrics/ema.json").read_text())
+    assert ema["source"] == "posthoc" and ema["sigma_rel"] == 0.07 and ema["snapshots"] == 6  # 3 steps × 2 profiles
+    assert (root / "plots/fid_vs_sigma_rel.csv").read_text().splitlines()[1].startswith("ddpm,3,0.07,")
+    # the raw weights: a sampling-time choice
+    ran = stages_run(sh(["dvc", "exp", "run", "-S", "sample.weights=raw"], root, env))
+    assert ran == {"check", *cells, "report", "log"}, ran
+    assert json.loads((root / "samples/ddim-3/info.json").read_text())["weights"] == "raw"
+
+    # FID against sigma_rel across the experiments, from the real `dvc exp show --json`
+    figure = tmp_path / "fid_vs_sigma_rel.png"
+    out = sh([sys.executable, "-m", "pipeline", "compare", "--sigma-rel-figure", str(figure)], root, env)
+    assert "## FID vs EMA length σ_rel (3 sampling steps" in out and figure.stat().st_size > 0
+    assert "| 0.07 (posthoc) |" in out and "| 0.1 (train) |" in out and "| raw weights |" in out

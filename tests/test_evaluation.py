@@ -88,6 +88,28 @@ def test_fid_matches_on_gaussian_features_with_known_distance():
     assert "isc_mean" not in m  # no logits, no Inception Score
 
 
+@pytest.mark.parametrize("n_gen,n_ref", [(40, 300), (300, 40), (5, 5)])
+def test_precision_recall_with_stored_radii_equals_torch_fidelity(n_gen, n_ref):
+    """The reference's radii computed once (reference_statistics) give exactly torch-fidelity's
+    precision, recall and F-score; on clustered features, so that neither is trivially 0 or 1."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(n_gen)
+    centres = torch.randn(6, 8, generator=g, dtype=torch.float64) * 3
+    # generated around centres 0-3, reference around 2-5: each has vectors far from the other
+    gen = centres[torch.randint(0, 4, (n_gen,), generator=g)] + torch.randn(n_gen, 8, generator=g, dtype=torch.float64)
+    ref = centres[torch.randint(2, 6, (n_ref,), generator=g)] + torch.randn(n_ref, 8, generator=g, dtype=torch.float64)
+    expected = prc_features_to_metric(gen.float(), ref.float(), prc_neighborhood=3, prc_batch_size=10000,
+                                      save_cpu_ram=True, verbose=False)
+    stats = M.reference_statistics({"features": ref})
+    assert stats["prc_radii"].shape == (n_ref,)
+    got = M.precision_recall(gen, ref, stats["prc_radii"])
+    assert got == {k: expected[k] for k in ("precision", "recall", "f_score")}
+    assert M.precision_recall(gen, ref) == got  # radii computed on the spot: the same
+    if n_gen > 5:
+        assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
+
+
 def test_inception_without_network_or_weights_fails_fast_with_one_line(monkeypatch, tmp_path):
     import torch_fidelity.feature_extractor_inceptionv3 as inc
 
@@ -140,6 +162,16 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     m = json.loads(cell.read_text())
     assert {"fid", "kid_mean", "precision", "recall", "isc_mean"} <= m.keys() and m["reference_images"] == 64
 
+    # the real-data floor: all 64 reference images themselves score FID 0; 16 of them (sample.num_samples) do not
+    p = yaml.safe_load(params.read_text())
+    for n, zero in ((64, True), (16, False)):
+        p["sample"]["num_samples"] = n
+        params.write_text(yaml.safe_dump(p))
+        ref_stage.main(params, test, classifier, tmp_path / "ref_floor", "cpu", test, tmp_path / "floor.json")
+        floor = json.loads((tmp_path / "floor.json").read_text())
+        assert floor["num_images"] == n and floor["reference_images"] == 64
+        assert (abs(floor["fid"]) < 1e-6) == zero and floor["recall"] > 0.5
+
     # another data set: the statistics change with it
     test2, _, _ = _stage_files(tmp_path / "b", idx_dir, seed=6)
     ref_stage.main(params, test2, classifier, tmp_path / "reference2", "cpu")
@@ -162,7 +194,8 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
 def test_dvc_recomputes_the_reference_when_its_inputs_change():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     ref, fid = stages["fid_ref"], stages["fid"]
-    assert {"data/prepared/test.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert {"data/prepared/test.pt", "data/prepared/train.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert ref["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
     assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
     assert ref["outs"] == ["data/reference"]
     assert "data/reference/stats.pt" in fid["deps"] and "data/prepared/test.pt" not in fid["deps"]
@@ -209,6 +242,8 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
              "fid": f, "kid_mean": f / 1000, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "f_score": 0.33,
              "isc_mean": 3.0, "isc_std": 0.1}))
     (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"test_accuracy": 0.9123}))
+    (tmp_path / "metrics" / "floor.json").write_text(json.dumps(
+        {"fid": 0.79, "precision": 0.7, "recall": 0.89, "num_images": 400, "reference_images": 128}))
     (tmp_path / "loss.csv").write_text("step,loss\n2,0.9\n4,0.5\n6,0.3\n")
     for name in ("ddpm-2", "ddim-3"):
         _png(tmp_path / "samples" / name / "grid.png", 200)
@@ -218,7 +253,9 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     def report(classifier_metrics):
         report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
                           r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
-                          tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples")
+                          tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples",
+                          sweep_csv=tmp_path / "plots" / "sweep.csv", sweep_figure=r / "sweep.png",
+                          floor_metrics=tmp_path / "metrics" / "floor.json")
 
     # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
     with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):
@@ -234,11 +271,17 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     md = (r / "report.md").read_text()
     # DDIM Table 1 layout: rows = samplers, columns = steps
     assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md and "| ddim | 12.00 | 9.75 |" in md
+    assert "Real-data floor: FID 0.79, precision 0.700, recall 0.890 (400 real" in md
+    assert json.loads((tmp_path / "metrics" / "fid.json").read_text())["floor"]["fid"] == 0.79
     assert "0.9123" in md and "](../samples/ddim-3/strip.png)" in md and "](train_loss.png)" in md
     html = (r / "report.html").read_text()
+    assert "<li>Real-data floor: FID 0.79" in html
     assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
     assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
-    assert html.count("data:image/png;base64,") == 2 + 2 + 1  # figures, two grids, one strip
+    assert html.count("data:image/png;base64,") == 3 + 2 + 1  # figures, two grids, one strip
+    # an unconditional model: precision vs recall per cell, no class accuracy, no guidance table
+    assert (tmp_path / "plots" / "sweep.csv").read_text().splitlines()[1] == "ddpm-2,ddpm,2,none,0.0,31.5,,0.5,0.25"
+    assert "Precision vs recall" in md and "Guidance sweep" not in md
     assert "src=\"../" not in html and "0.9123" in html and "ddpm-3 samples: missing" in html
     assert (r / "fid_vs_steps.png").stat().st_size > 0 and (r / "train_loss.png").stat().st_size > 0
 

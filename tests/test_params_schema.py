@@ -68,9 +68,12 @@ def bad_values(path: str, node: dict, value, nullable: bool) -> list[tuple[str, 
     if kind == "array":
         out += [("text", "many"), ("mapping", {"a": 1})]
         if node.get("minItems"):
-            out.append(("too few items", list(value)[:node["minItems"] - 1]))
+            out.append(("too few items", [0] * (node["minItems"] - 1) if value is None
+                        else list(value)[:node["minItems"] - 1]))
+        if value is None:  # a null default (e.g. guidance.<name>.interval): no items to spoil
+            return out
         first = value[0] if value else None
-        item, item_nullable = branch(node["items"], first)
+        item, item_nullable = branch((node.get("prefixItems") or [node.get("items")])[0], first)
         out += [(f"item 0: {what}", [bad, *value[1:]])
                 for what, bad in bad_values(f"{path}.0", item, first, item_nullable)]
         return out
@@ -190,7 +193,7 @@ def test_a_number_without_bounds_is_caught(monkeypatch):
     import copy
 
     schema = copy.deepcopy(SCHEMA)
-    schema["$defs"]["TrainConfig"]["properties"]["new_rate"] = {"type": "number", "default": 0.5}
+    schema["$defs"]["TrainParams"]["properties"]["new_rate"] = {"type": "number", "default": 0.5}
     monkeypatch.setitem(globals(), "SCHEMA", schema)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     with pytest.raises(AssertionError, match="train.new_rate is a number without a lower bound"):

@@ -1,6 +1,7 @@
-"""Resumable, deterministic training: kill -9 and rerun ends with the weights of an
-uninterrupted run; a resume file from another config is never resumed into; a NaN loss
-stops training naming its step and keeps the last good checkpoint."""
+"""Resumable, deterministic training: kill -9 and rerun ends with the weights (and the
+post-hoc EMA snapshots) of an uninterrupted run; a resume file from another config is
+never resumed into; a NaN loss stops training naming its step and keeps the last good
+checkpoint."""
 
 import json
 import signal
@@ -12,8 +13,11 @@ import torch
 from tiny import cli, errors, python, subprocess_env, weights, workspace, write_params  # noqa: F401
 
 import ddpm.training
+from ddpm.checkpoint import load_snapshot
 
 STATE = "checkpoints/train_state.pt"  # an explicit --state (without {fingerprint}: one file for any config)
+STAGING = "checkpoints/train_state.snapshots"  # the snapshots while training
+SNAPSHOTS = "models/ema_snapshots"
 TRAIN = ("-m", "pipeline", "train", "--device", "cpu")
 
 
@@ -52,6 +56,48 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     assert json.loads((crash / "metrics/train.json").read_text())["steps"] == steps
     a, b = weights(ref / "models/model.pt"), weights(crash / "models/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, EMA included
+    assert_same_snapshots(ref, crash, steps=list(range(2, steps + 1, 2)))  # ema_snapshot_every = 2
+
+
+def assert_same_snapshots(a, b, steps: list[int]):
+    """The post-hoc EMA snapshots of two runs: the same steps, bit-identical weights."""
+    index = json.loads((a / SNAPSHOTS / "index.json").read_text())
+    assert index["steps"] == steps and index == json.loads((b / SNAPSHOTS / "index.json").read_text())
+    assert sorted(f.name for f in (b / SNAPSHOTS).iterdir()) == sorted([*index["files"], "index.json"])
+    for name in index["files"]:
+        x, y = load_snapshot(a / SNAPSHOTS / name), load_snapshot(b / SNAPSHOTS / name)
+        assert x["step"] == y["step"] and x["sigma_rels"] == y["sigma_rels"] == [0.05, 0.1]
+        for wx, wy in zip(x["weights"], y["weights"], strict=True):
+            assert wx.keys() == wy.keys() and all(torch.equal(wx[k], wy[k]) for k in wx), name
+    assert not list(b.glob("checkpoints/*.snapshots"))  # removed with the resume file
+
+
+def test_resume_keeps_the_snapshots_it_lists_and_redoes_later_ones(tmp_path, monkeypatch):
+    cfg = dict(steps=8, checkpoint_every=4, ema_snapshot_every=2)
+    root, ref = workspace(tmp_path / "crash", **cfg), workspace(tmp_path / "ref", **cfg)
+    with monkeypatch.context() as m:  # dies in step 7: snapshots 2, 4, 6 written, the resume file (step 4) lists 2, 4
+        inject(m, at_step=7, error=KeyboardInterrupt)
+        assert cli(root, "train", "--device", "cpu", "--state", STATE).exit_code != 0
+    state = torch.load(root / STATE, weights_only=True)
+    assert state["step"] == 4 and state["ema_snapshots"] == [2, 4]
+    assert sorted(f.name for f in (root / STAGING).iterdir()) == [f"step-000000{k}.pt" for k in (2, 4, 6)]
+    (root / STAGING / "step-0000006.pt").write_bytes(b"a snapshot from after the resume file")
+    resumed = cli(root, "train", "--device", "cpu", "--state", STATE)
+    assert resumed.exit_code == 0 and "resuming from step 4" in resumed.stdout, resumed.output
+    assert cli(ref, "train", "--device", "cpu").exit_code == 0
+    assert_same_snapshots(ref, root, steps=[2, 4, 6, 8])
+
+
+def test_resume_fails_clearly_when_a_listed_snapshot_is_gone(tmp_path, monkeypatch):
+    root = workspace(tmp_path, steps=6, checkpoint_every=4, ema_snapshot_every=2)
+    with monkeypatch.context() as m:
+        inject(m, at_step=5, error=KeyboardInterrupt)
+        assert cli(root, "train", "--device", "cpu", "--state", STATE).exit_code != 0
+    (root / STAGING / "step-0000002.pt").unlink()
+    result = cli(root, "train", "--device", "cpu", "--state", STATE)
+    assert result.exit_code == 1
+    assert errors(result) == [f"error: resume file {STATE} lists EMA snapshots missing from {STAGING}: step-0000002.pt"]
+    assert not (root / "models/model.pt").exists()
 
 
 def test_same_params_and_seed_give_identical_outputs(tmp_path):

@@ -15,8 +15,12 @@ FLOPs are counted with ``torch.utils.flop_counter.FlopCounterMode`` on one forwa
 one forward + backward of the eager model (matmuls, convolutions and attention; norms
 and elementwise ops are not counted, the usual MFU convention). MFU = counted FLOPs ×
 throughput / peak FLOP/s, where the peak is the user's figure, else a datasheet figure
-for a known GPU (dense, ``PEAK_FLOPS``), else on CPU a measured float32 matmul rate
-(so CPU MFU is relative to what this machine's matmul achieves at that moment).
+for a known GPU (dense, ``PEAK_FLOPS``), else on CPU the measured matmul rate of the run's
+precision (float32, or bfloat16 for bf16; both rates are reported), so CPU MFU is relative
+to what this machine's matmul achieves at that moment. On a CPU whose cores other processes
+share, wall time measures the load as much as the code: there MFU is also given per process
+CPU time (``mfu_by_process_cpu_time``, against the matmul rate per process CPU time), which
+with one thread is what the code achieves while it runs.
 
 Timing: warm-up iterations first (not timed; they include torch.compile), then
 ``repeats`` rounds that time ``iters`` iterations of each model in turn (the order
@@ -40,8 +44,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.flop_counter as flop_counter
 
-from ddpm.acceleration import (autocast_context, compile_model, make_adamw, make_denoiser, prepare_model,
-                               to_memory_format)
+from ddpm.acceleration import compile_model, make_adamw, make_denoiser, network, prepare_model, resolve, to_memory_format
 from ddpm.diffusion import Diffusion, q_sample
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.training import TrainConfig, init_state, train
@@ -62,8 +65,8 @@ MODEL_CONFIGS: dict[str, BenchModel] = {
     # the default model of params.yaml, at Fashion-MNIST's 28×28×1
     "fashion-mnist": BenchModel(UNetConfig(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,),
                                            dropout=0.1), 28, 1),
-    # CI-sized
-    "tiny": BenchModel(UNetConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1), 16, 3),
+    # CI-sized; ch=64: narrower levels get fewer GroupNorm groups (ddpm.unet.norm), which UNet2DModel cannot match
+    "tiny": BenchModel(UNetConfig(ch=64, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.1), 16, 3),
 }
 
 # Dense peak FLOP/s per GPU from the vendors' datasheets (no sparsity), by precision.
@@ -89,15 +92,16 @@ class BenchConfig:
     warmup: int = 1                 # untimed iterations per model and measurement
     repeats: int = 3                # timed rounds; the median is reported
     iters: int = 1                  # iterations per timed round
-    precision: str = "fp32"         # fp32 | tf32 | bf16, see ddpm.acceleration
-    memory_format: str = "contiguous"
-    compile: str = "none"
+    precision: str = "fp32"         # auto | fp32 | tf32 | bf16, see ddpm.acceleration
+    memory_format: str = "contiguous"  # auto | contiguous | channels_last
+    compile: str = "none"           # auto | none | default | max-autotune
     peak_flops: float | None = None  # FLOP/s; None: datasheet (known GPU) or measured (CPU)
     peer: str = "diffusers"         # diffusers | none
     threads: int | None = None      # CPU threads of PyTorch during the run; None: as set
     seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self) -> "BenchConfig":
+        """This config with ``auto`` choices made concrete for its device; ValueError when a choice is bad."""
         if self.model not in MODEL_CONFIGS:
             raise ValueError(f"unknown model config {self.model!r}; choose one of {', '.join(MODEL_CONFIGS)}")
         if self.peer not in PEERS:
@@ -112,6 +116,7 @@ class BenchConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise ValueError(f"peak FLOP/s must be > 0, got {self.peak_flops}")
+        return replace(self, **vars(resolve(self.device, self.precision, self.memory_format, self.compile)))
 
 
 class PeerUnavailable(Exception):
@@ -146,7 +151,7 @@ def build_peer(m: BenchModel, ours: UNet) -> DiffusersUNet:
     groups = {mod.num_groups for mod in ours.modules() if isinstance(mod, torch.nn.GroupNorm)}
     if len(groups) != 1:
         raise ValueError(f"this config uses GroupNorm group counts {sorted(groups)}; UNet2DModel has a single "
-                         f"one, so it cannot be matched (make every width a multiple of 32)")
+                         f"one, so it cannot be matched (make every width a multiple of 32 and at least 64)")
     c = m.unet
     res = [m.image_size // 2**i for i in range(len(c.ch_mult))]
     net = UNet2DModel(
@@ -198,8 +203,12 @@ def model_flops(model: torch.nn.Module, m: BenchModel, device) -> tuple[int, int
     return forward, step
 
 
-def peak_flops(device, precision: str, given: float | None) -> tuple[float, str]:
-    """Peak FLOP/s for MFU and where it came from."""
+MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
+
+
+def peak_flops(device, precision: str, given: float | None, measured: dict[str, float] | None = None) -> tuple[float, str]:
+    """Peak FLOP/s for MFU and where it came from; on CPU the ``measured`` matmul rate of the
+    precision (``measure_cpu_matmul``), measured here when not given."""
     if given is not None:
         return given, "given by the user"
     device = torch.device(device)
@@ -209,19 +218,30 @@ def peak_flops(device, precision: str, given: float | None) -> tuple[float, str]
             if key in name:
                 return table[precision], f"datasheet, dense {precision}, {key}"
         raise ValueError(f"no datasheet peak FLOP/s for {name!r}; give one (--peak-tflops)")
-    return measure_matmul_flops(device), "measured: best of 5 float32 2048×2048 matmuls on this machine"
+    dtype = MATMUL_DTYPES[precision]
+    rate = measured["wall"][precision] if measured else measure_matmul_flops(device, dtype)
+    return rate, f"measured: best of 5 {str(dtype).removeprefix('torch.')} 2048×2048 matmuls on this machine"
 
 
-def measure_matmul_flops(device, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def measure_cpu_matmul(device) -> dict[str, dict[str, float]]:
+    """The float32 and bfloat16 matmul rates (FLOP/s) of this CPU with the current thread count, per
+    wall time and per process CPU time (``process_cpu``: what a thread achieves while it runs, the
+    figure that a shared, loaded machine disturbs least)."""
+    return {clock: {name: measure_matmul_flops(device, MATMUL_DTYPES[name], clock=fn) for name in ("fp32", "bf16")}
+            for clock, fn in (("wall", time.perf_counter), ("process_cpu", time.process_time))}
+
+
+def measure_matmul_flops(device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
+                         clock=time.perf_counter) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
         _sync(device)
-        start = time.perf_counter()
+        start = clock()
         a @ b
         _sync(device)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return 2 * n**3 / best
 
 
@@ -285,14 +305,12 @@ def step_peak_bytes(fn, resident_bytes: int, device) -> int | None:
 # --------------------------------------------------------------------------- measurements
 def make_train_step(model, diffusion: Diffusion, x0, t, noise, cfg: BenchConfig):
     """The standard step, same for every model: MSE on ε, backward, AdamW."""
-    forward = compile_model(model, cfg.compile)
+    forward = network(compile_model(model, cfg.compile), cfg.precision, cfg.device)
     optimizer = make_adamw(model.parameters(), cfg.device, lr=1e-4)
 
     def step():
         xt = q_sample(diffusion, x0, t, noise)
-        with autocast_context(cfg.precision, cfg.device):
-            out = forward(xt, t)
-        F.mse_loss(out.float(), noise).backward()
+        F.mse_loss(forward(xt, t), noise).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -326,7 +344,7 @@ def measure_loop(model_config: BenchModel, diffusion: Diffusion, cfg: BenchConfi
 
 
 def run_benchmark(cfg: BenchConfig) -> dict:
-    cfg.validate()
+    cfg = cfg.validate()
     threads = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
@@ -340,7 +358,8 @@ def _run(cfg: BenchConfig) -> dict:
     device = torch.device(cfg.device)
     m = MODEL_CONFIGS[cfg.model]
     diffusion = Diffusion.from_schedule("linear", 1000, device=device)
-    peak, peak_source = peak_flops(device, cfg.precision, cfg.peak_flops)
+    matmul = measure_cpu_matmul(device) if device.type != "cuda" and cfg.peak_flops is None else None
+    peak, peak_source = peak_flops(device, cfg.precision, cfg.peak_flops, matmul)
 
     torch.manual_seed(cfg.seed)
     models: dict[str, torch.nn.Module] = {"ours": build_ours(m)}
@@ -382,6 +401,9 @@ def _run(cfg: BenchConfig) -> dict:
         r["train"] = _figures(times[name], cfg.batch_size)
         r["train"].update(mfu=r["train_flops_per_image"] * r["train"]["images_per_second"] / peak,
                           peak_memory_bytes=step_peak_bytes(steps[name], resident, device))
+        if matmul:
+            r["train"]["mfu_by_process_cpu_time"] = (r["train_flops_per_image"] * cfg.batch_size / r["train"]["process_cpu_seconds"]
+                                                     / matmul["process_cpu"][cfg.precision])
     del steps, optimizers
 
     # (2) the full training loop, ours only
@@ -399,6 +421,9 @@ def _run(cfg: BenchConfig) -> dict:
             evals = f["images_per_second"] * cfg.sample_steps
             f.update(model_evaluations_per_second=evals, mfu=r["forward_flops_per_image"] * evals / peak,
                      peak_memory_bytes=step_peak_bytes(runs[name], _tensor_bytes(model.parameters()), device))
+            if matmul:
+                f["mfu_by_process_cpu_time"] = (r["forward_flops_per_image"] * cfg.sample_batch_size * cfg.sample_steps
+                                                / f["process_cpu_seconds"] / matmul["process_cpu"][cfg.precision])
 
     ratio, best_ratio, cpu_ratio = {}, {}, {}
     if "peer" in models:
@@ -412,7 +437,7 @@ def _run(cfg: BenchConfig) -> dict:
         "config": cfg.model, "model": {**m.unet.to_dict(), "image_size": m.image_size, "channels": m.channels},
         "device": str(device), "device_name": _device_name(device), "torch": torch.__version__,
         "threads": torch.get_num_threads(), "settings": asdict(cfg),
-        "peak_flops": {"value": peak, "source": peak_source},
+        "peak_flops": {"value": peak, "source": peak_source}, "measured_matmul_flops": matmul,
         "models": result_models, "ratio_ours_over_peer": ratio,
         "ratio_ours_over_peer_best": best_ratio, "ratio_ours_over_peer_by_process_cpu_time": cpu_ratio,
         "process_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,

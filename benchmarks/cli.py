@@ -1,0 +1,108 @@
+"""The benchmark commands (not DVC stages): ``python -m benchmarks bench`` and
+``python -m benchmarks gpu-check`` and ``python -m benchmarks overhead``.
+
+``bench`` runs the side-by-side benchmark of ``benchmarks.bench``, printed as JSON (and
+written to ``--out`` when given). Options left out take defaults for the device: the GPU
+fast path (``ddpm.acceleration``'s ``auto``: bf16, channels_last, torch.compile) and batch
+128 on CUDA, plain fp32 and small batches on CPU. ``gpu-check`` is ``benchmarks.gpu_check``,
+``overhead`` is ``benchmarks.overhead``.
+"""
+
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.cli import DEVICE, clear_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Benchmarks of the DDPM pipeline (not DVC stages).")
+
+@app.callback()
+def _process() -> None:
+    """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
+    from pipeline.common import keep_freed_memory
+
+    keep_freed_memory()
+
+
+# (CUDA, CPU) defaults for the options left out
+DEFAULTS = {"batch_size": (128, 8), "sample_batch_size": (512, 8), "warmup": (5, 1), "repeats": (5, 3),
+            "iters": (10, 1)}
+
+
+def config_from_options(*, config: str, device: str, samplers: str, peak_tflops: float | None, **options):
+    from benchmarks.bench import BenchConfig
+    from pipeline.common import resolve_device
+
+    dev = resolve_device(device)
+    for name, value in options.items():
+        if name in DEFAULTS and value is None:
+            options[name] = DEFAULTS[name][0 if dev.type == "cuda" else 1]
+    return BenchConfig(model=config, device=str(dev), samplers=tuple(s.strip() for s in samplers.split(",") if s.strip()),
+                       peak_flops=None if peak_tflops is None else peak_tflops * 1e12, **options)
+
+
+@app.command()
+@clear_errors
+def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-cifar10 | fashion-mnist | tiny"),
+          device: str = DEVICE,
+          batch_size: int = typer.Option(None, help="training batch (default 128 on CUDA, 8 on CPU)"),
+          sample_batch_size: int = typer.Option(None, help="sampling batch (default 512 on CUDA, 8 on CPU)"),
+          sample_steps: int = typer.Option(10, help="sampling steps per measured sample() call"),
+          samplers: str = typer.Option("ddpm,ddim", help="comma-separated samplers"),
+          warmup: int = typer.Option(None, help="untimed iterations (default 5 on CUDA, 1 on CPU)"),
+          repeats: int = typer.Option(None, help="timed rounds, median reported (default 5 on CUDA, 3 on CPU)"),
+          iters: int = typer.Option(None, help="iterations per timed round (default 10 on CUDA, 1 on CPU)"),
+          precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16"),
+          memory_format: str = typer.Option("auto", help="auto (channels_last on CUDA) | contiguous | channels_last"),
+          compile: str = typer.Option("auto", help="auto (default on CUDA, none on CPU) | none | default | max-autotune"),
+          peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (default datasheet for known GPUs, "
+                                                       "the measured matmul rate of the precision on CPU)"),
+          peer: str = typer.Option("diffusers", help="diffusers | none"),
+          threads: int = typer.Option(None, help="PyTorch CPU threads (default PyTorch's)"),
+          out: Path = typer.Option(None, help="also write the JSON here")):
+    """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
+    from benchmarks.bench import run_benchmark
+    from pipeline.common import write_json
+
+    result = run_benchmark(config_from_options(
+        config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
+        sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
+        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
+        threads=threads))
+    if out is not None:
+        write_json(out, result)
+    print(json.dumps(result, indent=2))
+
+
+@app.command("gpu-check")
+@clear_errors
+def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for gpu_check.json, gpu_check.md, logs"),
+              size: str = typer.Option("auto", help="auto (gpu on CUDA, else ci) | gpu | ci (tiny configs: seconds)"),
+              device: str = DEVICE,
+              set_: list[str] = typer.Option([], "--set", help="override a param of the experiment, key=value "
+                                                             "(YAML value; repeatable), e.g. data.root=/data"),
+              ddp_processes: int = typer.Option(None, help="processes of the DDP part (default: the number of "
+                                                          "GPUs when more than one, else the part is skipped)"),
+              peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (as bench)"),
+              budget: float = typer.Option(None, help="seconds for the whole check (default 570 for gpu, 300 for ci)")):
+    """Every GPU figure in one run: bench (ours vs diffusers), the default experiment on the fast path
+    with every sampler at 50 steps and FID, and DDP when there are several GPUs."""
+    from benchmarks import gpu_check as command
+
+    command.main(out, size, device, set_, ddp_processes, peak_tflops, budget)
+
+
+@app.command()
+@clear_errors
+def overhead(repo: Path = typer.Option(Path("."), help="the repository whose pipeline to measure"),
+             repeats: int = typer.Option(3, help="fresh processes per import timing (median)"),
+             set_: list[str] = typer.Option([], "--set", help="override a param, key=value (YAML value; repeatable)"),
+             work: str = typer.Option("zero", help="zero (start-up only) | cpu-preset (the CPU preset itself)"),
+             out: Path = typer.Option(None, help="also write the JSON here")):
+    """The pipeline's fixed overhead: each stage's start-up and DVC's share, from a zero-work `dvc exp run`."""
+    from benchmarks import overhead as command
+    from benchmarks.gpu_check import parse_sets
+
+    command.main(out, repo.resolve(), repeats, parse_sets(set_), work)

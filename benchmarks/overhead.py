@@ -1,0 +1,129 @@
+"""The pipeline's fixed overhead: what every stage process costs before (and after) its work,
+and what DVC adds around the stages. ``python -m benchmarks overhead`` prints it.
+
+It runs the whole pipeline once as ``dvc exp run`` in a copy of the repository (like
+``make repro PRESET=cpu``), on the real data set but with next to no work in any stage
+(``ZERO_WORK``: a 1-step, 8-channel U-Net with T = 10, 2-sample cells of the CPU preset's
+shape: 5 samplers × 2 step counts; one intra-op thread). Every stage command goes through a
+``python`` shim on PATH that records its wall and CPU time (its own start-up, a ``python -S``,
+is in the figures: a few tens of milliseconds), so
+
+  start-up of a stage  = its wall time here (imports, params, loading data, checkpoints and
+                         the classifier, hashing, writing; the work left is milliseconds,
+                         except prepare, which reads the data set, and fid_ref, which
+                         extracts the features of the test split, as in every run)
+  DVC's own share      = the wall time of ``dvc exp run`` minus the stages' wall times
+                         (its start-up, hashing of dependencies and outputs, the lock
+                         file, the run-cache, the experiment commit)
+
+and it times ``import`` of each stage's module (``-X importtime``-style, in a fresh process).
+The fixed overhead of a preset run is the sum of the stages' start-ups plus DVC's share;
+divide by the preset's wall time for the fraction (the README's Performance section).
+``--work cpu-preset`` runs the CPU preset itself (its ``-S`` values read from the Makefile)
+the same way: its wall time, each stage's wall and CPU time, and DVC's share.
+"""
+
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.gpu_check import child_env, copy_repository
+
+STAGE_MODULES = ("prepare", "classifier", "train", "sample", "fid_ref", "fid", "nll", "report", "log")
+
+# next to no work in every stage; the sample matrix has the CPU preset's shape
+ZERO_WORK = {"timesteps": 10, "model.ch": 8, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
+             "model.attn_resolutions": [], "train.steps": 1, "train.batch_size": 2, "train.warmup_steps": 1,
+             "train.log_every": 1, "train.checkpoint_every": 0, "classifier.steps": 1, "classifier.batch_size": 2,
+             "sample.steps": [2, 3], "sample.num_samples": 8, "sample.batch_size": 8, "fid.kid_subset_size": 4,
+             "nll.num_images": 1, "nll.batch_size": 1}
+
+SHIM = """#!{python} -S
+import json, resource, subprocess, sys, time
+start = time.perf_counter()
+rc = subprocess.call([{python!r}, *sys.argv[1:]])
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+with open({log!r}, "a") as f:
+    f.write(json.dumps({{"args": sys.argv[1:], "wall": time.perf_counter() - start,
+                        "cpu": ru.ru_utime + ru.ru_stime}}) + "\\n")
+sys.exit(rc)
+"""
+
+
+def _children_cpu() -> float:
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
+def import_seconds(module: str, repeats: int, cwd: Path, env: dict) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of a fresh ``python -c 'import pipeline.cli, <module>'``."""
+    def run():
+        start, cpu = time.perf_counter(), _children_cpu()
+        subprocess.run([sys.executable, "-c", f"import pipeline.cli, {module}"], cwd=cwd, check=True, env=env)
+        return time.perf_counter() - start, _children_cpu() - cpu
+
+    runs = [run() for _ in range(repeats)]
+    return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def cpu_preset(repo: Path) -> list[str]:
+    """The CPU preset's ``-S`` arguments, read from the Makefile (where they are defined once)."""
+    rule = "print-cpu-preset: ; @printf '%s\\n' $(CPU_PRESET)"
+    out = subprocess.run(["make", "-s", "--eval", rule, "print-cpu-preset"], cwd=repo, capture_output=True, text=True,
+                         check=True).stdout
+    return out.split()
+
+
+def main(out: Path | None, repo: Path, repeats: int, sets: dict, work_kind: str = "zero") -> dict:
+    work = Path(os.environ.get("TMPDIR", "/tmp")) / f"ddpm-overhead-{os.getpid()}"
+    copy_repository(work, repo)
+    shim_dir, log = work / ".shim", work / ".shim" / "commands.log"
+    shim_dir.mkdir()
+    (shim_dir / "python").write_text(SHIM.format(python=sys.executable, log=str(log)))
+    (shim_dir / "python").chmod(0o755)
+    # zero work: one intra-op thread (a second only adds its start-up and, on a loaded machine,
+    # waits for a core, which is not start-up); the CPU preset runs as `make repro` runs it
+    env = child_env(**({"OMP_NUM_THREADS": "1"} if work_kind == "zero" else {}))
+    env["PATH"] = f"{shim_dir}{os.pathsep}{env['PATH']}"
+    env["PYTHONPATH"] = str(work)
+    if work_kind not in ("zero", "cpu-preset"):
+        raise ValueError(f"unknown work {work_kind!r}; choose zero or cpu-preset")
+    preset = cpu_preset(repo) if work_kind == "cpu-preset" else [
+        a for k, v in ZERO_WORK.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    args = preset + [a for k, v in sets.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    load = os.getloadavg()
+    start, cpu = time.perf_counter(), _children_cpu()
+    r = subprocess.run(["dvc", "exp", "run", *args], cwd=work, env=env, capture_output=True, text=True)
+    total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu
+    if r.returncode != 0:
+        raise RuntimeError(f"dvc exp run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    stages = [json.loads(line) for line in log.read_text().splitlines()]
+    stages = [s for s in stages if s["args"][:2] == ["-m", "pipeline"]]
+    per_kind: dict[str, list[dict]] = {}
+    for s in stages:
+        per_kind.setdefault(s["args"][2], []).append(s)
+    imports = {m: import_seconds(f"pipeline.{m}", repeats, work, env) for m in STAGE_MODULES} if repeats else {}
+    wall, cpu = sum(s["wall"] for s in stages), sum(s["cpu"] for s in stages)
+    result = {
+        "repo": str(repo), "work": work_kind, "load_average_at_start": list(load), "load_average_at_end": list(os.getloadavg()),
+        "dvc_exp_run": {"wall": round(total, 2), "cpu": round(total_cpu, 2)},
+        "stages": {"processes": len(stages), "wall": round(wall, 2), "cpu": round(cpu, 2)},
+        "dvc_share": {"wall": round(total - wall, 2), "cpu": round(total_cpu - cpu, 2)},
+        "per_stage": {k: {"processes": len(v), "wall": round(statistics.median(s["wall"] for s in v), 2),
+                          "cpu": round(statistics.median(s["cpu"] for s in v), 2),
+                          **({"import_wall": round(imports[k.replace("-", "_")][0], 2),
+                              "import_cpu": round(imports[k.replace("-", "_")][1], 2)} if imports else {})}
+                      for k, v in per_kind.items()},
+    }
+    shutil.rmtree(work, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.write_text(text + "\n")
+    print(text)
+    return result

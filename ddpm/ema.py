@@ -1,0 +1,137 @@
+"""Exponential moving averages of the weights, as update rules for
+``torch.optim.swa_utils.AveragedModel``.
+
+After the n-th optimiser step the average becomes  θ̂_n = β_n θ̂_{n-1} + (1 − β_n) θ_n,
+with β_1 = 0 (``AveragedModel`` copies the weights at its first update). ``kind`` names
+the rule for β_n:
+
+- ``power``  the power-function EMA of Karras et al. 2024 (EDM2, sec. 3.1, App. C.1):
+             β_n = (1 − 1/n)^(γ+1)  (eq. 127 with t in steps). After t steps it weights
+             θ_i by ((i/t)^(γ+1) − ((i−1)/t)^(γ+1)), i = 1..t — the discrete form of the
+             profile (γ+1) τ^γ / t^(γ+1) — so it averages only what exists: no warm-up,
+             no bias towards the initial weights. Its width is relative to the training
+             length: σ_rel, the profile's standard deviation over its length, with γ the
+             largest root of the cubic of EDM2 eq. 126 / Algorithm 2 (``sigma_rel_to_gamma``).
+- ``warmup`` the decay ramp of diffusers' ``EMAModel`` with ``use_ema_warmup`` (and of
+             ema-pytorch; due to K. Crowson): β_n = min(decay, 1 − (1 + (n−1)/inv_gamma)^(−power)).
+- ``fixed``  a constant β_n = decay from the first update (Ho et al. 2020 use 0.9999).
+             Over a run much shorter than 1/(1 − decay) steps it still holds much of the
+             weights of the first steps.
+
+β is computed from ``AveragedModel``'s own update count (a tensor on the training device:
+no host synchronisation per step), in float64, and applied in the weights' dtype.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import numpy as np
+import torch
+from annotated_types import Ge, Gt, Le, Lt
+from torch.optim.swa_utils import AveragedModel
+
+MAX_SIGMA_REL = math.sqrt(1 / 12)  # σ_rel of γ = 0, the plain average of all steps; larger needs γ < 0
+
+
+@dataclass(kw_only=True)
+class PowerEMA:
+    """EDM2's power-function EMA of relative width ``sigma_rel`` (0.05–0.15 in EDM2's experiments)."""
+
+    kind: Literal["power"] = "power"
+    sigma_rel: Annotated[float, Gt(0), Lt(MAX_SIGMA_REL)] = 0.10
+
+    def __post_init__(self):
+        check_sigma_rel(self.sigma_rel, "sigma_rel")
+
+
+@dataclass(kw_only=True)
+class WarmupEMA:
+    """diffusers' ``EMAModel(use_ema_warmup=True)`` ramp, with its defaults."""
+
+    kind: Literal["warmup"] = "warmup"
+    decay: Annotated[float, Ge(0), Le(1)] = 0.9999
+    inv_gamma: Annotated[float, Gt(0)] = 1.0
+    power: Annotated[float, Gt(0)] = 2 / 3
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+        if self.inv_gamma <= 0 or self.power <= 0:
+            raise ValueError(f"inv_gamma and power must be > 0, got {self.inv_gamma} and {self.power}")
+
+
+@dataclass(kw_only=True)
+class FixedEMA:
+    """A constant decay from the first step (Ho et al. 2020: 0.9999)."""
+
+    kind: Literal["fixed"] = "fixed"
+    decay: Annotated[float, Ge(0), Le(1)] = 0.9999
+
+    def __post_init__(self):
+        if not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+
+
+EMA_CHOICES = (PowerEMA, WarmupEMA, FixedEMA)
+EMAConfig = PowerEMA | WarmupEMA | FixedEMA
+
+
+def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> None:
+    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
+        raise ValueError(f"{name} must be in (0, {MAX_SIGMA_REL:.4f}) (γ > 0), got {sigma_rel}")
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """γ of the power-function EMA of relative width σ_rel: the largest real root of
+    γ³ + 7γ² + (16 − σ_rel⁻²) γ + (12 − σ_rel⁻²) = 0 (EDM2 eq. 126, Algorithm 2)."""
+    check_sigma_rel(sigma_rel)
+    s = float(sigma_rel) ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """σ_rel = sqrt((γ+1) / ((γ+2)² (γ+3))) (EDM2 eq. 123)."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+
+def decay(cfg: EMAConfig, n_averaged: torch.Tensor) -> torch.Tensor:
+    """β of the update that follows ``n_averaged`` ≥ 1 earlier ones (float64, on their device)."""
+    n = n_averaged.to(torch.float64)
+    if isinstance(cfg, PowerEMA):
+        # (1 − 1/t)^(γ+1) with t = n + 1, the steps averaged after this update
+        return (n / (n + 1)) ** (sigma_rel_to_gamma(cfg.sigma_rel) + 1)
+    if isinstance(cfg, WarmupEMA):
+        # diffusers' get_decay(step = n + 1): 1 − (1 + (step − 1) / inv_gamma)^(−power), at most decay
+        return (1 - (1 + n / cfg.inv_gamma) ** -cfg.power).clamp(max=cfg.decay)
+    if isinstance(cfg, FixedEMA):
+        return torch.full_like(n, cfg.decay)
+    raise ValueError(f"unknown EMA {cfg!r}; choose one of {', '.join(c.__name__ for c in EMA_CHOICES)}")
+
+
+def multi_avg_fn(cfg: EMAConfig):
+    """The ``multi_avg_fn`` of ``AveragedModel`` for ``cfg``."""
+    if isinstance(cfg, PowerEMA):
+        sigma_rel_to_gamma(cfg.sigma_rel)  # fail now, not at the second step
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
+        beta = decay(cfg, n_averaged)
+        if torch.is_floating_point(averaged[0]):
+            torch._foreach_lerp_(averaged, current, (1 - beta).to(averaged[0].dtype))
+        else:  # integer buffers: keep the latest
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(c)
+
+    return update
+
+
+def averaged_model(model: torch.nn.Module, cfg: EMAConfig) -> AveragedModel:
+    """An ``AveragedModel`` of ``model`` (parameters and buffers) following ``cfg``."""
+    return AveragedModel(model, multi_avg_fn=multi_avg_fn(cfg), use_buffers=True)
+
+
+def averaged_weights(averaged: AveragedModel) -> dict[str, torch.Tensor]:
+    """The averaged network's own state dict (``AveragedModel``'s ``module.*`` entries)."""
+    return {k.removeprefix("module."): v for k, v in averaged.state_dict().items() if k.startswith("module.")}

@@ -1,0 +1,76 @@
+"""Stage `ema`: the checkpoint that `sample`, `nll` and `denoise` use, holding the average
+of the weights that ``ema.sigma_rel`` names:
+
+- ``null``: train's own EMA (``train.ema``), unchanged;
+- a number σ_rel: EDM2's post-hoc EMA (Karras et al. 2024, sec. 3.2): the power-function
+  EMA of relative width σ_rel at the last training step, synthesised by least squares
+  from the snapshots of the power EMAs of ``train.ema_profiles`` (``ddpm.posthoc_ema``).
+
+Writes ``--out`` (train's checkpoint with ``ema`` and ``ema_config`` replaced; the raw
+weights stay) and ``--metrics``: which average it is (``source`` train or posthoc, ``kind``,
+its σ_rel when it is a power EMA) and, for a post-hoc one, the relative error of the
+least-squares fit of its profile. Changing ``ema.sigma_rel`` re-runs this stage and those
+after it, never `train`. The snapshots are read one at a time.
+"""
+
+from pathlib import Path
+
+import torch
+
+from ddpm.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_snapshot
+from ddpm.posthoc_ema import reconstruct, solve
+from pipeline.common import read_json, write_json
+from pipeline.params import for_stage, load_params
+
+
+def read_index(snapshots: Path, ckpt: dict, checkpoint: Path) -> dict:
+    """train's ``index.json`` of the snapshots, checked against the checkpoint."""
+    index = read_json(snapshots / "index.json")
+    if not index.get("steps"):
+        raise ValueError(f"{snapshots} holds no EMA snapshots: train with train.ema_profiles and "
+                         "train.ema_snapshot_every > 0, or set ema.sigma_rel: null")
+    if index.get("fingerprint") != ckpt["config"].get("fingerprint"):
+        raise CheckpointError(f"the EMA snapshots in {snapshots} are from another training run than {checkpoint}")
+    if max(index["steps"]) > ckpt["step"]:
+        raise CheckpointError(f"{snapshots} has snapshots after step {ckpt['step']} of {checkpoint}")
+    return index
+
+
+def snapshot_weights(snapshots: Path, index: dict, coefficients: list[float]):
+    """(weights, coefficient) per profile of every snapshot file, loading one file at a time."""
+    sigma_rels = index["sigma_rels"]
+    for i, (step, name) in enumerate(zip(index["steps"], index["files"])):
+        snap = load_snapshot(snapshots / name)
+        if snap["step"] != step or snap["sigma_rels"] != sigma_rels \
+                or snap["config"].get("fingerprint") != index["fingerprint"]:
+            raise CheckpointError(f"EMA snapshot {snapshots / name} does not match {snapshots / 'index.json'}")
+        for j, weights in enumerate(snap["weights"]):
+            yield weights, coefficients[j * len(index["steps"]) + i]
+
+
+def main(params_path: Path, checkpoint: Path, snapshots: Path, out: Path, metrics: Path) -> None:
+    p = for_stage(load_params(params_path), "ema").ema
+    ckpt = load_checkpoint(checkpoint)
+    if "ema" not in ckpt:
+        raise CheckpointError(f"checkpoint {checkpoint} holds no averaged weights ('ema')")
+    config = ckpt.get("ema_config", {"source": "train"})
+    summary = {"sigma_rel": None, **{k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}}
+    if p.sigma_rel is not None:
+        index = read_index(snapshots, ckpt, checkpoint)
+        steps, sigma_rels = index["steps"], index["sigma_rels"]
+        # inputs ordered profile by profile: (σ_0, every step), (σ_1, every step), …
+        x, error = solve(steps * len(sigma_rels), [s for s in sigma_rels for _ in steps], ckpt["step"], p.sigma_rel)
+        weights = reconstruct(snapshot_weights(snapshots, index, x.tolist()))
+        ckpt["ema"] = {f"module.{k}": v for k, v in weights.items()} | {"n_averaged": torch.tensor(ckpt["step"])}
+        config = {"source": "posthoc", "kind": "power", "sigma_rel": p.sigma_rel, "profiles": sigma_rels,
+                  "snapshot_steps": steps, "coefficients": x.tolist(), "fit_error": error}
+        summary = {"source": "posthoc", "kind": "power", "sigma_rel": p.sigma_rel, "fit_error": round(error, 6),
+                   "snapshots": len(steps) * len(sigma_rels)}
+        print(f"ema: post-hoc σ_rel {p.sigma_rel} from {len(steps)} snapshots × σ_rel {sigma_rels} "
+              f"(profile fit error {error:.2%})")
+    else:
+        print(f"ema: train's own EMA ({', '.join(f'{k} {v}' for k, v in config.items() if k != 'source')})")
+    ckpt["ema_config"] = config
+    atomic_save(ckpt, out)
+    write_json(metrics, {**summary, "step": ckpt["step"]})
+    print(f"ema: → {out}, {metrics}")

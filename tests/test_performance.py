@@ -1,0 +1,116 @@
+"""The performance plumbing: the training-time estimate, `make repro` without a GPU,
+and `make gpu-check` in CI size."""
+
+import pytest
+
+from pipeline.common import Estimate
+
+
+def test_estimate_is_said_once_after_the_first_steps():
+    """A fake clock: step 1 takes 30 s (one-time costs), then 2 s per step. The estimate is said
+    once 3 steps and 5 s after the first step, excludes the first step's rate but counts its time."""
+    now = [0.0]
+    lines = []
+    eta = Estimate(100, "train", lines.append, clock=lambda: now[0])
+    now[0] += 30
+    eta(1)
+    for _ in range(10):
+        now[0] += 2
+        eta(1)
+    assert len(lines) == 1
+    # said after step 4 (3 steps, 6 s after step 1): 36 s so far, 96 steps left at 2 s
+    assert lines[0] == "train: 0.5 steps/s; estimated total 3.8 min for 100 steps, 3.2 min to go"
+
+
+def test_no_estimate_when_the_run_ends_first():
+    lines = []
+    eta = Estimate(3, "train", lines.append, clock=lambda: 0.0)
+    for _ in range(3):
+        eta(1)
+    assert lines == []
+
+
+def make_repro(tmp_path, *args):
+    """`make repro` in a copy of the Makefile, with this environment as the venv and a stand-in
+    for dvc that prints what it was asked to run."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO
+
+    for name in ("Makefile", "requirements.txt", "pyproject.toml"):
+        shutil.copy2(REPO / name, tmp_path / name)
+    (tmp_path / "stamp").touch()  # newer than requirements.txt and pyproject.toml: nothing to install
+    venv = Path(sys.prefix)
+    r = subprocess.run(["make", "-s", "repro", f"VENV={venv}", f"STAMP={tmp_path / 'stamp'}", "DVC=echo DVC-RAN", *args],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    ran = [line.removeprefix("DVC-RAN ") for line in r.stdout.splitlines() if line.startswith("DVC-RAN")]
+    return r, ran
+
+
+def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
+    import torch
+
+    r, ran = make_repro(tmp_path)
+    assert r.returncode == 0, r.stderr
+    if torch.cuda.is_available():
+        assert ran == ["repro"]
+    else:
+        assert "no CUDA GPU" in r.stdout and "make repro PRESET=full" in r.stdout
+        assert len(ran) == 1 and ran[0].startswith("exp run -S ")
+    r, ran = make_repro(tmp_path, "PRESET=full")
+    assert r.returncode == 0 and ran == ["repro"] and "no CUDA GPU" not in r.stdout
+    r, ran = make_repro(tmp_path, "PRESET=cpu")
+    assert r.returncode == 0 and len(ran) == 1 and ran[0].startswith("exp run -S ")
+    r, ran = make_repro(tmp_path, "PRESET=gpu")
+    assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr
+
+
+def test_gpu_check_in_ci_size(tmp_path, idx_dir):
+    """`make gpu-check`'s driver at CI size on the CPU: every part runs and lands in the JSON
+    and the markdown table (bench ours vs peer, the experiment through dvc repro with FID per
+    cell, DDP on two gloo processes)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from benchmarks.cli import app
+
+    out = tmp_path / "gc"
+    r = CliRunner().invoke(app, ["gpu-check", "--out", str(out), "--size", "ci", "--device", "cpu",
+                                 "--set", f"data.root={idx_dir}", "--set", "data.download=false",
+                                 "--ddp-processes", "2", "--peak-tflops", "0.1"])
+    assert r.exit_code == 0, r.output
+    report = json.loads((out / "gpu_check.json").read_text())
+    table = (out / "gpu_check.md").read_text()
+    bench = report["bench"]["tiny"]
+    assert bench["run"]["status"] == "ok", (out / "bench-tiny.log").read_text()[-3000:]
+    assert bench["result"]["models"]["ours"]["train"]["mfu"] > 0
+    e = report["experiment"]
+    assert e["run"]["status"] == "ok", (out / "experiment.log").read_text()[-3000:]
+    assert e["train"]["steps"] == 6 and e["train"]["images_per_second"] > 0
+    assert set(e["cells"]) == {"ddim-2"} and e["cells"]["ddim-2"]["fid"] > 0 and e["nll"]["bits_per_dim"] > 0
+    d = report["ddp"]
+    assert [r["run"]["status"] for r in d["runs"].values()] == ["ok", "ok"], (out / "ddp-2.log").read_text()[-3000:]
+    assert d["speedup"] > 0
+    for needle in ("| `tiny` | train step | fp32 |", "| ddim-2 | 24 |", "of train: fp32, contiguous, compile none", "speed-up"):
+        assert needle in table, table
+
+
+@pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((10, 3, 8, 8), 4), ((3, 1, 5, 7), 8)])
+def test_image_grid_is_torchvisions(tmp_path, shape, nrow):
+    """The PNG grid (written without importing torchvision) has the bytes of torchvision's save_image."""
+    import io
+
+    import torch
+    from torchvision.utils import save_image
+
+    from pipeline.common import write_image_grid
+
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    write_image_grid(tmp_path / "grid.png", images, nrow=nrow)
+    png = io.BytesIO()
+    save_image(images.float() / 255.0, png, format="png", nrow=nrow, padding=2)
+    assert (tmp_path / "grid.png").read_bytes() == png.getvalue()

@@ -37,6 +37,7 @@ class LiveRun:
         self._have: set = set()  # (key, step) the run already had when it was reopened
         self._queue: queue.Queue = queue.Queue()
         self._ended = False
+        self._opened = threading.Event()  # set once the run is created or reopened (or that failed)
         tracking.http_defaults()  # here: the thread must not change the environment
         self._thread = threading.Thread(target=self._work, name="mlflow-live", daemon=True)
         self._thread.start()
@@ -55,6 +56,12 @@ class LiveRun:
     def log_image(self, step: int, path, timestamp_ms: int) -> None:
         """The PNG at ``path`` as the step-indexed image ``samples`` of ``step``."""
         self._queue.put(("image", (step, path, timestamp_ms)))
+
+    def opened_run_id(self, timeout: float = 30.0) -> str | None:
+        """The run's id, waiting at most ``timeout`` seconds for the thread to create it (the
+        resume file records it, so that a resumed training continues this run)."""
+        self._opened.wait(timeout)
+        return self.run_id
 
     def finish(self, status: str, end_ms: int, timeout: float = 30.0) -> dict:
         """Close the run (``FINISHED`` / ``FAILED``) with ``end_ms`` as its end time, waiting at
@@ -79,6 +86,8 @@ class LiveRun:
             self.run_id = self._open(client)
         except Exception as e:  # noqa: BLE001 - tracking is best-effort: the DVC outputs are the record
             self._fail(e)
+        finally:
+            self._opened.set()
         while True:
             kind, item = self._queue.get()
             if kind == "end" and self.error is None:

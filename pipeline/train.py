@@ -319,7 +319,8 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         def checkpoint(s) -> None:
             d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
             if world.is_main:
-                mlflow_state = {"tracking_uri": uri, "run_id": run.run_id} if run is not None and run.run_id else {}
+                run_id = run.opened_run_id() if run is not None else None
+                mlflow_state = {"tracking_uri": uri, "run_id": run_id} if run_id else {}
                 save_checkpoint(state_path, config=config, **d, ema_snapshots=sorted(written),
                                 history=[list(h) for h in history], mlflow=mlflow_state)
                 saved["step"] = s.step

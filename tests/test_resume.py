@@ -186,3 +186,25 @@ def test_truncated_resume_file_fails_clearly(tmp_path):
     lines = errors(result)
     assert len(lines) == 1 and lines[0].startswith(f"error: checkpoint {STATE} is corrupt")
     assert not (root / "models/model.pt").exists()
+
+
+def test_a_killed_queued_experiment_resumes_in_its_next_workspace(tmp_path, monkeypatch):
+    """DVC runs a queued experiment in a fresh temporary copy, .dvc/tmp/exps/<queue>/<tmp>, with
+    DVC_ROOT pointing at it: the resume file lives under the repository root instead, keyed by
+    the training fingerprint, so the experiment's next attempt (another copy) resumes."""
+    root = tmp_path / "repo"
+    first = workspace(root / ".dvc/tmp/exps/standalone/tmpa1", steps=6, checkpoint_every=2)
+    with monkeypatch.context() as m:
+        inject(m, at_step=5, error=KeyboardInterrupt)
+        assert cli(first, "train", "--device", "cpu", env={"DVC_ROOT": str(first)}).exit_code != 0
+    (state,) = state_files(root)
+    assert torch.load(state, weights_only=True)["step"] == 4 and not list(first.glob("checkpoints/*"))
+    again = workspace(root / ".dvc/tmp/exps/standalone/tmpb2", steps=6, checkpoint_every=2)
+    resumed = cli(again, "train", "--device", "cpu", env={"DVC_ROOT": str(again)})
+    assert resumed.exit_code == 0 and f"resuming from step 4 of {state}" in resumed.stdout, resumed.output
+    assert not state_files(root)
+    other = workspace(root / ".dvc/tmp/exps/standalone/tmpc3", steps=6, checkpoint_every=2, lr=1.0e-3)
+    with monkeypatch.context() as m:  # another config (another experiment of the queue) has its own file
+        inject(m, at_step=3, error=KeyboardInterrupt)
+        assert cli(other, "train", "--device", "cpu", env={"DVC_ROOT": str(other)}).exit_code != 0
+    assert len(state_files(root)) == 1 and state_files(root)[0].name != state.name

@@ -1,6 +1,7 @@
 """Command `compare` (not a DVC stage: it reads across experiments): the ablation table.
 
-Reads the DVC experiments (``dvc exp show --json``, or a saved copy of its output) and
+Reads the DVC experiments (in-process, as ``dvc exp show --json`` has them; or a saved copy
+of that output) and
 writes one row per experiment (params that differ, best FID and its cell, bits/dim when
 the `nll` stage wrote ``metrics/nll.json``, the extractor's test accuracy) and a pivot
 table ``rows × columns`` of params (default schedule × prediction) holding the best FID
@@ -18,7 +19,6 @@ bits/dim, so that two ablations can be told apart from seed noise.
 import statistics
 
 import json
-import subprocess
 from pathlib import Path
 
 from pipeline.common import write_atomic
@@ -27,22 +27,35 @@ PARAMS_FILE = "params.yaml"
 BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
 
 
-COMMITS = {"head": [], "all": ["--all-commits"]}  # experiments of HEAD, or of every commit
+COMMITS = {"head": False, "all": True}  # experiments of HEAD, or of every commit (all_commits)
 
 
 def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
-    """``dvc exp show --json`` of the repository: the workspace, HEAD and its experiments
-    (``commits="head"``), or every commit's (``"all"``)."""
+    """The repository's experiments as ``dvc exp show --json`` gives them (the workspace, HEAD
+    and its experiments for ``commits="head"``, every commit's for ``"all"``), read in-process
+    through DVC's Python API: ``Repo.experiments.show``, on which both ``dvc exp show`` and
+    ``dvc.api.exp_show`` are built, serialised as the CLI does. (``dvc.api.exp_show`` itself
+    flattens this into one table row per experiment whose columns drop the file wherever a
+    name is unique and whose values are display strings: fid_floor.json's ``fid`` becomes a
+    bare ``fid`` beside fid.json's ``fid.ddim.50``, lists become ``"[1, 2]"``, integers floats;
+    the nesting by file this command reads is gone.)"""
     if commits not in COMMITS:
         raise ValueError(f"commits must be one of {', '.join(COMMITS)}, got {commits!r}")
+    from datetime import date, datetime
+
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    def default(item):
+        return item.isoformat() if isinstance(item, (date, datetime)) else str(item)
+
     try:
-        out = subprocess.run(["dvc", "exp", "show", "--json", *COMMITS[commits]], cwd=cwd, capture_output=True,
-                             text=True, check=True)
-    except FileNotFoundError:
-        raise RuntimeError("`dvc` is not on PATH (activate the virtual environment)") from None
-    except subprocess.CalledProcessError as e:
-        raise RuntimeError(f"`dvc exp show --json` failed: {e.stderr.strip().splitlines()[-1:]}") from None
-    return json.loads(out.stdout)
+        with Repo.open(str(cwd) if cwd is not None else None) as repo:
+            exps = repo.experiments.show(all_commits=COMMITS[commits])
+            return json.loads(json.dumps([exp.dumpd() for exp in exps], default=default))
+    except DvcException as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RuntimeError(f"reading the DVC experiments failed: {first}") from None
 
 
 def _revisions(node, parent_name=None):
@@ -85,10 +98,12 @@ def _cells(data: dict) -> dict:
     fid = (((data.get("metrics") or {}).get("metrics/fid.json") or {}).get("data")) or {}
     cells: dict = {}
     for metric, table in fid.items():
-        if metric == "best" or not isinstance(table, dict):
+        if metric in ("best", "floor") or not isinstance(table, dict):  # floor: the real-data FID (fid_ref)
             continue
         for sampler, by_steps in table.items():
-            for steps, value in (by_steps or {}).items():
+            if not isinstance(by_steps, dict):
+                continue
+            for steps, value in by_steps.items():
                 cells.setdefault(f"{sampler}-{steps}", {})[metric] = value
     return cells
 

@@ -92,12 +92,24 @@ def test_sampling_change_does_not_retrain(repo):
     p["sample"]["num_samples"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     # the check stage reads all of params.yaml, but its output does not change: only the
-    # sampling stages (and the always-run check and log) are out of date
+    # sampling stages, fid_ref (its real-data floor uses as many images) and the always-run
+    # check and log are out of date
     changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
-    assert changed == {"check", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
+    assert changed == {"check", "fid_ref", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
     out = sh(["dvc", "repro"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"check", "sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "report", "log"}, out
+    assert ran == {"check", "fid_ref", "sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "report",
+                   "log"}, out
+
+    # a sampler edit: the sampling stages only (each stage depends on exactly what it imports)
+    samplers = root / "ddpm/samplers.py"
+    source = samplers.read_text()
+    samplers.write_text(source + "# an edit\n")
+    try:
+        changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
+        assert changed == {"check", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
+    finally:
+        samplers.write_text(source)
 
 
 def outputs(root: Path) -> dict[str, bytes]:
@@ -151,3 +163,20 @@ def test_ema_sweep_and_raw_weights_never_retrain(repo, tmp_path):
     out = sh([sys.executable, "-m", "pipeline", "compare", "--sigma-rel-figure", str(figure)], root, env)
     assert "## FID vs EMA length σ_rel (3 sampling steps" in out and figure.stat().st_size > 0
     assert "| 0.07 (posthoc) |" in out and "| 0.1 (train) |" in out and "| raw weights |" in out
+
+
+def test_push_then_pull_restores_a_clone(repo, tmp_path):
+    """The default local remote of the README: `dvc push`, then a fresh clone gets every output by `dvc pull`."""
+    root, env = repo
+    sh(["dvc", "remote", "add", "-d", "local", str(tmp_path / "dvc-remote")], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "results and the remote"], root, env)
+    sh(["dvc", "push"], root, env)
+    clone = tmp_path / "clone"
+    sh(["git", "clone", "-q", str(root), str(clone)], tmp_path, env)
+    assert not (clone / "models/model_ema.pt").exists()
+    sh(["dvc", "pull"], clone, env)
+    for f in ("models/model.pt", "models/model_ema.pt", "data/prepared/train.pt", "samples/ddim-3/samples.pt",
+              "samples/ddim-3/grid.png"):
+        assert (clone / f).read_bytes() == (root / f).read_bytes(), f
+    assert set(json.loads(sh(["dvc", "status", "--json"], clone, env))) <= {"check", "log"}

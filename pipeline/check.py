@@ -8,9 +8,10 @@ stage that runs first, before DVC has removed anything another stage produced.
 
 The output (``--out``) only says that the checks passed: it is the same for every valid
 params.yaml, so a valid change of params still re-runs only the stages that declare the
-changed keys. ``--started`` (read by `log` alone) records when this pipeline run started. The stage runs on every ``dvc repro`` (always_changed: the data and the
+changed keys. The stage runs on every ``dvc repro`` (always_changed: the data and the
 output folders can change while params.yaml does not), and its output persists (DVC does
-not delete it first), so a failed check leaves it as it was.
+not delete it first), so a failed check leaves it as it was. ``--started`` (read by `log`
+alone) records when this pipeline run started: the start of its MLflow parent run.
 """
 
 import time

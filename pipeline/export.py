@@ -99,7 +99,8 @@ def diffusers_state_dict(net: UNet) -> dict[str, torch.Tensor]:
         w, b = a.qkv.weight.detach().view(3 * C, C), a.qkv.bias.detach()
         for k, name in enumerate(("to_q", "to_k", "to_v")):  # AttnBlock splits its 3C outputs as (q, k, v)
             sd[f"{dst}.{name}.weight"], sd[f"{dst}.{name}.bias"] = w[k * C:(k + 1) * C], b[k * C:(k + 1) * C]
-        sd[f"{dst}.to_out.0.weight"], sd[f"{dst}.to_out.0.bias"] = a.proj.weight.detach().view(C, C), a.proj.bias.detach()
+        sd[f"{dst}.to_out.0.weight"] = a.proj.weight.detach().view(C, C)
+        sd[f"{dst}.to_out.0.bias"] = a.proj.bias.detach()
 
     def block(dst: str, i: int, b: Block) -> None:
         resnet(f"{dst}.resnets.{i}", b.res)
@@ -172,7 +173,8 @@ def main(checkpoint: Path, out: Path, weights: str = "ema") -> None:
     unet, scheduler = to_diffusers(net, spec)
     diff = max_difference(net, unet, spec)
     if not math.isfinite(diff) or diff > TOLERANCE:
-        raise RuntimeError(f"the diffusers network differs from ours by {diff:.3g} (> {TOLERANCE}): a bug in the export")
+        raise RuntimeError(f"the diffusers network differs from ours by {diff:.3g} (> {TOLERANCE}): "
+                           "a bug in the export")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)

@@ -82,7 +82,8 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             "nll": _read(root / "metrics/nll.json"), "ema": _read(root / "metrics/ema.json"),
             "denoise": _read(root / "metrics/denoise.json"),
             "history": _read_history(root / "plots/train_loss.csv"),
-            "previews": sorted((int(f.stem.split("_")[-1]), f) for f in (root / "plots/train_samples").glob("step_*.png")),
+            "previews": sorted((int(f.stem.split("_")[-1]), f)
+                               for f in (root / "plots/train_samples").glob("step_*.png")),
             "live": _read(root / "logs/train_mlflow.json"),
             "classifier_timing": _read(root / "logs/classifier_timing.json"),
             "pipeline": _read(root / "logs/pipeline_started.json"),

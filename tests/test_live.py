@@ -74,3 +74,19 @@ def test_train_logs_live_and_resumes_its_run(tmp_path, monkeypatch):
     assert data.dataset.digest == record["dataset"]["sha256"][:36] and len(record["dataset"]["sha256"]) == 64
     assert sorted(f.name for f in (root / "plots/train_samples").iterdir()) == [
         "step_0000002.png", "step_0000004.png", "step_0000006.png"]
+
+
+def test_a_dead_tracking_server_costs_training_nothing(tmp_path):
+    """Live logging is best-effort: with nothing listening at the tracking URI, train still
+    writes every output and records what did not reach MLflow, for `log` (and its outbox)."""
+    from test_tracking import closed_port
+
+    root = workspace(tmp_path, steps=4, log_every=2, sample_every=2)
+    env = {"PIPELINE_LIVE_MLFLOW": "1", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}"}
+    result = cli(root, "train", "--device", "cpu", env=env)
+    assert result.exit_code == 0, result.output
+    assert "warning: live MLflow logging incomplete" in result.stdout
+    record = json.loads((root / "logs/train_mlflow.json").read_text())
+    assert record["run_id"] is None and not record["complete"] and record["error"]
+    assert json.loads((root / "metrics/train.json").read_text())["steps"] == 4
+    assert len(list((root / "plots/train_samples").iterdir())) == 2

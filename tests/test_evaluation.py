@@ -194,7 +194,8 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
 def test_dvc_recomputes_the_reference_when_its_inputs_change():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     ref, fid = stages["fid_ref"], stages["fid"]
-    assert {"data/prepared/test.pt", "data/prepared/train.pt", "models/classifier.pt", "ddpm"} <= set(ref["deps"])
+    assert {"data/prepared/test.pt", "data/prepared/train.pt", "models/classifier.pt", "ddpm/metrics.py",
+            "ddpm/classifier.py"} <= set(ref["deps"])
     assert ref["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
     assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
     assert ref["outs"] == ["data/reference"]

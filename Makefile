@@ -10,11 +10,10 @@ STAMP := $(VENV)/.installed
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 # The CPU preset: a small U-Net, short training, a smaller sample matrix.
-CPU_PRESET := -S model.ch=16 -S model.num_res_blocks=1 -S 'model.attn_resolutions=[7]' \
-	-S train.steps=600 -S train.batch_size=64 -S train.warmup_steps=100 \
-	-S '~train.ema' -S '+train.ema={kind: fixed, decay: 0.995}' -S train.ema_snapshot_every=50 \
-	-S train.checkpoint_every=200 \
-	-S classifier.steps=300 -S classifier.batch_size=128 \
+CPU_PRESET := -S prediction=v -S model.ch=16 -S model.num_res_blocks=1 -S 'model.attn_resolutions=[7]' \
+	-S model.dropout=0.0 -S train.steps=1200 -S train.batch_size=64 -S train.lr=2.0e-3 -S train.warmup_steps=100 \
+	-S train.ema_snapshot_every=100 -S train.checkpoint_every=300 \
+	-S classifier.arch.width=16 -S classifier.steps=1000 -S classifier.batch_size=128 -S classifier.lr=3.0e-3 \
 	-S 'sample.steps=[10,20]' -S sample.num_samples=400 -S sample.batch_size=400 -S fid.kid_subset_size=200 \
 	-S nll.num_images=16 -S nll.batch_size=16
 

@@ -302,7 +302,8 @@ def test_dvc_sweep_plot_template_draws_one_line_per_cell_through_its_w():
     assert template["layer"][1]["encoding"]["text"]["field"] == "guidance"
     # the guided cells are the plain matrix plus the guidance axis, named <sampler>-<steps>-<guidance>
     assert stages["sample_guided"]["matrix"]["guidance"] == "${sample.guidance}"
-    assert "samples/${item.sampler}-${item.steps}-${item.guidance}" in stages["sample_guided"]["outs"]
+    cell = "samples/${item.sampler}-${item.steps}-${item.guidance}"
+    assert f"{cell}/samples.pt" in stages["sample_guided"]["outs"] and f"{cell}/grid.png" in stages["sample_guided"]["plots"]
 
 
 def test_params_guidance_needs_a_class_model():

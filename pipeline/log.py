@@ -290,7 +290,8 @@ def log_model(mlflow, client, have, run: dict, data: dict, fp: str, exp_name: st
         name="model", python_model=mlflow_model.__file__, artifacts={"checkpoint": str(run["model"])},
         code_paths=[str(Path(mlflow_model.__file__).parents[1] / "ddpm")], signature=signature,
         pip_requirements=[f"{p}=={metadata.version(p)}" for p in ("mlflow", "torch", "numpy")],
-        registered_model_name=None if registered else model_name, tags=version_tags,
+        registered_model_name=None if registered else model_name,
+        tags={**tracking.standard_tags("python -m pipeline log"), **version_tags},  # the UI's "Logged from"
         step=(run["train"] or {}).get("steps", 0))
 
 

@@ -132,6 +132,8 @@ def test_fid_report_and_log(workdir, monkeypatch):
     # loaded by its URI and sampled
     (version,) = client.search_model_versions("name = 'ddpm'")
     assert version.run_id == train.info.run_id
+    (logged,) = client.get_run(train.info.run_id).outputs.model_outputs
+    assert mlflow.get_logged_model(logged.model_id).tags["mlflow.source.name"] == "python -m pipeline log"
     model = mlflow.pyfunc.load_model(f"models:/ddpm/{version.version}")
     assert model.metadata.get_input_schema().input_names() == ["seed"]
     images = model.predict(pd.DataFrame({"seed": [0, 1, 0]}), params={"sampler": "ddim", "steps": 3})

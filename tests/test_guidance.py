@@ -352,6 +352,8 @@ def test_checkpoint_records_the_classes(conditional):
     net, spec, ckpt = load_model(conditional / "models/model.pt")
     assert spec.conditioning == "class" and spec.classes == CLASSES and spec.num_classes == 10
     assert net.label_emb.num_embeddings == 11 and ckpt["config"]["objective"]["cond_drop"] == 0.1
+    # train's preview grid of the conditional model (image i of class i mod 10): the last step's
+    assert [f.name for f in (conditional / "plots/train_samples").iterdir()] == ["step_0000006.png"]
 
 
 def test_samples_are_class_balanced_with_their_labels(conditional):

@@ -39,7 +39,8 @@ from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import compile_model, make_adamw, network, prepare_model, resolve, to_memory_format
+from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compile_model, make_adamw, network,
+                               prepare_model, resolve, to_memory_format)
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
@@ -65,9 +66,9 @@ class TrainConfig:
     log_every: Annotated[int, Ge(1)] = 100
     checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
-    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
+    memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: default on CUDA, none on CPU
 
     def __post_init__(self):
         check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)

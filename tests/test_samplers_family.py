@@ -309,7 +309,7 @@ def test_params_name_every_sampler_kind_and_reject_bad_options():
         (lambda r: r["samplers"]["dpmpp"].update(order=3), r"samplers\.dpmpp.*order: unknown key"),
         (lambda r: r["samplers"]["dpmpp"].update(kind="unipc"), "'ddpm', 'ddim', 'dpm_solver\\+\\+', 'euler', 'heun'"),
         (lambda r: r["samplers"]["ddim"].update(variance="sigma_hat", eta=0.5), r"samplers\.ddim.*eta applies"),
-        (lambda r: r["sample"].update(clip="soft"), r"sample\.clip: .*'static', 'none' or 'dynamic'"),
+        (lambda r: r["sample"].update(clip="soft"), r"sample\.clip: .*'static', 'dynamic' or 'none'"),
         (lambda r: r["sample"].update(precision="fp16"), r"sample\.precision: .*'auto', 'fp32' or 'bf16'"),
         (lambda r: r["sample"].update(clip_percentile=0.995), r"sample\.clip_percentile"),
     ]:

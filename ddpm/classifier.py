@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from annotated_types import Ge
 
-from ddpm.training import to_model_range
+from ddpm.pixels import to_model_range
 
 
 @dataclass

@@ -40,7 +40,7 @@ import tempfile
 from pathlib import Path
 
 from pipeline import system_metrics
-from pipeline.common import OutputError, git_revision, read_losses, repo_root
+from pipeline.common import OutputError, flatten, git_revision, read_losses, repo_root
 from pipeline.params import Params, load_params, to_flat_dict
 
 
@@ -91,13 +91,8 @@ def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> s
 
 
 def _numeric(d: dict | None, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_numeric(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return {k: float(v) for k, v in flatten(d or {}, prefix).items() if isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 
 def _log_history(client, run_id: str, metrics: list) -> None:

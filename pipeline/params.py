@@ -36,6 +36,7 @@ from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
 from ddpm.variance import VARIANCES
+from pipeline.common import flatten
 
 
 class ParamsError(ValueError):
@@ -348,14 +349,4 @@ def stage_values(params: Params, stage: str) -> dict[str, Any]:
 
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """``{"train.lr": 0.0002, ...}`` for logging."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = value
-
-    walk("", params.model_dump(mode="json"))
-    return out
+    return flatten(params.model_dump(mode="json"))

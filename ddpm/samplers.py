@@ -31,6 +31,17 @@ clipped. A learned variance is the conditional half's: guidance moves the mean o
 
 The loop runs under ``torch.inference_mode()`` with no host synchronisation: step
 functions branch on Python values (i, options), never on tensor values.
+
+Notation (the papers' symbols; ᾱ is Ho et al.'s alpha-bar, Song et al.'s α):
+    d               the respaced diffusion (``ddpm.diffusion.Diffusion``), its index i ↔ ``timesteps[i]``
+    i               the respaced index of the current step, counting down S-1 … 0
+    x, x_prev       x_t and x_{t-1} (the sample before and after the step)
+    pred.x0, .eps   x̂_0 and ε̂, the network's prediction at x_t
+    a_t, a_prev     ᾱ_t and ᾱ_{t-1} (ᾱ_prev = 1 after the last step)
+    sigma           DDIM: σ_t(η) (Song et al. 2021, eq. 16); Karras: σ = sqrt((1 - ᾱ) / ᾱ)
+    sigma_next, s   Karras: σ at the next step; s = sqrt(ᾱ), the scale with x = s x̃
+    h, D            DPM-Solver++: h_i = λ_{t_i} - λ_{t_{i-1}} with λ = log(α / σ); D_i the extrapolated x̂_0
+    eta             η of DDIM (0: deterministic, 1: DDPM's posterior variance)
 """
 
 import typing

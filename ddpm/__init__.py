@@ -17,6 +17,8 @@ Modules, one job each:
   evaluation   held-out denoising error (ε-MSE at fixed timesteps and noise)
   distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
+  files        atomic writes; loading a torch file with one clear error
+  pixels       uint8 images ↔ the model's range [-1, 1]
   data         data sets as uint8 tensors
   classifier   the feature-extractor classifier for offline FID
   metrics      FID / KID / IS through torch-fidelity

@@ -17,7 +17,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from annotated_types import Ge
 
-from ddpm.training import to_model_range
+from ddpm.pixels import to_model_range
+
+
+# The FID's feature extractors: this classifier, or torchvision's Inception-v3 in torch-fidelity's
+# FID variant (``ddpm.metrics``).
+EXTRACTORS = ("ddpm-classifier", "inception-v3-compat")
 
 
 @dataclass

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import first_line
+from ddpm.files import atomic_save, first_line, load_torch_file
 
 # torchvision is imported inside the readers: importing it costs a second or more (it loads
 # torch._dynamo), and every stage imports this module for load_split alone.
@@ -58,20 +58,14 @@ class Split:
 
 
 def save_split(split: Split, path) -> None:
-    from ddpm.checkpoint import atomic_save
-
     atomic_save(split.validate(str(path)).to_dict(), path)
 
 
 def load_split(path) -> Split:
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file {path} does not exist (run the prepare stage first)")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-        split = Split(d["images"], d["labels"].long(), list(d["classes"]))
-    except Exception as e:
-        raise DataError(f"data file {path} is corrupt or not a prepared split: {first_line(e)}") from e
+    split = load_torch_file(path, DataError, f"data file {path} does not exist (run the prepare stage first)",
+                            f"data file {path} is corrupt or not a prepared split",
+                            parse=lambda d: Split(d["images"], d["labels"].long(), list(d["classes"])))
     return split.validate(str(path))
 
 

@@ -18,7 +18,7 @@ Equations (Ho et al. 2020):
 v-parameterisation (Salimans & Ho 2022): v = sqrt(ᾱ_t) ε - sqrt(1 - ᾱ_t) x_0.
 """
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
@@ -86,10 +86,6 @@ class Diffusion:
     @property
     def device(self) -> torch.device:
         return self.betas.device
-
-    def to(self, device) -> "Diffusion":
-        return Diffusion(**{f.name: getattr(self, f.name).to(device) if f.name != "betas64" else self.betas64
-                            for f in fields(self)})
 
 
 # ---------------------------------------------------------------- forward process

@@ -91,11 +91,6 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     return float(roots[np.abs(roots.imag) < 1e-9].real.max())
 
 
-def gamma_to_sigma_rel(gamma: float) -> float:
-    """σ_rel = sqrt((γ+1) / ((γ+2)² (γ+3))) (EDM2 eq. 123)."""
-    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
-
-
 def decay(cfg: EMAConfig, n_averaged: torch.Tensor) -> torch.Tensor:
     """β of the update that follows ``n_averaged`` ≥ 1 earlier ones (float64, on their device)."""
     n = n_averaged.to(torch.float64)

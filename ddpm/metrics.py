@@ -32,35 +32,17 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.classifier import Classifier, ClassifierConfig
+from ddpm.classifier import EXTRACTORS, Classifier, ClassifierConfig
+from ddpm.pixels import to_model_range
 
-EXTRACTORS = ("ddpm-classifier", "inception-v3-compat")
 # Seconds a download of the Inception weights may stall before it fails.
 DOWNLOAD_TIMEOUT = 20.0
 
 
 class ExtractorUnavailable(RuntimeError):
     """The feature extractor's weights can neither be read nor downloaded."""
-
-
-class TensorImages(Dataset):
-    """A uint8 [N, C, H, W] tensor as the Dataset torch-fidelity reads."""
-
-    def __init__(self, images: torch.Tensor, channels: int | None = None):
-        self.images = images
-        self.channels = channels
-
-    def __len__(self):
-        return self.images.shape[0]
-
-    def __getitem__(self, i):
-        x = self.images[i]
-        if self.channels == 3 and x.shape[0] == 1:
-            x = x.expand(3, -1, -1)
-        return x
 
 
 def load_classifier(path, map_location="cpu") -> Classifier:
@@ -104,7 +86,7 @@ def _extractor_class():
             cin = self.model.in_channels
             if x.shape[1] != cin:  # RGB files fed to a grayscale classifier, or the reverse
                 x = x.float().mean(1, keepdim=True) if cin == 1 else x.expand(-1, 3, -1, -1)
-            features, logits = self.model(x.float() / 127.5 - 1.0)
+            features, logits = self.model(to_model_range(x))
             out = {"features": features, "logits": logits}
             return tuple(out[f] for f in self.features_list)
 

@@ -10,7 +10,8 @@ training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s sta
 
 from dataclasses import asdict, dataclass, field
 
-from ddpm.checkpoint import CheckpointError, first_line, load_checkpoint
+from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.files import first_line
 from ddpm.diffusion import Diffusion
 from ddpm.guidance import check_conditioning
 from ddpm.unet import UNet, UNetConfig

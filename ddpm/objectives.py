@@ -77,10 +77,3 @@ def training_terms(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise
         # (5) L_hybrid = L_simple + λ L_vlb   (eq. 16)
         terms["loss"] = terms["mse"] + hybrid_lambda * terms["vlb"]
     return terms
-
-
-def training_losses(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                    prediction: str = "eps", loss: str = "simple", variance: str = "fixed_small",
-                    hybrid_lambda: float = 1.0e-3, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-example loss, shape [B]."""
-    return training_terms(model, d, x0, t, noise, prediction, loss, variance, hybrid_lambda, labels)["loss"]

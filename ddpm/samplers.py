@@ -31,22 +31,34 @@ clipped. A learned variance is the conditional half's: guidance moves the mean o
 
 The loop runs under ``torch.inference_mode()`` with no host synchronisation: step
 functions branch on Python values (i, options), never on tensor values.
+
+Notation (the papers' symbols; ᾱ is Ho et al.'s alpha-bar, Song et al.'s α):
+    d               the respaced diffusion (``ddpm.diffusion.Diffusion``), its index i ↔ ``timesteps[i]``
+    i               the respaced index of the current step, counting down S-1 … 0
+    x, x_prev       x_t and x_{t-1} (the sample before and after the step)
+    pred.x0, .eps   x̂_0 and ε̂, the network's prediction at x_t
+    a_t, a_prev     ᾱ_t and ᾱ_{t-1} (ᾱ_prev = 1 after the last step)
+    sigma           DDIM: σ_t(η) (Song et al. 2021, eq. 16); Karras: σ = sqrt((1 - ᾱ) / ᾱ)
+    sigma_next, s   Karras: σ at the next step; s = sqrt(ᾱ), the scale with x = s x̃
+    h, D            DPM-Solver++: h_i = λ_{t_i} - λ_{t_{i-1}} with λ = log(α / σ); D_i the extrapolated x̂_0
+    eta             η of DDIM (0: deterministic, 1: DDPM's posterior variance)
 """
 
-import inspect
 import typing
 from collections.abc import Callable
-from typing import Literal
+from dataclasses import fields
+from typing import Literal, NamedTuple
 
 import torch
 
-from ddpm.acceleration import network, resolve
+from ddpm.acceleration import NETWORK_PRECISIONS, network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
 from ddpm.guidance import Guidance, guided_eps
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
+from ddpm.sampler_options import SAMPLER_OPTIONS, DDIMOptions, DDPMOptions
+from ddpm.variance import fixed_log_variance_table
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-PRECISIONS = ("auto", "fp32", "bf16")  # of the network; the sampler's state keeps its own dtype
 
 
 def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -59,8 +71,7 @@ def _alphas(d: Diffusion, i: int, x: torch.Tensor):
     return extract(d.alphas_cumprod, t, x.ndim), extract(d.alphas_cumprod_prev, t, x.ndim)
 
 
-def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator,
-              variance: Literal["fixed_small", "fixed_large"] = "fixed_small"):
+def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator, variance: str = DDPMOptions.variance):
     """Ancestral step x_{t-1} ~ N(μ̃_t(x_t, x̂_0), σ_t² I) (Ho et al. 2020, Algorithm 2).
 
     ``fixed_small``: σ_t² = β̃_t; ``fixed_large``: σ_t² = β_t (with β̃_2 in place of β_1,
@@ -76,18 +87,13 @@ def ddpm_step(x, i, pred: Prediction, d: Diffusion, state, generator,
     # (2) σ_t: the square root of the variance, σ_t = sqrt(β̃_t) or sqrt(β_t)
     if pred.log_variance is not None:
         return mean + torch.exp(0.5 * pred.log_variance) * _noise_like(x, generator)
-    if variance == "fixed_small":
-        log_var = d.posterior_log_variance_clipped
-    elif variance == "fixed_large":
-        log_var = torch.log(torch.cat([d.posterior_variance[1:2], d.betas[1:]]))
-    else:
-        raise ValueError(f"unknown variance {variance!r}; choose fixed_small or fixed_large")
+    log_var = fixed_log_variance_table(d, variance)
     # (3) x_{t-1} = μ̃ + σ_t z
     return mean + torch.exp(0.5 * extract(log_var, t, x.ndim)) * _noise_like(x, generator)
 
 
-def ddim_step(x, i, pred: Prediction, d: Diffusion, state, generator, eta: float = 0.0,
-              variance: Literal["eta", "sigma_hat"] = "eta"):
+def ddim_step(x, i, pred: Prediction, d: Diffusion, state, generator, eta: float = DDIMOptions.eta,
+              variance: str = DDIMOptions.variance):
     """DDIM step (Song et al. 2021, eq. 12) with σ_t(η) from eq. 16, or the paper's σ̂.
 
     x_{t-1} = sqrt(ᾱ_{t-1}) x̂_0 + sqrt(1 - ᾱ_{t-1} - σ_t²) ε̂ + σ_t z,
@@ -185,26 +191,31 @@ def heun_step(x, i, pred: Prediction, d: Diffusion, state, generator):
     return s_next * (x / s + (sigma_next - sigma) * 0.5 * (pred.eps + eps_next))
 
 
-SAMPLERS: dict[str, Callable] = {"ddpm": ddpm_step, "ddim": ddim_step, "dpm_solver++": dpm_solver_pp_step,
-                                 "euler": euler_step, "heun": heun_step}
+class Sampler(NamedTuple):
+    step: Callable  # step(x, i, pred, d, state, generator, **options) -> x_prev
+    options: type  # the dataclass of its options (keyword arguments of ``step``)
+
+
+_STEPS = {"ddpm": ddpm_step, "ddim": ddim_step, "dpm_solver++": dpm_solver_pp_step, "euler": euler_step,
+          "heun": heun_step}
+SAMPLERS: dict[str, Sampler] = {kind: Sampler(_STEPS[kind], options) for kind, options in SAMPLER_OPTIONS.items()}
 
 
 def check_options(sampler: str, options: dict | None) -> Callable:
-    """The step function of ``sampler`` once its options are known to fit; a clear error otherwise.
-
-    Options are the step function's keyword arguments; ``Literal`` annotations list the choices.
-    """
+    """The step function of ``sampler`` once its options are known to fit; a clear error otherwise."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    step_fn = SAMPLERS[sampler]
-    allowed = dict(list(inspect.signature(step_fn).parameters.items())[6:])
+    step_fn, options_type = SAMPLERS[sampler]
+    allowed = [f.name for f in fields(options_type)]
+    hints = typing.get_type_hints(options_type)
     for key, value in (options or {}).items():
         if key not in allowed:
             raise ValueError(f"sampler {sampler!r} has no option {key!r} "
                              f"(options: {', '.join(allowed) or 'none'})")
-        choices = typing.get_args(allowed[key].annotation)
-        if typing.get_origin(allowed[key].annotation) is Literal and value not in choices:
+        choices = typing.get_args(hints[key])
+        if typing.get_origin(hints[key]) is Literal and value not in choices:
             raise ValueError(f"{sampler}: {key}={value!r} is not one of {', '.join(choices)}")
+    options_type(**(options or {}))  # the options' own checks
     return step_fn
 
 
@@ -215,7 +226,7 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
     Prediction. The network runs through ``ddpm.acceleration.network`` (bf16: autocast, on CUDA or
     CPU), its output cast back to x's dtype, so x̂_0, its clipping and the steps see no bf16 tensor.
     With ``labels`` the network is called as ``model(x, t, labels)`` and guided (module docstring)."""
-    for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, PRECISIONS)):
+    for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, NETWORK_PRECISIONS)):
         if value not in allowed:
             raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
     check_clip(clip, percentile)

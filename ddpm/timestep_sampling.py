@@ -47,10 +47,6 @@ class ImportanceSampler:
         self.history = torch.zeros(num_timesteps, history_per_term, dtype=torch.float64, device=device)
         self.counts = torch.zeros(num_timesteps, dtype=torch.long, device=device)
 
-    def to(self, device) -> "ImportanceSampler":
-        self.history, self.counts = self.history.to(device), self.counts.to(device)
-        return self
-
     def probabilities(self) -> torch.Tensor:
         """p_t, shape [T]: ∝ sqrt(mean of the recent L_t²) once every t has its full history, else uniform."""
         T = self.num_timesteps

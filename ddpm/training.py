@@ -40,12 +40,14 @@ from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import compile_model, make_adamw, network, prepare_model, resolve, to_memory_format
+from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compile_model, make_adamw, network,
+                               prepare_model, resolve, to_memory_format)
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
 from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
+from ddpm.pixels import to_model_range
 from ddpm.posthoc_ema import check_schedule, snapshot_steps
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
 
@@ -66,9 +68,9 @@ class TrainConfig:
     log_every: Annotated[int, Ge(1)] = 100
     checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
     augment: Literal["none", "hflip"] = "none"
-    precision: Literal["auto", "fp32", "tf32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
-    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
+    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
+    memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: default on CUDA, none on CPU
 
     def __post_init__(self):
         check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
@@ -91,16 +93,6 @@ class TrainState:
     losses: list[tuple[int, float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
     grad_norm: torch.Tensor | None = None  # total gradient norm (before clipping) of the latest logged step, on device
-
-
-def to_model_range(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float [-1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] → uint8 [0, 255], rounding to the nearest level."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> TrainState:
@@ -226,13 +218,14 @@ def _checked_losses(state: TrainState, world: World) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------ resumable state
-def _to_cpu(obj):
+def to_cpu(obj):
+    """Tensors in ``obj`` (nested dicts, lists, tuples) detached and on the CPU."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().cpu()
     if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
+        return {k: to_cpu(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_cpu(v) for v in obj)
+        return type(obj)(to_cpu(v) for v in obj)
     return obj
 
 
@@ -256,7 +249,7 @@ def train_state_dict(state: TrainState, world: World = SINGLE, timestep_sampler=
     rngs = distributed.gather(rng_state(device), world)
     if not world.is_main:
         return None
-    return _to_cpu({
+    return to_cpu({
         "step": state.step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
         "ema_profiles": [p.state_dict() for p in state.profiles],
         "optimizer": state.optimizer.state_dict(), "scheduler": state.scheduler.state_dict(),

@@ -1,5 +1,6 @@
 """Small helpers shared by the stage commands: devices, files, progress, repo root."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import atomic_write
+from ddpm.files import atomic_write
 
 
 def keep_freed_memory() -> bool:
@@ -68,6 +69,22 @@ def write_atomic(path, data: bytes | str) -> None:
     """Write to a temporary file beside ``path``, then rename over it."""
     payload = data.encode() if isinstance(data, str) else data
     atomic_write(path, lambda f: f.write(payload))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}, "c": 2}`` → ``{"a.b": 1, "c": 2}``, each key under ``prefix``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes, in row-major order."""
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
 
 
 def write_json(path, obj) -> None:

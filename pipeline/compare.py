@@ -21,7 +21,7 @@ import statistics
 import json
 from pathlib import Path
 
-from pipeline.common import write_atomic
+from pipeline.common import flatten, write_atomic
 
 PARAMS_FILE = "params.yaml"
 BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
@@ -83,16 +83,6 @@ def _metric(data: dict, file: str, key: str):
     return _get((data.get("metrics") or {}).get(file) or {}, f"data.{key}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _cells(data: dict) -> dict:
     """{"ddim-20": {"fid": …, "precision": …, …}} from metrics/fid.json's {metric: {sampler: {steps: value}}}."""
     fid = (((data.get("metrics") or {}).get("metrics/fid.json") or {}).get("data")) or {}
@@ -124,7 +114,7 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
                      "bits_per_dim": _metric(data, BPD_FILE, BPD_KEY),
                      "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy"),
-                     "params": _flatten(params), "cells": _cells(data)})
+                     "params": flatten(params), "cells": _cells(data)})
     return rows
 
 

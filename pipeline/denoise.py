@@ -20,7 +20,7 @@ import torch
 from ddpm.data import load_split
 from ddpm.evaluation import denoising_mse
 from ddpm.model import load_model
-from ddpm.training import to_model_range
+from ddpm.pixels import to_model_range
 from pipeline.common import resolve_device, write_json
 from pipeline.params import for_stage, load_params
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import CheckpointError, atomic_save, load_checkpoint, load_snapshot
+from ddpm.checkpoint import CheckpointError, load_checkpoint, load_snapshot
+from ddpm.files import atomic_save
 from ddpm.posthoc_ema import reconstruct, solve
 from pipeline.common import read_json, write_json
 from pipeline.params import for_stage, load_params

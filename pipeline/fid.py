@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import first_line, load_checkpoint
+from ddpm.checkpoint import load_checkpoint
+from ddpm.files import load_torch_file
 from ddpm.classifier import accuracy
 from ddpm.data import DataError
 from ddpm.metrics import extract_features, load_classifier, metrics_from_features
@@ -19,12 +20,8 @@ from pipeline.params import for_stage, load_params
 
 
 def load_samples(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"samples file {path} does not exist (run the sample stage first)")
-    try:
-        d = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"samples file {path} is corrupt: {first_line(e)}") from e
+    d = load_torch_file(path, DataError, f"samples file {path} does not exist (run the sample stage first)",
+                        f"samples file {path} is corrupt")
     missing = [k for k in ("images", "sampler", "steps") if not isinstance(d, dict) or k not in d]
     if missing:
         raise DataError(f"samples file {path} lacks {', '.join(missing)} (rerun its sample stage)")

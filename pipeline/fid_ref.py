@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ddpm.checkpoint import atomic_save, first_line
 from ddpm.data import DataError, load_split
+from ddpm.files import atomic_save, load_torch_file
 from ddpm.metrics import extract_features, metrics_from_features, reference_statistics
-from pipeline.common import check_writable, progress, resolve_device, write_json
+from pipeline.common import check_writable, progress, resolve_device, tensor_sha256, write_json
 from pipeline.params import for_stage, load_params
 
 FORMAT = "ddpm-reference/1"
@@ -35,13 +35,9 @@ def file_sha256(path) -> str:
     return h.hexdigest()
 
 
-def images_sha256(images: torch.Tensor) -> str:
-    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
-
-
 def reference_key(images: torch.Tensor, split: str, extractor: str, weights) -> dict:
     """What a reference set's statistics depend on: data, split, extractor, resolution."""
-    return {"data_sha256": images_sha256(images), "split": split, "extractor": extractor,
+    return {"data_sha256": tensor_sha256(images), "split": split, "extractor": extractor,
             "weights_sha256": None if weights is None else file_sha256(weights),
             "resolution": list(images.shape[1:])}
 
@@ -55,12 +51,8 @@ def extractor_weights(extractor: str, weights_path, classifier: Path):
 
 
 def load_reference(path: Path) -> dict:
-    if not path.is_file():
-        raise DataError(f"reference statistics {path} do not exist (run the fid_ref stage first)")
-    try:
-        ref = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise DataError(f"reference statistics {path} are corrupt: {first_line(e)}") from e
+    ref = load_torch_file(path, DataError, f"reference statistics {path} do not exist (run the fid_ref stage first)",
+                          f"reference statistics {path} are corrupt")
     if not isinstance(ref, dict) or ref.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} file")
     return ref

@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import system_metrics, tracking
-from pipeline.common import OutputError, git_revision, repo_root
+from pipeline.common import OutputError, flatten, git_revision, repo_root
 from pipeline.live import IMAGE_KEY, image_steps
 from pipeline.params import Params, load_params, to_flat_dict
 from pipeline.tracking import default_tracking_uri, lock
@@ -110,13 +110,8 @@ def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> s
 
 
 def _numeric(d: dict | None, prefix: str = "") -> dict[str, float]:
-    out = {}
-    for k, v in (d or {}).items():
-        if isinstance(v, dict):
-            out.update(_numeric(v, f"{prefix}{k}."))
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}{k}"] = float(v)
-    return out
+    return {k: float(v) for k, v in flatten(d or {}, prefix).items() if isinstance(v, (int, float))
+            and not isinstance(v, bool)}
 
 
 def _log_history(client, run_id: str, metrics: list) -> None:

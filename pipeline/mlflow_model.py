@@ -36,7 +36,7 @@ class DiffusionSampler(PythonModel):
         import torch
 
         from ddpm.samplers import SAMPLERS, sample
-        from ddpm.training import to_uint8
+        from ddpm.pixels import to_uint8
 
         p = {**DEFAULTS, **(params or {})}
         if p["sampler"] not in SAMPLERS:

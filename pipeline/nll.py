@@ -17,7 +17,7 @@ from ddpm.data import load_split
 from ddpm.guidance import with_label
 from ddpm.likelihood import nll_bits_per_dim
 from ddpm.model import load_model
-from ddpm.training import to_model_range
+from ddpm.pixels import to_model_range
 from pipeline.common import check_writable, progress, resolve_device, write_csv, write_json
 from pipeline.params import for_stage, load_params
 

@@ -10,25 +10,32 @@ stage declares in dvc.yaml (``STAGE_PARAMS``, checked against dvc.yaml by the te
 reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
+import dataclasses
+import typing
 from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from ddpm.classifier import ClassifierConfig
+from ddpm.acceleration import COMPILE_MODES, MEMORY_FORMATS, NETWORK_PRECISIONS
+from ddpm.classifier import EXTRACTORS, ClassifierConfig
 from ddpm.data import DATASETS
+from ddpm.diffusion import SPACINGS
 from ddpm.ema import EMA_CHOICES, MAX_SIGMA_REL, PowerEMA
 from ddpm.model import WEIGHTS
 from ddpm.guidance import CONDITIONINGS
 from ddpm.objectives import LOSSES, check_objective
+from ddpm.predictions import CLIPS, PREDICTIONS
+from ddpm.sampler_options import SAMPLER_OPTIONS
 from ddpm.schedules import SCHEDULES
 from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
 from ddpm.training import TrainConfig
 from ddpm.unet import UNetConfig
 from ddpm.variance import VARIANCES
+from pipeline.common import flatten
 
 
 class ParamsError(ValueError):
@@ -69,37 +76,21 @@ class TrainParams(TrainConfig):
     sample_every: int = Field(1000, ge=0)
 
 
-class DDPMSampler(Strict):
-    kind: Literal["ddpm"]
-    variance: Literal["fixed_small", "fixed_large"] = "fixed_small"
-
-
-class DDIMSampler(Strict):
-    kind: Literal["ddim"]
-    eta: float = Field(0.0, ge=0, le=1)
-    variance: Literal["eta", "sigma_hat"] = "eta"
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.variance == "sigma_hat" and self.eta != 0:
-            raise ValueError("eta applies to variance: eta only (σ̂ has no η); remove eta or set it to 0")
+def _sampler_params(kind: str, options: type) -> type[BaseModel]:
+    """The params of one sampler of ``ddpm.sampler_options.SAMPLER_OPTIONS``: its ``kind`` and the fields of its
+    options dataclass, whose own checks run too."""
+    def check(self):
+        options(**self.model_dump(exclude={"kind"}))
         return self
 
-
-class DPMSolverPPSampler(Strict):
-    kind: Literal["dpm_solver++"]
-
-
-class EulerSampler(Strict):
-    kind: Literal["euler"]
+    hints = typing.get_type_hints(options, include_extras=True)
+    return create_model("".join(c for c in kind.title() if c.isalnum()) + "Sampler", __base__=Strict,
+                        __validators__={"check": model_validator(mode="after")(check)}, kind=(Literal[kind], ...),
+                        **{f.name: (hints[f.name], f.default) for f in dataclasses.fields(options)})
 
 
-class HeunSampler(Strict):
-    kind: Literal["heun"]
-
-
-SamplerParams = Annotated[Union[DDPMSampler, DDIMSampler, DPMSolverPPSampler, EulerSampler, HeunSampler],
-                          Field(discriminator="kind")]
+SAMPLER_PARAMS = {kind: _sampler_params(kind, options) for kind, options in SAMPLER_OPTIONS.items()}
+SamplerParams = Annotated[Union[tuple(SAMPLER_PARAMS.values())], Field(discriminator="kind")]  # type: ignore
 
 
 class SampleParams(Strict):
@@ -107,12 +98,12 @@ class SampleParams(Strict):
     steps: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [10, 50, 100, 1000], min_length=1)
     num_samples: int = Field(5000, ge=2)
     batch_size: int = Field(1000, ge=1)
-    spacing: Literal["linspace", "leading", "trailing", "quadratic"] = "linspace"
-    clip: Literal["static", "none", "dynamic"] = "static"
+    spacing: Literal[SPACINGS] = "linspace"  # type: ignore[valid-type]
+    clip: Literal[CLIPS] = "static"  # type: ignore[valid-type]
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
-    memory_format: Literal["auto", "contiguous", "channels_last"] = "auto"  # auto: channels_last on CUDA
-    compile: Literal["auto", "none", "default", "max-autotune"] = "auto"  # auto: default on CUDA, none on CPU
+    precision: Literal[NETWORK_PRECISIONS] = "auto"  # type: ignore[valid-type]  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: default on CUDA, none on CPU
     seed: Seed = 1
     weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]  # the checkpoint's average, or its raw weights
     guidance: list[str] = Field(default_factory=list)  # names under `guidance`: one more matrix axis (class models)
@@ -134,7 +125,7 @@ class GuidanceParams(Strict):
 
 
 class FidParams(Strict):
-    extractor: Literal["ddpm-classifier", "inception-v3-compat"] = "ddpm-classifier"
+    extractor: Literal[EXTRACTORS] = "ddpm-classifier"  # type: ignore[valid-type]
     weights_path: str | None = None  # local Inception weights; None downloads them
     batch_size: int = Field(500, ge=1)
     kid_subset_size: int = Field(1000, ge=2)
@@ -163,7 +154,7 @@ class DenoiseParams(Strict):
 class Params(Strict):
     seed: Seed = 0
     schedule: Literal[SCHEDULES] = "linear"  # type: ignore[valid-type]
-    prediction: Literal["eps", "x0", "v", "mean"] = "eps"
+    prediction: Literal[PREDICTIONS] = "eps"  # type: ignore[valid-type]
     timesteps: int = Field(1000, ge=1)
     loss: Literal[LOSSES] = "simple"  # type: ignore[valid-type]
     variance: Literal[VARIANCES] = "fixed_small"  # type: ignore[valid-type]
@@ -177,9 +168,9 @@ class Params(Strict):
     classifier: ClassifierParams = Field(default_factory=ClassifierParams)
     sample: SampleParams = Field(default_factory=SampleParams)
     samplers: dict[str, SamplerParams] = Field(default_factory=lambda: {
-        "ddpm": DDPMSampler(kind="ddpm"), "ddim": DDIMSampler(kind="ddim"),
-        "dpmpp": DPMSolverPPSampler(kind="dpm_solver++"), "euler": EulerSampler(kind="euler"),
-        "heun": HeunSampler(kind="heun")})
+        name: SAMPLER_PARAMS[kind](kind=kind) for name, kind in (("ddpm", "ddpm"), ("ddim", "ddim"),
+                                                                  ("dpmpp", "dpm_solver++"), ("euler", "euler"),
+                                                                  ("heun", "heun"))})
     guidance: dict[str, GuidanceParams] = Field(default_factory=dict)
     fid: FidParams = Field(default_factory=FidParams)
     nll: NllParams = Field(default_factory=NllParams)
@@ -360,14 +351,4 @@ def stage_values(params: Params, stage: str) -> dict[str, Any]:
 
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """``{"train.lr": 0.0002, ...}`` for logging."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}{k}.", v)
-        else:
-            out[prefix[:-1]] = value
-
-    walk("", params.model_dump(mode="json"))
-    return out
+    return flatten(params.model_dump(mode="json"))

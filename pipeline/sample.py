@@ -20,11 +20,11 @@ import torch
 
 from ddpm import distributed
 from ddpm.acceleration import make_denoiser
-from ddpm.checkpoint import atomic_save
+from ddpm.files import atomic_save
 from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
 from ddpm.samplers import sample
-from ddpm.training import to_uint8
+from ddpm.pixels import to_uint8
 from pipeline import system_metrics
 from pipeline.common import check_writable, progress, resolve_device, write_image_grid, write_json
 from pipeline.params import for_stage, load_params

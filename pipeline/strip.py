@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.training import to_uint8
+from ddpm.pixels import to_uint8
 from pipeline.common import write_image_grid
 
 

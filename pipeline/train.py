@@ -50,10 +50,11 @@ from ddpm.model import ModelSpec
 from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
 from ddpm.preview import preview
 from ddpm.timestep_sampling import make_timestep_sampler
-from ddpm.training import init_state, load_train_state, to_uint8, train, train_state_dict
+from ddpm.pixels import to_uint8
+from ddpm.training import init_state, load_train_state, to_cpu, train, train_state_dict
 from pipeline import system_metrics
-from pipeline.common import (check_writable, progress, repo_root, resolve_device, write_csv, write_image_grid,
-                             write_json)
+from pipeline.common import (check_writable, flatten, progress, repo_root, resolve_device, tensor_sha256, write_csv,
+                             write_image_grid, write_json)
 from pipeline.live import LiveRun
 from pipeline.params import for_stage, load_params, stage_values
 from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_params, now_ms, standard_tags,
@@ -74,24 +75,14 @@ class Resume(str, Enum):
 def training_config(params, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """What determines the trained weights: the stage's params (minus NOT_FINGERPRINTED),
     flattened, plus the training images' shape and SHA-256 (and the labels', when they are used)."""
-    flat = {}
-
-    def walk(prefix, value):
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}", v)
-        else:
-            flat[prefix] = value
-
-    for key, value in stage_values(params, "train").items():
-        walk(key, value)
+    flat = flatten(stage_values(params, "train"))
     for key in NOT_FINGERPRINTED:
         flat.pop(key, None)
     images = images.contiguous()
     flat["data.shape"] = list(images.shape)
-    flat["data.sha256"] = hashlib.sha256(images.numpy().data).hexdigest()
+    flat["data.sha256"] = tensor_sha256(images)
     if labels is not None:
-        flat["data.labels_sha256"] = hashlib.sha256(labels.long().contiguous().numpy().data).hexdigest()
+        flat["data.labels_sha256"] = tensor_sha256(labels.long())
     return flat
 
 
@@ -357,15 +348,14 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
         seconds = time.perf_counter() - start
 
         if world.is_main:
-            cpu = lambda sd: {k: v.detach().cpu() for k, v in sd.items()}  # noqa: E731
             n_params = sum(t.numel() for t in net.parameters())
             publish_snapshots(staging, sorted(written), snapshots, {
                 "steps": sorted(written), "sigma_rels": sigma_rels if written else [],
                 "files": [snapshot_name(k) for k in sorted(written)], "dtype": str(SNAPSHOT_DTYPE).removeprefix("torch."),
                 "bytes": sum((staging / snapshot_name(k)).stat().st_size for k in written),
                 "fingerprint": config["fingerprint"]})
-            save_checkpoint(out, step=state.step, config=config, model=cpu(net.state_dict()),
-                            ema=cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(p.train.ema)},
+            save_checkpoint(out, step=state.step, config=config, model=to_cpu(net.state_dict()),
+                            ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(p.train.ema)},
                             timestep_sampler=timestep_sampler.state_dict())
             extra = {step: (lr, gn) for step, lr, gn in history}
             write_csv(plot, ["step", "loss", "lr", "grad_norm"],

@@ -42,8 +42,8 @@ def test_channels_last_is_the_same_function():
 def test_training_defaults_match_the_plain_algorithm():
     """With the default options (auto: fp32 on CPU), train() is bit for bit the plain loop:
     AdamW (its fused kernel), eager model, float32, same random draws."""
-    from ddpm.objectives import training_losses
-    from ddpm.training import to_model_range
+    from ddpm.objectives import training_terms
+    from ddpm.pixels import to_model_range
 
     images = torch.randint(0, 256, (16, 1, 8, 8), dtype=torch.uint8)
     d = Diffusion.from_schedule("linear", 100)
@@ -57,7 +57,7 @@ def test_training_defaults_match_the_plain_algorithm():
         x0 = to_model_range(images[torch.randint(16, (4,), generator=g)])
         t = torch.randint(100, (4,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
-        loss = training_losses(net, d, x0, t, noise).mean()
+        loss = training_terms(net, d, x0, t, noise, "eps", "simple", "fixed_small", 1.0e-3)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -15,7 +15,7 @@ from tiny import CLASSES, cli, errors, workspace, write_params
 from ddpm.checkpoint import load_checkpoint
 from ddpm.data import Split, save_split
 from ddpm.ema import (MAX_SIGMA_REL, FixedEMA, PowerEMA, WarmupEMA, averaged_model, averaged_weights, decay,
-                      gamma_to_sigma_rel, sigma_rel_to_gamma)
+                      sigma_rel_to_gamma)
 from ddpm.model import ModelSpec
 from ddpm.posthoc_ema import (MAX_SNAPSHOTS, check_schedule, posthoc_ema, power_profile, snapshot, snapshot_steps,
                               solve, solve_coefficients)
@@ -23,6 +23,11 @@ from ddpm.training import TrainConfig, init_state, train
 from ddpm.unet import UNetConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """σ_rel = sqrt((γ+1) / ((γ+2)² (γ+3))) (EDM2 eq. 123), the closed form ``sigma_rel_to_gamma`` inverts."""
+    return math.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
 
 
 # ----------------------------------------------------------------------------- the rules, closed forms

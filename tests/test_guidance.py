@@ -17,7 +17,8 @@ import torch
 import yaml
 from conftest import REPO
 from PIL import Image
-from test_samplers_family import FAMILY, FAMILY_IDS, M, S, W, tolerance
+from gaussian import F64, M, S, W, gaussian_eps, mixture_eps
+from test_samplers_family import FAMILY, FAMILY_IDS, tolerance
 from tiny import CLASSES, cli, workspace
 
 from ddpm.checkpoint import CheckpointError, save_checkpoint
@@ -35,27 +36,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 K = 2          # the mixture's components are the classes
 NULL = K       # the null label
-F64 = torch.float64
 
 
 @pytest.fixture(scope="module")
 def d():
     return Diffusion.from_schedule("linear", 1000, dtype=F64)
-
-
-def gaussian_eps(a, x, mu, s):
-    """E[ε | x_t] for x_0 ~ N(μ, diag(s²)) (μ, s per row or shared): sqrt(1-ᾱ)(x_t - sqrt(ᾱ) μ) / (ᾱ s² + 1 - ᾱ)."""
-    return (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * s**2 + 1 - a)
-
-
-def mixture_eps(a, x):
-    """E[ε | x_t] for x_0 ~ Σ_k W_k N(M_k, diag(S_k²)) (see test_samplers_family.mixture_model)."""
-    ak = a[:, :, None]                                             # [B, 1, 1]
-    v = ak * S**2 + 1 - ak                                         # [B, K, 2]
-    diff = x[:, None, :] - ak.sqrt() * M
-    r = torch.softmax(W.log() - 0.5 * (diff**2 / v + v.log()).sum(-1), dim=1)[..., None]
-    x0 = (r * (M + ak.sqrt() * S**2 / v * diff)).sum(1)
-    return (x - a.sqrt() * x0) / (1 - a).sqrt()
 
 
 def as_output(d, prediction, eps, x, t):

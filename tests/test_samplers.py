@@ -3,6 +3,7 @@ known in closed form, so sampled statistics must match the data's."""
 
 import pytest
 import torch
+from gaussian import gaussian_model
 
 from ddpm.diffusion import Diffusion, respace, timestep_subsequence
 from ddpm.predictions import Prediction
@@ -12,16 +13,6 @@ MU = torch.tensor([0.5, -0.3])
 STD = torch.tensor([0.2, 0.4])
 
 
-def gaussian_eps_model(d: Diffusion):
-    """E[ε | x_t] for x_0 ~ N(MU, diag(STD²)): sqrt(1-ᾱ)(x_t - sqrt(ᾱ) μ) / (ᾱ s² + 1 - ᾱ)."""
-
-    def model(x, t):
-        a = d.alphas_cumprod[t][:, None].double()
-        return ((1 - a).sqrt() * (x.double() - a.sqrt() * MU) / (a * STD**2 + 1 - a)).to(x.dtype)
-
-    return model
-
-
 @pytest.fixture(scope="module")
 def d():
     return Diffusion.from_schedule("linear", 1000, dtype=torch.float64)
@@ -29,7 +20,7 @@ def d():
 
 def run(d, sampler, steps, n=20000, seed=0, **options):
     g = torch.Generator().manual_seed(seed)
-    return sample(gaussian_eps_model(d), d, (n, 2), sampler=sampler, steps=steps, clip="none", generator=g,
+    return sample(gaussian_model(d, MU, STD), d, (n, 2), sampler=sampler, steps=steps, clip="none", generator=g,
                   options=options).float()
 
 
@@ -128,4 +119,4 @@ def test_ddim_step_eta1_matches_ddpm_variance(d):
 
 def test_unknown_sampler(d):
     with pytest.raises(ValueError, match="ddpm, ddim"):
-        sample(gaussian_eps_model(d), d, (2, 2), sampler="euler_maruyama")
+        sample(gaussian_model(d, MU, STD), d, (2, 2), sampler="euler_maruyama")

@@ -11,18 +11,13 @@ import math
 
 import pytest
 import torch
+from gaussian import MU, STD, M, gaussian_model, mixture_model, mixture_moments
 
 from ddpm.diffusion import Diffusion
 from ddpm.predictions import clip_x0
 from ddpm.samplers import SAMPLERS, ddim_invert, sample
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-MU, STD = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([0.2, 0.4], dtype=torch.float64)
-# mixture: weights, component means [K, 2], component stds [K, 2]
-W = torch.tensor([0.3, 0.7], dtype=torch.float64)
-M = torch.tensor([[-0.6, 0.2], [0.5, -0.3]], dtype=torch.float64)
-S = torch.tensor([[0.15, 0.25], [0.2, 0.1]], dtype=torch.float64)
 
 # every sampler with the options that change its maths
 FAMILY = [("ddpm", {"variance": "fixed_small"}), ("ddpm", {"variance": "fixed_large"}), ("ddim", {"eta": 0.0}),
@@ -35,41 +30,6 @@ DETERMINISTIC = ["ddim", "dpm_solver++", "euler", "heun"]
 @pytest.fixture(scope="module")
 def d():
     return Diffusion.from_schedule("linear", 1000, dtype=torch.float64)
-
-
-def gaussian_model(d, mu=MU, std=STD):
-    """E[ε | x_t] for x_0 ~ N(μ, diag(s²)): sqrt(1-ᾱ)(x_t - sqrt(ᾱ) μ) / (ᾱ s² + 1 - ᾱ)."""
-
-    def model(x, t):
-        a = d.alphas_cumprod[t].reshape(-1, *[1] * (x.ndim - 1))
-        return ((1 - a).sqrt() * (x.double() - a.sqrt() * mu) / (a * std**2 + 1 - a)).to(x.dtype)
-
-    return model
-
-
-def mixture_model(d):
-    """E[ε | x_t] for x_0 ~ Σ_k w_k N(m_k, diag(s_k²)): with v_k = ᾱ s_k² + 1 - ᾱ,
-    responsibilities r_k ∝ w_k N(x_t; sqrt(ᾱ) m_k, v_k), per-component posterior means
-    E[x_0 | x_t, k] = m_k + sqrt(ᾱ) s_k² / v_k (x_t - sqrt(ᾱ) m_k), and
-    ε̂ = (x_t - sqrt(ᾱ) Σ_k r_k E[x_0 | x_t, k]) / sqrt(1 - ᾱ)."""
-
-    def model(x, t):
-        a = d.alphas_cumprod[t][:, None, None]                        # [B, 1, 1]
-        xk = x.double()[:, None, :]                                   # [B, 1, 2]
-        v = a * S**2 + 1 - a                                          # [B, K, 2]
-        diff = xk - a.sqrt() * M
-        log_r = W.log() - 0.5 * (diff**2 / v + v.log()).sum(-1)       # [B, K]
-        r = torch.softmax(log_r, dim=1)[..., None]
-        x0 = (r * (M + a.sqrt() * S**2 / v * diff)).sum(1)            # [B, 2]
-        return ((x.double() - a[:, 0].sqrt() * x0) / (1 - a[:, 0]).sqrt()).to(x.dtype)
-
-    return model
-
-
-def mixture_moments():
-    mean = (W[:, None] * M).sum(0)
-    second = sum(W[k] * (torch.diag(S[k] ** 2) + torch.outer(M[k], M[k])) for k in range(2))
-    return mean, second - torch.outer(mean, mean)
 
 
 def draw(model, d, sampler, steps, options, n=20000, seed=0, **kw):
@@ -309,7 +269,7 @@ def test_params_name_every_sampler_kind_and_reject_bad_options():
         (lambda r: r["samplers"]["dpmpp"].update(order=3), r"samplers\.dpmpp.*order: unknown key"),
         (lambda r: r["samplers"]["dpmpp"].update(kind="unipc"), "'ddpm', 'ddim', 'dpm_solver\\+\\+', 'euler', 'heun'"),
         (lambda r: r["samplers"]["ddim"].update(variance="sigma_hat", eta=0.5), r"samplers\.ddim.*eta applies"),
-        (lambda r: r["sample"].update(clip="soft"), r"sample\.clip: .*'static', 'none' or 'dynamic'"),
+        (lambda r: r["sample"].update(clip="soft"), r"sample\.clip: .*'static', 'dynamic' or 'none'"),
         (lambda r: r["sample"].update(precision="fp16"), r"sample\.precision: .*'auto', 'fp32' or 'bf16'"),
         (lambda r: r["sample"].update(clip_percentile=0.995), r"sample\.clip_percentile"),
     ]:

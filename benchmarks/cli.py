@@ -13,16 +13,17 @@ from pathlib import Path
 
 import typer
 
-from pipeline.cli import DEVICE, clear_errors
+from pipeline.cli import DEBUG, DEBUG_OPTION, DEVICE, VERSION, clear_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmarks of the DDPM pipeline (not DVC stages).")
 
 @app.callback()
-def _process() -> None:
+def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
     """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
     from pipeline.common import keep_freed_memory
 
+    DEBUG["on"] = debug
     keep_freed_memory()
 
 

@@ -3,7 +3,8 @@
 
 Heavy imports (torch, mlflow, torch-fidelity) happen inside the commands so that
 ``--help`` stays instant. Expected failures (bad params, missing or corrupt files)
-print one line naming the key or file and exit with status 1.
+print one line naming the key or file and exit with status 1; ``--debug`` (or
+``DDPM_DEBUG=1``) lets their traceback through instead. ``--version`` prints the version.
 """
 
 import functools
@@ -15,11 +16,40 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
 
+DEBUG = {"on": False}  # set by --debug: clear_errors lets the traceback through
+
+
+def version() -> str:
+    """The installed package's version, or pyproject.toml's in a checkout that is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("ddpm-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        import tomllib
+
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ddpm-pipeline {version()}")
+        raise typer.Exit()
+
+
+VERSION = typer.Option(False, "--version", callback=_print_version, is_eager=True, expose_value=False,
+                       help="print the version and exit")
+DEBUG_OPTION = typer.Option(False, "--debug", envvar="DDPM_DEBUG",
+                            help="show the traceback of an expected error instead of its one-line message")
+
+
 @app.callback()
-def _process() -> None:
+def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
     """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
     from pipeline.common import keep_freed_memory
 
+    DEBUG["on"] = debug
     keep_freed_memory()
 
 
@@ -28,10 +58,12 @@ DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, c
 
 
 def clear_errors(fn):
-    """Turn expected errors into a one-line message and exit status 1."""
+    """Turn expected errors into a one-line message and exit status 1 (unless --debug)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if DEBUG["on"]:
+            return fn(*args, **kwargs)
         from ddpm.checkpoint import CheckpointError
         from ddpm.data import DataError
         from pipeline.common import OutputError

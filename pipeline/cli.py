@@ -8,7 +8,9 @@ print one line naming the key or file and exit with status 1; ``--debug`` (or
 """
 
 import functools
+import re
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -53,8 +55,23 @@ def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
     keep_freed_memory()
 
 
+def device_name(value: str) -> str:
+    """The --device value, checked by the parser: auto, cpu, cuda or cuda:N (else a usage error)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+class Resume(str, Enum):
+    """train --resume: what to do with the resumable state (--state) a previous run left."""
+    auto = "auto"  # resume from --state when it is from the same config, else start fresh
+    never = "never"  # always start fresh (the file is overwritten at the first checkpoint)
+    require = "require"  # fail unless --state exists and is from the same config
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
-DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+DEVICE = typer.Option("auto", "--device", parser=device_name, metavar="[auto|cpu|cuda|cuda:N]",
+                      help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def clear_errors(fn):
@@ -123,8 +140,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           state: Path = typer.Option(Path("checkpoints/train-{fingerprint}.pt"),
                                      help="resumable training state, written every train.checkpoint_every steps "
                                           "({fingerprint}: of the training config; relative to the repository root)"),
-          resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
-                                                  "else start fresh) | never | require"),
+          resume: Resume = typer.Option(Resume.auto, help="auto (resume from --state when it is from the same config, "
+                                                          "else start fresh) | never | require"),
           system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
                                               help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
           snapshots: Path = typer.Option(Path("models/ema_snapshots"),
@@ -145,10 +162,7 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
     from pipeline import train as stage
 
-    choices = [m.value for m in stage.Resume]
-    if resume not in choices:
-        raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
-    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics,
+    stage.main(params, data, out, metrics, plot, timing, device, state, resume, system_metrics,
                snapshots, samples, mlflow_run, tracking_uri, experiment, live)
 
 

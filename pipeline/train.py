@@ -36,7 +36,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -53,6 +52,7 @@ from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.pixels import to_uint8
 from ddpm.training import init_state, load_train_state, to_cpu, train, train_state_dict
 from pipeline import system_metrics
+from pipeline.cli import Resume
 from pipeline.common import (check_writable, flatten, progress, repo_root, resolve_device, tensor_sha256, write_csv,
                              write_image_grid, write_json)
 from pipeline.live import LiveRun
@@ -64,12 +64,6 @@ from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_param
 NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every", "train.sample_every")
 STATE = "checkpoints/train-{fingerprint}.pt"  # relative to the repository root
 PREVIEW_IMAGES, PREVIEW_STEPS, PREVIEW_SEED = 16, 50, 0  # the preview grids: 4×4 images, 50 ancestral steps
-
-
-class Resume(str, Enum):
-    auto = "auto"  # resume from --state when it is from the same config, else start fresh
-    never = "never"  # always start fresh (the file is overwritten at the first checkpoint)
-    require = "require"  # fail unless --state exists and is from the same config
 
 
 def training_config(params, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:

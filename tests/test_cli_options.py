@@ -4,6 +4,8 @@ project's own errors turned into one line."""
 
 import tomllib
 
+import pytest
+
 from tiny import REPO, cli, errors
 
 
@@ -21,3 +23,20 @@ def test_expected_error_is_one_line_unless_debug(tmp_path):
         debug = cli(tmp_path, *args, "prepare", "--params", "missing.yaml", env=env)
         assert debug.exit_code == 1 and errors(debug) == []
         assert type(debug.exception).__name__ == "ParamsError" and "missing.yaml" in str(debug.exception)
+
+
+def test_bad_resume_is_a_usage_error_naming_the_choices(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/new.pt").write_bytes(b"produced by an earlier run")
+    result = cli(tmp_path, "train", "--resume", "sometimes", "--out", "models/new.pt")
+    assert result.exit_code == 2 and "--resume" in result.output
+    assert all(f"'{c}'" in result.output for c in ("auto", "never", "require"))
+    assert (tmp_path / "models/new.pt").read_bytes() == b"produced by an earlier run"
+    assert "auto|never|require" in cli(tmp_path, "train", "--help").output
+
+
+@pytest.mark.parametrize("command", ["classifier", "train", "sample", "fid-ref", "fid", "nll", "denoise"])
+def test_bad_device_is_a_usage_error(tmp_path, command):
+    result = cli(tmp_path, command, "--device", "gpu")
+    assert result.exit_code == 2 and "'gpu' is not one of auto, cpu, cuda, cuda:N" in result.output
+    assert "cuda:N" in cli(tmp_path, command, "--help").output

@@ -75,21 +75,18 @@ DEVICE = typer.Option("auto", "--device", parser=device_name, metavar="[auto|cpu
 
 
 def clear_errors(fn):
-    """Turn expected errors into a one-line message and exit status 1 (unless --debug)."""
+    """Turn the project's own errors (``ddpm.errors.DDPMError``) and a missing file into a one-line
+    message and exit status 1 (unless --debug); any other exception keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if DEBUG["on"]:
             return fn(*args, **kwargs)
-        from ddpm.checkpoint import CheckpointError
-        from ddpm.data import DataError
-        from pipeline.common import OutputError
-        from pipeline.params import ParamsError
+        from ddpm.errors import DDPMError
 
         try:
             return fn(*args, **kwargs)
-        except (ParamsError, DataError, CheckpointError, OutputError, FileNotFoundError, ValueError,
-                FloatingPointError, RuntimeError) as e:
+        except (DDPMError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
             sys.exit(1)
 

@@ -26,6 +26,7 @@ import html
 import io
 from pathlib import Path
 
+from ddpm.errors import InputError
 from pipeline.common import check_writable, read_json, read_losses, write_atomic, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
@@ -262,7 +263,7 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
         needed = ("fid", "kid_mean", "extractor", "num_samples") + (("class_accuracy", "w") if guidance else ())
         missing = [key for key in needed if key not in cell]
         if missing:
-            raise ValueError(f"{cells_dir / f'{name}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
+            raise InputError(f"{cells_dir / f'{name}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
     metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
                for name, key in (("fid", "fid"), ("kid", "kid_mean"), ("precision", "precision"),
                                  ("recall", "recall"), ("isc", "isc_mean"), ("class_accuracy", "class_accuracy"))

@@ -20,6 +20,7 @@ import torch
 
 from ddpm import distributed
 from ddpm.acceleration import make_denoiser
+from ddpm.errors import InputError
 from ddpm.files import atomic_save
 from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
@@ -51,10 +52,10 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     started_ms = int(time.time() * 1000)
     params = load_params(params_path)
     if sampler not in params.samplers:
-        raise ValueError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
+        raise InputError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
                          f"(defined: {', '.join(params.samplers)})")
     if guidance is not None and guidance not in params.guidance:
-        raise ValueError(f"guidance {guidance!r} is not defined under 'guidance' in {params_path} "
+        raise InputError(f"guidance {guidance!r} is not defined under 'guidance' in {params_path} "
                          f"(defined: {', '.join(params.guidance) or 'none'})")
     if guidance is None:
         p = for_stage(params, "sample", sampler=sampler)
@@ -70,9 +71,9 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
         denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
         if not 1 <= steps <= spec.timesteps:
-            raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
+            raise InputError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
         if guidance is not None and spec.conditioning != "class":
-            raise ValueError(f"--guidance {guidance}: the model in {checkpoint} is unconditional (conditioning: "
+            raise InputError(f"--guidance {guidance}: the model in {checkpoint} is unconditional (conditioning: "
                              f"{spec.conditioning}); guidance needs one trained with conditioning: class")
         K = spec.num_classes
         diffusion = spec.build_diffusion(dev)

@@ -44,6 +44,7 @@ from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
 from ddpm.data import DataError, load_split
 from ddpm.ema import averaged_weights
+from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import balanced_labels
 from ddpm.model import ModelSpec
 from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
@@ -216,7 +217,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     split = load_split(data)
     _, channels, height, width = split.images.shape
     if height != width:
-        raise ValueError(f"{data}: images must be square, got {height}×{width}")
+        raise InputError(f"{data}: images must be square, got {height}×{width}")
     labels = split.labels if p.conditioning == "class" else None
     if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
         raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
@@ -316,7 +317,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             if world.is_main:
                 weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
                 if not all(v.isfinite().all() for w in weights for v in w.values()):
-                    raise FloatingPointError(f"the EMA profiles are not finite in float16 at step {s.step}")
+                    raise DivergedError(f"the EMA profiles are not finite in float16 at step {s.step}")
                 save_snapshot(staging / snapshot_name(s.step), step=s.step, sigma_rels=sigma_rels, weights=weights,
                               config={"model": spec.to_dict(), "fingerprint": config["fingerprint"]})
                 written.append(s.step)
@@ -334,10 +335,10 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                 record = run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", now_ms(), timeout=10)
                 if record["run_id"]:
                     print(f"train: MLflow run {record['run_id']} marked {'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'}")
-            if isinstance(e, FloatingPointError):
+            if isinstance(e, DivergedError):
                 last = (f"the last good checkpoint is {state_path} at step {saved['step']}"
                         if saved["step"] is not None else "no checkpoint was written")
-                raise FloatingPointError(f"{e}; training stopped, {last}") from None
+                raise DivergedError(f"{e}; training stopped, {last}") from None
             raise
         seconds = time.perf_counter() - start
 

@@ -40,3 +40,30 @@ def test_bad_device_is_a_usage_error(tmp_path, command):
     result = cli(tmp_path, command, "--device", "gpu")
     assert result.exit_code == 2 and "'gpu' is not one of auto, cpu, cuda, cuda:N" in result.output
     assert "cuda:N" in cli(tmp_path, command, "--help").output
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA out of memory"), ValueError("a bug's ValueError"),
+                                   FloatingPointError("a bug's overflow")])
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, error):
+    """Only the project's errors become one line: a shape error or CUDA OOM from inside a stage propagates."""
+    import pipeline.prepare
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(pipeline.prepare, "main", fail)
+    result = cli(tmp_path, "prepare")
+    assert result.exit_code != 0 and result.exception is error and errors(result) == []
+
+
+def test_a_project_error_from_inside_a_stage_is_one_line(tmp_path, monkeypatch):
+    import pipeline.prepare
+    from pipeline.params import ParamsError
+
+    def fail(*args):
+        raise ParamsError("data.root: not a folder")
+
+    monkeypatch.setattr(pipeline.prepare, "main", fail)
+    result = cli(tmp_path, "prepare")
+    assert result.exit_code == 1 and errors(result) == ["error: data.root: not a folder"]
+    assert isinstance(result.exception, SystemExit)

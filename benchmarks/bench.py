@@ -46,6 +46,7 @@ import torch.utils.flop_counter as flop_counter
 
 from ddpm.acceleration import compile_model, make_adamw, make_denoiser, network, prepare_model, resolve, to_memory_format
 from ddpm.diffusion import Diffusion, q_sample
+from ddpm.errors import InputError
 from ddpm.samplers import SAMPLERS, sample
 from ddpm.training import TrainConfig, init_state, train
 from ddpm.unet import UNet, UNetConfig
@@ -103,19 +104,19 @@ class BenchConfig:
     def validate(self) -> "BenchConfig":
         """This config with ``auto`` choices made concrete for its device; ValueError when a choice is bad."""
         if self.model not in MODEL_CONFIGS:
-            raise ValueError(f"unknown model config {self.model!r}; choose one of {', '.join(MODEL_CONFIGS)}")
+            raise InputError(f"unknown model config {self.model!r}; choose one of {', '.join(MODEL_CONFIGS)}")
         if self.peer not in PEERS:
-            raise ValueError(f"unknown peer {self.peer!r}; choose one of {', '.join(PEERS)}")
+            raise InputError(f"unknown peer {self.peer!r}; choose one of {', '.join(PEERS)}")
         unknown = [s for s in self.samplers if s not in SAMPLERS]
         if unknown:
-            raise ValueError(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
+            raise InputError(f"unknown samplers {unknown}; choose from {', '.join(SAMPLERS)}")
         for name in ("batch_size", "sample_batch_size", "sample_steps", "repeats", "iters", "threads"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup < 0:
-            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+            raise InputError(f"warmup must be >= 0, got {self.warmup}")
         if self.peak_flops is not None and self.peak_flops <= 0:
-            raise ValueError(f"peak FLOP/s must be > 0, got {self.peak_flops}")
+            raise InputError(f"peak FLOP/s must be > 0, got {self.peak_flops}")
         return replace(self, **vars(resolve(self.device, self.precision, self.memory_format, self.compile)))
 
 
@@ -150,7 +151,7 @@ def build_peer(m: BenchModel, ours: UNet) -> DiffusersUNet:
         raise PeerUnavailable(f"diffusers is not importable ({e}); install the extra: pip install '.[bench]'") from None
     groups = {mod.num_groups for mod in ours.modules() if isinstance(mod, torch.nn.GroupNorm)}
     if len(groups) != 1:
-        raise ValueError(f"this config uses GroupNorm group counts {sorted(groups)}; UNet2DModel has a single "
+        raise InputError(f"this config uses GroupNorm group counts {sorted(groups)}; UNet2DModel has a single "
                          f"one, so it cannot be matched (make every width a multiple of 32 and at least 64)")
     c = m.unet
     res = [m.image_size // 2**i for i in range(len(c.ch_mult))]
@@ -217,7 +218,7 @@ def peak_flops(device, precision: str, given: float | None, measured: dict[str, 
         for key, table in PEAK_FLOPS:
             if key in name:
                 return table[precision], f"datasheet, dense {precision}, {key}"
-        raise ValueError(f"no datasheet peak FLOP/s for {name!r}; give one (--peak-tflops)")
+        raise InputError(f"no datasheet peak FLOP/s for {name!r}; give one (--peak-tflops)")
     dtype = MATMUL_DTYPES[precision]
     rate = measured["wall"][precision] if measured else measure_matmul_flops(device, dtype)
     return rate, f"measured: best of 5 {str(dtype).removeprefix('torch.')} 2048×2048 matmuls on this machine"

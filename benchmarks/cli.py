@@ -9,22 +9,31 @@ fast path (``ddpm.acceleration``'s ``auto``: bf16, channels_last, torch.compile)
 """
 
 import json
+from enum import Enum
 from pathlib import Path
 
 import typer
 
-from pipeline.cli import DEVICE, clear_errors
+from ddpm.acceleration import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
+
+from pipeline.cli import DEBUG, DEBUG_OPTION, DEVICE, VERSION, clear_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmarks of the DDPM pipeline (not DVC stages).")
 
 @app.callback()
-def _process() -> None:
+def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
     """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
     from pipeline.common import keep_freed_memory
 
+    DEBUG["on"] = debug
     keep_freed_memory()
 
+
+# the library's choices, as Click choices (a bad value is a usage error naming them)
+Precision = Enum("Precision", {p: p for p in PRECISIONS}, type=str)
+MemoryFormat = Enum("MemoryFormat", {m: m for m in MEMORY_FORMATS}, type=str)
+Compile = Enum("Compile", {c: c for c in COMPILE_MODES}, type=str)
 
 # (CUDA, CPU) defaults for the options left out
 DEFAULTS = {"batch_size": (128, 8), "sample_batch_size": (512, 8), "warmup": (5, 1), "repeats": (5, 3),
@@ -54,9 +63,9 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
           warmup: int = typer.Option(None, help="untimed iterations (default 5 on CUDA, 1 on CPU)"),
           repeats: int = typer.Option(None, help="timed rounds, median reported (default 5 on CUDA, 3 on CPU)"),
           iters: int = typer.Option(None, help="iterations per timed round (default 10 on CUDA, 1 on CPU)"),
-          precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU) | fp32 | tf32 | bf16"),
-          memory_format: str = typer.Option("auto", help="auto (channels_last on CUDA) | contiguous | channels_last"),
-          compile: str = typer.Option("auto", help="auto (default on CUDA, none on CPU) | none | default | max-autotune"),
+          precision: Precision = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU"),
+          memory_format: MemoryFormat = typer.Option("auto", help="auto: channels_last on CUDA"),
+          compile: Compile = typer.Option("auto", help="auto: default on CUDA, none on CPU"),
           peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (default datasheet for known GPUs, "
                                                        "the measured matmul rate of the precision on CPU)"),
           peer: str = typer.Option("diffusers", help="diffusers | none"),
@@ -69,7 +78,7 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
     result = run_benchmark(config_from_options(
         config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
         sample_steps=sample_steps, samplers=samplers, warmup=warmup, repeats=repeats, iters=iters,
-        precision=precision, memory_format=memory_format, compile=compile, peak_tflops=peak_tflops, peer=peer,
+        precision=precision.value, memory_format=memory_format.value, compile=compile.value, peak_tflops=peak_tflops, peer=peer,
         threads=threads))
     if out is not None:
         write_json(out, result)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from ddpm.errors import InputError
+
 REPO = Path(__file__).resolve().parents[1]
 
 # per size: bench configs and options, experiment overrides (dotted keys), DDP training steps,
@@ -106,7 +108,7 @@ def parse_sets(sets: list[str]) -> dict:
     for s in sets:
         key, sep, value = s.partition("=")
         if not sep or not key:
-            raise ValueError(f"--set takes key=value, got {s!r}")
+            raise InputError(f"--set takes key=value, got {s!r}")
         out[key] = yaml.safe_load(value)
     return out
 
@@ -298,13 +300,13 @@ def main(out: Path, size: str = "auto", device: str = "auto", sets: list[str] = 
     dev = resolve_device(device)
     size = ("gpu" if dev.type == "cuda" else "ci") if size == "auto" else size
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose auto, gpu or ci")
+        raise InputError(f"unknown size {size!r}; choose auto, gpu or ci")
     overrides = parse_sets(list(sets))
     s = SIZES[size]
     if ddp_processes is None:
         ddp_processes = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.device_count() > 1 else 0
     if ddp_processes == 1 or ddp_processes < 0:
-        raise ValueError(f"ddp_processes must be 0 (skip) or at least 2, got {ddp_processes}")
+        raise InputError(f"ddp_processes must be 0 (skip) or at least 2, got {ddp_processes}")
     start, deadline = time.monotonic(), time.monotonic() + (budget or s["budget"])
     out.mkdir(parents=True, exist_ok=True)
     report = {"size": size, "environment": environment(str(dev))}

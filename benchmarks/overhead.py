@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from benchmarks.gpu_check import child_env, copy_repository
+from ddpm.errors import InputError
 
 STAGE_MODULES = ("prepare", "classifier", "train", "sample", "fid_ref", "fid", "nll", "report", "log")
 
@@ -93,7 +94,7 @@ def main(out: Path | None, repo: Path, repeats: int, sets: dict, work_kind: str 
     env["PATH"] = f"{shim_dir}{os.pathsep}{env['PATH']}"
     env["PYTHONPATH"] = str(work)
     if work_kind not in ("zero", "cpu-preset"):
-        raise ValueError(f"unknown work {work_kind!r}; choose zero or cpu-preset")
+        raise InputError(f"unknown work {work_kind!r}; choose zero or cpu-preset")
     preset = cpu_preset(repo) if work_kind == "cpu-preset" else [
         a for k, v in ZERO_WORK.items() for a in ("-S", f"{k}={json.dumps(v)}")]
     args = preset + [a for k, v in sets.items() for a in ("-S", f"{k}={json.dumps(v)}")]
@@ -102,7 +103,9 @@ def main(out: Path | None, repo: Path, repeats: int, sets: dict, work_kind: str 
     r = subprocess.run(["dvc", "exp", "run", *args], cwd=work, env=env, capture_output=True, text=True)
     total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu
     if r.returncode != 0:
-        raise RuntimeError(f"dvc exp run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+        from pipeline.common import ExternalError
+
+        raise ExternalError(f"dvc exp run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     stages = [json.loads(line) for line in log.read_text().splitlines()]
     stages = [s for s in stages if s["args"][:2] == ["-m", "pipeline"]]
     per_kind: dict[str, list[dict]] = {}

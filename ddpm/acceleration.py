@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.errors import InputError
+
 PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # what a network's own forward can run in (``network``): tf32 is process-wide (``set_matmul_precision``)
 NETWORK_PRECISIONS = tuple(p for p in PRECISIONS if p != "tf32")
@@ -55,14 +57,14 @@ def resolve(device, precision: str = "auto", memory_format: str = "auto", compil
     for name, value, allowed in (("precision", precision, PRECISIONS), ("memory_format", memory_format, MEMORY_FORMATS),
                                  ("compile", compile, COMPILE_MODES)):
         if value not in allowed:
-            raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
+            raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
     kind = torch.device(device).type
     auto = AUTO.get(kind, AUTO["cpu"])
     path = FastPath(auto.precision if precision == "auto" else precision,
                     auto.memory_format if memory_format == "auto" else memory_format,
                     auto.compile if compile == "auto" else compile)
     if path.precision == "tf32" and kind != "cuda":
-        raise ValueError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
+        raise InputError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
     return path
 
 
@@ -91,7 +93,7 @@ def prepare_model(model: torch.nn.Module, device, *, precision: str = "auto", me
 def compile_model(model: torch.nn.Module, compile: str = "none"):
     """``model`` itself for ``none``, else ``torch.compile(model, mode=...)`` sharing its parameters."""
     if compile not in COMPILE_MODES or compile == "auto":
-        raise ValueError(f"unknown compile {compile!r}; choose one of {', '.join(COMPILE_MODES[1:])}")
+        raise InputError(f"unknown compile {compile!r}; choose one of {', '.join(COMPILE_MODES[1:])}")
     if compile == "none":
         return model
     return torch.compile(model, mode=None if compile == "default" else compile)

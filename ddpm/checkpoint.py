@@ -21,13 +21,14 @@ An EMA snapshot (post-hoc EMA, ``ddpm.posthoc_ema``) is a file of its own format
 
 from pathlib import Path
 
+from ddpm.errors import InputError
 from ddpm.files import atomic_save, load_torch_file
 
 FORMAT = "ddpm-checkpoint/1"
 SNAPSHOT_FORMAT = "ddpm-ema-snapshot/1"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint file is missing, corrupt, or not one of ours."""
 
 

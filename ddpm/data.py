@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.errors import InputError
 from ddpm.files import atomic_save, first_line, load_torch_file
 
 # torchvision is imported inside the readers: importing it costs a second or more (it loads
@@ -31,7 +32,7 @@ IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-
 SPLITS = ("train", "test")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Data files are missing or unreadable."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.errors import InputError
 from ddpm.schedules import make_betas
 
 
@@ -52,7 +53,7 @@ class Diffusion:
     def from_betas(cls, betas: torch.Tensor, device="cpu", dtype=torch.float32) -> "Diffusion":
         b = betas.detach().to("cpu", torch.float64)
         if b.ndim != 1 or not bool(((b > 0) & (b <= 1)).all()):
-            raise ValueError("betas must be a 1-D tensor with values in (0, 1]")
+            raise InputError("betas must be a 1-D tensor with values in (0, 1]")
         alphas = 1.0 - b
         ac = torch.cumprod(alphas, 0)
         ac_prev = torch.cat([torch.ones(1, dtype=torch.float64), ac[:-1]])
@@ -156,7 +157,7 @@ def timestep_subsequence(num_timesteps: int, steps: int, spacing: str = "linspac
     """
     T, S = num_timesteps, steps
     if not 1 <= S <= T:
-        raise ValueError(f"steps must be in [1, {T}], got {S}")
+        raise InputError(f"steps must be in [1, {T}], got {S}")
     if spacing == "linspace":
         ts = torch.linspace(0, T - 1, S, dtype=torch.float64).round().long().tolist()
     elif spacing == "leading":
@@ -166,7 +167,7 @@ def timestep_subsequence(num_timesteps: int, steps: int, spacing: str = "linspac
     elif spacing == "quadratic":
         ts = (torch.linspace(0, (0.8 * T) ** 0.5, S, dtype=torch.float64) ** 2).round().long().tolist()
     else:
-        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+        raise InputError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
     # Rounding can collide near 0 (quadratic) — push collisions forward, keep within [0, T-1].
     out = []
     for i, t in enumerate(sorted(ts)):

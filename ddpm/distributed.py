@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ddpm.errors import InputError
+
 
 @dataclass(frozen=True)
 class World:
@@ -38,7 +40,7 @@ class World:
     def shard(self, n: int) -> slice:
         """This rank's contiguous share of a global batch of ``n`` (``n`` divisible by ``size``)."""
         if n % self.size:
-            raise ValueError(f"global batch size {n} is not divisible by the {self.size} processes")
+            raise InputError(f"global batch size {n} is not divisible by the {self.size} processes")
         k = n // self.size
         return slice(self.rank * k, (self.rank + 1) * k)
 
@@ -52,7 +54,7 @@ def world_from_env() -> World:
         size = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     except ValueError as e:
-        raise ValueError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers: {e}") from None
+        raise InputError(f"WORLD_SIZE, RANK and LOCAL_RANK must be integers: {e}") from None
     return World(rank, size, local) if size > 1 else SINGLE
 
 

@@ -31,6 +31,8 @@ import torch
 from annotated_types import Ge, Gt, Le, Lt
 from torch.optim.swa_utils import AveragedModel
 
+from ddpm.errors import InputError
+
 MAX_SIGMA_REL = math.sqrt(1 / 12)  # σ_rel of γ = 0, the plain average of all steps; larger needs γ < 0
 
 
@@ -56,9 +58,9 @@ class WarmupEMA:
 
     def __post_init__(self):
         if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+            raise InputError(f"decay must be in [0, 1], got {self.decay}")
         if self.inv_gamma <= 0 or self.power <= 0:
-            raise ValueError(f"inv_gamma and power must be > 0, got {self.inv_gamma} and {self.power}")
+            raise InputError(f"inv_gamma and power must be > 0, got {self.inv_gamma} and {self.power}")
 
 
 @dataclass(kw_only=True)
@@ -70,7 +72,7 @@ class FixedEMA:
 
     def __post_init__(self):
         if not 0.0 <= self.decay <= 1.0:
-            raise ValueError(f"decay must be in [0, 1], got {self.decay}")
+            raise InputError(f"decay must be in [0, 1], got {self.decay}")
 
 
 EMA_CHOICES = (PowerEMA, WarmupEMA, FixedEMA)
@@ -79,7 +81,7 @@ EMAConfig = PowerEMA | WarmupEMA | FixedEMA
 
 def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> None:
     if not 0.0 < sigma_rel < MAX_SIGMA_REL:
-        raise ValueError(f"{name} must be in (0, {MAX_SIGMA_REL:.4f}) (γ > 0), got {sigma_rel}")
+        raise InputError(f"{name} must be in (0, {MAX_SIGMA_REL:.4f}) (γ > 0), got {sigma_rel}")
 
 
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
@@ -102,7 +104,7 @@ def decay(cfg: EMAConfig, n_averaged: torch.Tensor) -> torch.Tensor:
         return (1 - (1 + n / cfg.inv_gamma) ** -cfg.power).clamp(max=cfg.decay)
     if isinstance(cfg, FixedEMA):
         return torch.full_like(n, cfg.decay)
-    raise ValueError(f"unknown EMA {cfg!r}; choose one of {', '.join(c.__name__ for c in EMA_CHOICES)}")
+    raise InputError(f"unknown EMA {cfg!r}; choose one of {', '.join(c.__name__ for c in EMA_CHOICES)}")
 
 
 def multi_avg_fn(cfg: EMAConfig):

@@ -11,13 +11,14 @@ very same x_t, and a network that outputs noise scores about 1 or worse.
 import torch
 
 from ddpm.diffusion import Diffusion, q_sample
+from ddpm.errors import InputError
 from ddpm.predictions import to_prediction
 
 
 def timestep_grid(num_timesteps: int, k: int) -> torch.Tensor:
     """k timestep indices at the midpoints of k equal slices of {0, …, T−1}."""
     if not 1 <= k <= num_timesteps:
-        raise ValueError(f"the grid needs 1 <= k <= T = {num_timesteps} timesteps, got {k}")
+        raise InputError(f"the grid needs 1 <= k <= T = {num_timesteps} timesteps, got {k}")
     return ((torch.arange(k, dtype=torch.float64) + 0.5) * num_timesteps / k).long()
 
 

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.errors import InputError
+
 CONDITIONINGS = ("none", "class")
 
 
 def check_conditioning(conditioning: str) -> None:
     if conditioning not in CONDITIONINGS:
-        raise ValueError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
+        raise InputError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,13 @@ class Guidance:
 
     def check(self) -> "Guidance":
         if not self.w >= 0:
-            raise ValueError(f"guidance weight w must be >= 0 (w = 0: no guidance), got {self.w}")
+            raise InputError(f"guidance weight w must be >= 0 (w = 0: no guidance), got {self.w}")
         if not 0 <= self.rescale <= 1:
-            raise ValueError(f"guidance rescale must be in [0, 1], got {self.rescale}")
+            raise InputError(f"guidance rescale must be in [0, 1], got {self.rescale}")
         if self.interval is not None:
             lo, hi = self.interval
             if not 0 <= lo < hi:
-                raise ValueError(f"guidance interval (σ_lo, σ_hi] needs 0 <= σ_lo < σ_hi, got {self.interval}")
+                raise InputError(f"guidance interval (σ_lo, σ_hi] needs 0 <= σ_lo < σ_hi, got {self.interval}")
         return self
 
     def active(self, sigma: float) -> bool:
@@ -64,7 +66,7 @@ class Guidance:
 def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None) -> torch.Tensor:
     """``labels`` with each entry replaced by ``null_label`` with probability ``p`` (one uniform draw per label)."""
     if not 0 <= p <= 1:
-        raise ValueError(f"cond_drop must be in [0, 1], got {p}")
+        raise InputError(f"cond_drop must be in [0, 1], got {p}")
     drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 

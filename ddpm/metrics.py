@@ -35,13 +35,14 @@ import torch
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.classifier import EXTRACTORS, Classifier, ClassifierConfig
+from ddpm.errors import DDPMError, InputError
 from ddpm.pixels import to_model_range
 
 # Seconds a download of the Inception weights may stall before it fails.
 DOWNLOAD_TIMEOUT = 20.0
 
 
-class ExtractorUnavailable(RuntimeError):
+class ExtractorUnavailable(DDPMError, RuntimeError):
     """The feature extractor's weights can neither be read nor downloaded."""
 
 
@@ -63,7 +64,7 @@ def _extractor_class():
         def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
             super().__init__(name, features_list)
             if feature_extractor_weights_path is None:
-                raise ValueError("ddpm-classifier needs feature_extractor_weights_path (a classifier checkpoint)")
+                raise InputError("ddpm-classifier needs feature_extractor_weights_path (a classifier checkpoint)")
             self.model = load_classifier(feature_extractor_weights_path)
 
         @staticmethod
@@ -117,7 +118,7 @@ def feature_layers(extractor: str) -> dict[str, str]:
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     if extractor not in EXTRACTORS:
-        raise ValueError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
+        raise InputError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     if extractor == "ddpm-classifier":
         register_classifier_extractor()
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
@@ -162,7 +163,7 @@ def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier"
     ``model`` reuses an extractor from ``create_extractor``.
     """
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
-        raise ValueError("images must be a uint8 tensor [N, C, H, W]")
+        raise InputError("images must be a uint8 tensor [N, C, H, W]")
     layers = feature_layers(extractor)
     model = model or create_extractor(extractor, weights_path, cuda)
     out: dict[str, list[torch.Tensor]] = {"features": [], "logits": []}
@@ -216,7 +217,7 @@ def reference_statistics(features: dict[str, torch.Tensor]) -> dict[str, torch.T
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
     if features["features"].shape[0] < 2:
-        raise ValueError("reference statistics need at least 2 images")
+        raise InputError("reference statistics need at least 2 images")
     stats = fid_features_to_statistics(features["features"].double())
     return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"])),
             "prc_radii": prc_radii(features["features"])}
@@ -233,10 +234,10 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
 
     g, r = generated["features"].double(), reference["features"].double()
     if g.shape[1] != r.shape[1]:
-        raise ValueError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
+        raise InputError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
                          "(were they made by the same extractor?)")
     if g.shape[0] < 2:
-        raise ValueError("metrics need at least 2 generated images")
+        raise InputError("metrics need at least 2 generated images")
     s1 = fid_features_to_statistics(g)
     if "mu" in reference:
         s2 = {"mu": reference["mu"].double().numpy(), "sigma": reference["sigma"].double().numpy()}

@@ -11,6 +11,7 @@ training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s sta
 from dataclasses import asdict, dataclass, field
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.errors import InputError
 from ddpm.files import first_line
 from ddpm.diffusion import Diffusion
 from ddpm.guidance import check_conditioning
@@ -35,10 +36,10 @@ class ModelSpec:
     def __post_init__(self):
         check_conditioning(self.conditioning)
         if self.conditioning == "class" and not (self.num_classes >= 1 and len(self.classes) == self.num_classes):
-            raise ValueError(f"conditioning=class needs num_classes >= 1 and as many class names, got "
+            raise InputError(f"conditioning=class needs num_classes >= 1 and as many class names, got "
                              f"num_classes={self.num_classes} and {len(self.classes)} names")
         if self.conditioning == "none" and (self.num_classes or self.classes):
-            raise ValueError("conditioning=none takes no classes")
+            raise InputError("conditioning=none takes no classes")
 
     @property
     def out_channels(self) -> int:
@@ -84,7 +85,7 @@ WEIGHTS = ("ema", "raw")  # which weights of a checkpoint: the average, or the l
 def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpec, dict]:
     """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``raw``. Returns (net, spec, ckpt)."""
     if weights not in WEIGHTS:
-        raise ValueError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+        raise InputError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     ckpt = load_checkpoint(path, map_location="cpu")
     try:
         spec = ModelSpec.from_dict(ckpt["config"]["model"])

@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import torch
 
 from ddpm.ema import check_sigma_rel, sigma_rel_to_gamma
+from ddpm.errors import InputError
 
 MAX_SNAPSHOTS = 64  # per tracked profile: bounds the disk they take (see ``snapshot_steps``)
 SNAPSHOT_DTYPE = torch.float16
@@ -42,12 +43,12 @@ def check_schedule(steps: int, every: int, sigma_rels) -> None:
     for s in sigma_rels:
         check_sigma_rel(s, "ema_profiles entries")
     if len(set(sigma_rels)) != len(sigma_rels):
-        raise ValueError(f"ema_profiles must not repeat entries, got {list(sigma_rels)}")
+        raise InputError(f"ema_profiles must not repeat entries, got {list(sigma_rels)}")
     if every < 0:
-        raise ValueError(f"ema_snapshot_every must be >= 0 (0: no snapshots), got {every}")
+        raise InputError(f"ema_snapshot_every must be >= 0 (0: no snapshots), got {every}")
     n = len(snapshot_steps(steps, every))
     if sigma_rels and n > MAX_SNAPSHOTS:
-        raise ValueError(f"ema_snapshot_every {every} gives {n} snapshots over {steps} steps, more than "
+        raise InputError(f"ema_snapshot_every {every} gives {n} snapshots over {steps} steps, more than "
                          f"{MAX_SNAPSHOTS}; raise it to at least {-(-steps // MAX_SNAPSHOTS)}")
 
 
@@ -70,9 +71,9 @@ def solve_coefficients(steps: list[int], gammas: list[float], out_step: int,
     ``out_step`` steps, scaled to sum to 1, and the relative error ‖Σ x_j p_j − p*‖ / ‖p*‖
     of that fit."""
     if not steps or len(steps) != len(gammas):
-        raise ValueError("need at least one snapshot, with one exponent each")
+        raise InputError("need at least one snapshot, with one exponent each")
     if any(not 0 < s <= out_step for s in steps):
-        raise ValueError(f"snapshot steps must lie in [1, {out_step}], got {sorted(steps)}")
+        raise InputError(f"snapshot steps must lie in [1, {out_step}], got {sorted(steps)}")
     n = len(steps)
     A = torch.zeros(n, n, dtype=torch.float64)
     b = torch.zeros(n, dtype=torch.float64)
@@ -100,14 +101,14 @@ def reconstruct(weighted: Iterable[tuple[dict[str, torch.Tensor], float]]) -> di
         if out is None:
             out = {k: torch.zeros(v.shape, dtype=torch.float32) for k, v in weights.items()}
         if weights.keys() != out.keys():
-            raise ValueError("the snapshots do not hold the same weights")
+            raise InputError("the snapshots do not hold the same weights")
         for key, value in weights.items():
             if torch.is_floating_point(value):
                 out[key] += float(x) * value.float()
             else:
                 out[key] = value.clone()
     if out is None:
-        raise ValueError("no snapshots to reconstruct from")
+        raise InputError("no snapshots to reconstruct from")
     return out
 
 

@@ -27,6 +27,7 @@ import torch
 
 from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, v_from_x0_eps, x0_from_eps,
                             x0_from_posterior_mean, x0_from_v)
+from ddpm.errors import InputError
 from ddpm.variance import check_variance, learned_log_variance
 
 PREDICTIONS = ("eps", "x0", "v", "mean")
@@ -46,7 +47,7 @@ def split_output(output: torch.Tensor, channels: int, variance: str) -> tuple[to
     check_variance(variance)
     expected = 2 * channels if variance == "learned" else channels
     if output.shape[1] != expected:
-        raise ValueError(f"variance={variance!r} needs a network with {expected} output channels for "
+        raise InputError(f"variance={variance!r} needs a network with {expected} output channels for "
                          f"{channels}-channel images, got {output.shape[1]}")
     if variance == "learned":
         return output[:, :channels], output[:, channels:]
@@ -70,7 +71,7 @@ def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch
     elif prediction == "mean":
         x0, eps = x0_from_posterior_mean(d, xt, t, output), None
     else:
-        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        raise InputError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
     if clip != "none":
         x0 = clip_x0(x0, clip, percentile)
         eps = None
@@ -83,9 +84,9 @@ def to_prediction(d: Diffusion, prediction: str, output: torch.Tensor, xt: torch
 def check_clip(clip: str, percentile: float = 99.5) -> None:
     """Reject an unknown ``clip``, and a ``percentile`` outside (50, 100] for ``dynamic``."""
     if clip not in CLIPS:
-        raise ValueError(f"unknown clip {clip!r}; choose one of {', '.join(CLIPS)}")
+        raise InputError(f"unknown clip {clip!r}; choose one of {', '.join(CLIPS)}")
     if clip == "dynamic" and not 50 < percentile <= 100:
-        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+        raise InputError(f"percentile must be in (50, 100], got {percentile}")
 
 
 def clip_x0(x0: torch.Tensor, clip: str, percentile: float = 99.5) -> torch.Tensor:
@@ -121,4 +122,4 @@ def training_target(d: Diffusion, prediction: str, x0: torch.Tensor, xt: torch.T
         return v_from_x0_eps(d, x0, t, noise)
     if prediction == "mean":
         return q_posterior_mean_variance(d, x0, xt, t)[0]
-    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    raise InputError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")

@@ -12,6 +12,8 @@ from typing import Annotated, Literal
 
 from annotated_types import Ge, Le
 
+from ddpm.errors import InputError
+
 
 @dataclass(frozen=True)
 class NoOptions:
@@ -30,7 +32,7 @@ class DDIMOptions:
 
     def __post_init__(self):
         if self.variance == "sigma_hat" and self.eta != 0:
-            raise ValueError("eta applies to variance: eta only (σ̂ has no η); remove eta or set it to 0")
+            raise InputError("eta applies to variance: eta only (σ̂ has no η); remove eta or set it to 0")
 
 
 # the sampler kinds (``ddpm.samplers.SAMPLERS`` pairs each with its step function)

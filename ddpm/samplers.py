@@ -53,6 +53,7 @@ import torch
 
 from ddpm.acceleration import NETWORK_PRECISIONS, network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
+from ddpm.errors import InputError
 from ddpm.guidance import Guidance, guided_eps
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
 from ddpm.sampler_options import SAMPLER_OPTIONS, DDIMOptions, DDPMOptions
@@ -106,10 +107,10 @@ def ddim_step(x, i, pred: Prediction, d: Diffusion, state, generator, eta: float
     """
     if variance == "sigma_hat":
         if eta != 0:
-            raise ValueError(f"ddim: eta={eta} applies to variance='eta' only; σ̂ has no η")
+            raise InputError(f"ddim: eta={eta} applies to variance='eta' only; σ̂ has no η")
         return ddpm_step(x, i, pred, d, state, generator, variance="fixed_large")
     if variance != "eta":
-        raise ValueError(f"unknown variance {variance!r}; choose eta or sigma_hat")
+        raise InputError(f"unknown variance {variance!r}; choose eta or sigma_hat")
     a_t, a_prev = _alphas(d, i, x)
     # (1) σ_t(η), eq. 16
     sigma = eta * torch.sqrt((1 - a_prev) / (1 - a_t)) * torch.sqrt(1 - a_t / a_prev)
@@ -204,17 +205,17 @@ SAMPLERS: dict[str, Sampler] = {kind: Sampler(_STEPS[kind], options) for kind, o
 def check_options(sampler: str, options: dict | None) -> Callable:
     """The step function of ``sampler`` once its options are known to fit; a clear error otherwise."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        raise InputError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     step_fn, options_type = SAMPLERS[sampler]
     allowed = [f.name for f in fields(options_type)]
     hints = typing.get_type_hints(options_type)
     for key, value in (options or {}).items():
         if key not in allowed:
-            raise ValueError(f"sampler {sampler!r} has no option {key!r} "
+            raise InputError(f"sampler {sampler!r} has no option {key!r} "
                              f"(options: {', '.join(allowed) or 'none'})")
         choices = typing.get_args(hints[key])
         if typing.get_origin(hints[key]) is Literal and value not in choices:
-            raise ValueError(f"{sampler}: {key}={value!r} is not one of {', '.join(choices)}")
+            raise InputError(f"{sampler}: {key}={value!r} is not one of {', '.join(choices)}")
     options_type(**(options or {}))  # the options' own checks
     return step_fn
 
@@ -228,13 +229,13 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
     With ``labels`` the network is called as ``model(x, t, labels)`` and guided (module docstring)."""
     for key, value, allowed in (("prediction", prediction, PREDICTIONS), ("precision", precision, NETWORK_PRECISIONS)):
         if value not in allowed:
-            raise ValueError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
+            raise InputError(f"unknown {key} {value!r}; choose one of {', '.join(allowed)}")
     check_clip(clip, percentile)
     guidance = (guidance or Guidance()).check()
     if labels is None and guidance.w != 0:
-        raise ValueError("classifier-free guidance needs labels (a class-conditional model)")
+        raise InputError("classifier-free guidance needs labels (a class-conditional model)")
     if labels is not None and guidance.w != 0 and null_label is None:
-        raise ValueError("classifier-free guidance needs the null label (the model's num_classes)")
+        raise InputError("classifier-free guidance needs the null label (the model's num_classes)")
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
     forward = network(model, resolve(d.device, precision).precision, d.device)
     # which respaced steps are guided: decided once, on the host, from σ = sqrt((1 - ᾱ) / ᾱ)

@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ddpm.errors import InputError
+
 SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 MAX_BETA = 0.999
 
@@ -60,7 +62,7 @@ def make_betas(name: str, num_timesteps: int) -> torch.Tensor:
         "sigmoid": sigmoid_betas,
     }
     if name not in builders:
-        raise ValueError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
+        raise InputError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     if num_timesteps < 1:
-        raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
+        raise InputError(f"num_timesteps must be >= 1, got {num_timesteps}")
     return builders[name](num_timesteps).clamp(max=MAX_BETA)

@@ -17,6 +17,8 @@ history in a checkpoint.
 
 import torch
 
+from ddpm.errors import InputError
+
 TIMESTEP_SAMPLINGS = ("uniform", "importance")
 
 
@@ -95,7 +97,7 @@ class ImportanceSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "importance" or state["history"].shape != self.history.shape:
-            raise ValueError("the timestep-sampler state does not match importance sampling with "
+            raise InputError("the timestep-sampler state does not match importance sampling with "
                              f"T={self.num_timesteps}, {self.history_per_term} values per t")
         device = self.history.device
         self.history, self.counts = state["history"].to(device, torch.float64), state["counts"].to(device)
@@ -106,4 +108,4 @@ def make_timestep_sampler(name: str, num_timesteps: int, device="cpu") -> Unifor
         return UniformSampler(num_timesteps)
     if name == "importance":
         return ImportanceSampler(num_timesteps, device=device)
-    raise ValueError(f"unknown timestep_sampling {name!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    raise InputError(f"unknown timestep_sampling {name!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")

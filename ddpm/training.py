@@ -13,7 +13,8 @@ with probability ``cond_drop`` (classifier-free guidance training, ``ddpm.guidan
 drawn from the same generator.
 The loss is logged every ``log_every`` steps only (no host synchronisation per step), and
 ``state.grad_norm`` then holds that step's total gradient norm before clipping;
-a non-finite loss stops training with ``FloatingPointError`` naming the first bad step.
+a non-finite loss stops training with ``ddpm.errors.DivergedError`` (a ``FloatingPointError``)
+naming the first bad step.
 
 Data-parallel (``ddpm.distributed``): every rank draws the same global batch from the
 shared generator and trains on its shard; DDP averages the gradients, so N ranks follow
@@ -45,6 +46,7 @@ from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compil
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
+from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
 from ddpm.pixels import to_model_range
@@ -197,14 +199,14 @@ def train(
             _checked_losses(state, world)
             bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
             if bad.item():
-                raise FloatingPointError(f"the weights became non-finite by step {state.step}")
+                raise DivergedError(f"the weights became non-finite by step {state.step}")
             on_checkpoint(state)
     return state
 
 
 def _checked_losses(state: TrainState, world: World) -> torch.Tensor:
     """The per-step losses since the last log, averaged over ranks (a host sync); raises
-    ``FloatingPointError`` naming the first step whose loss is NaN or infinite."""
+    ``DivergedError`` (a FloatingPointError) naming the first step whose loss is NaN or infinite."""
     if not state.pending:
         return torch.zeros(0)
     losses = distributed.mean_(torch.stack(state.pending), world)
@@ -213,7 +215,7 @@ def _checked_losses(state: TrainState, world: World) -> torch.Tensor:
     bad = (~torch.isfinite(losses)).nonzero()
     if len(bad):
         i = bad[0].item()
-        raise FloatingPointError(f"training loss became {losses[i].item()} at step {state.step - len(losses) + 1 + i}")
+        raise DivergedError(f"training loss became {losses[i].item()} at step {state.step - len(losses) + 1 + i}")
     return losses
 
 
@@ -265,7 +267,7 @@ def load_train_state(state: TrainState, d: dict, world: World = SINGLE, timestep
     state.model.load_state_dict(d["model"])
     state.ema.load_state_dict(d["ema"])
     if len(d["ema_profiles"]) != len(state.profiles):
-        raise ValueError(f"the training state holds {len(d['ema_profiles'])} EMA profiles, the config {len(state.profiles)}")
+        raise InputError(f"the training state holds {len(d['ema_profiles'])} EMA profiles, the config {len(state.profiles)}")
     for profile, saved in zip(state.profiles, d["ema_profiles"]):
         profile.load_state_dict(saved)
     state.optimizer.load_state_dict(d["optimizer"])

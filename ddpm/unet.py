@@ -25,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from annotated_types import Ge, Lt, MinLen
 
+from ddpm.errors import InputError
+
 
 @dataclass
 class UNetConfig:
@@ -43,12 +45,12 @@ class UNetConfig:
     def validate(self, image_size: int) -> None:
         levels = len(self.ch_mult)
         if self.ch < 1 or self.num_res_blocks < 1 or levels < 1 or min(self.ch_mult) < 1:
-            raise ValueError("model: ch, num_res_blocks and every ch_mult entry must be >= 1")
+            raise InputError("model: ch, num_res_blocks and every ch_mult entry must be >= 1")
         if image_size % 2 ** (levels - 1):
-            raise ValueError(f"model: image size {image_size} is not divisible by 2^{levels - 1} "
+            raise InputError(f"model: image size {image_size} is not divisible by 2^{levels - 1} "
                              f"(ch_mult has {levels} levels)")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -175,7 +177,7 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
         # Last, so that the layers above draw the same initial weights as an unconditional U-Net's.
         if num_classes < 0:
-            raise ValueError(f"num_classes must be >= 0, got {num_classes}")
+            raise InputError(f"num_classes must be >= 0, got {num_classes}")
         self.num_classes = num_classes
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None  # + the null class
 

@@ -17,13 +17,14 @@ All functions take the diffusion ``d`` they are used with: on a respaced diffusi
 import torch
 
 from ddpm.diffusion import Diffusion, extract
+from ddpm.errors import InputError
 
 VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
 def check_variance(variance: str) -> None:
     if variance not in VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+        raise InputError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
 
 
 def fixed_log_variance_table(d: Diffusion, variance: str) -> torch.Tensor:
@@ -34,7 +35,7 @@ def fixed_log_variance_table(d: Diffusion, variance: str) -> torch.Tensor:
         if d.num_timesteps == 1:
             return torch.log(d.betas)
         return torch.log(torch.cat([d.posterior_variance[1:2], d.betas[1:]]))
-    raise ValueError(f"variance {variance!r} is not fixed; choose fixed_small or fixed_large")
+    raise InputError(f"variance {variance!r} is not fixed; choose fixed_small or fixed_large")
 
 
 def learned_log_variance(d: Diffusion, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

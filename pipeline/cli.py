@@ -3,11 +3,14 @@
 
 Heavy imports (torch, mlflow, torch-fidelity) happen inside the commands so that
 ``--help`` stays instant. Expected failures (bad params, missing or corrupt files)
-print one line naming the key or file and exit with status 1.
+print one line naming the key or file and exit with status 1; ``--debug`` (or
+``DDPM_DEBUG=1``) lets their traceback through instead. ``--version`` prints the version.
 """
 
 import functools
+import re
 import sys
+from enum import Enum
 from pathlib import Path
 
 import typer
@@ -15,32 +18,75 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Stages of the DDPM experiment pipeline (see dvc.yaml).")
 
+DEBUG = {"on": False}  # set by --debug: clear_errors lets the traceback through
+
+
+def version() -> str:
+    """The installed package's version, or pyproject.toml's in a checkout that is not installed."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("ddpm-pipeline")
+    except importlib.metadata.PackageNotFoundError:
+        import tomllib
+
+        with open(Path(__file__).resolve().parents[1] / "pyproject.toml", "rb") as f:
+            return tomllib.load(f)["project"]["version"]
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"ddpm-pipeline {version()}")
+        raise typer.Exit()
+
+
+VERSION = typer.Option(False, "--version", callback=_print_version, is_eager=True, expose_value=False,
+                       help="print the version and exit")
+DEBUG_OPTION = typer.Option(False, "--debug", envvar="DDPM_DEBUG",
+                            help="show the traceback of an expected error instead of its one-line message")
+
+
 @app.callback()
-def _process() -> None:
+def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
     """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
     from pipeline.common import keep_freed_memory
 
+    DEBUG["on"] = debug
     keep_freed_memory()
 
 
+def device_name(value: str) -> str:
+    """The --device value, checked by the parser: auto, cpu, cuda or cuda:N (else a usage error)."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not one of auto, cpu, cuda, cuda:N")
+    return value
+
+
+class Resume(str, Enum):
+    """train --resume: what to do with the resumable state (--state) a previous run left."""
+    auto = "auto"  # resume from --state when it is from the same config, else start fresh
+    never = "never"  # always start fresh (the file is overwritten at the first checkpoint)
+    require = "require"  # fail unless --state exists and is from the same config
+
+
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
-DEVICE = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda or cuda:N")
+DEVICE = typer.Option("auto", "--device", parser=device_name, metavar="[auto|cpu|cuda|cuda:N]",
+                      help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
 def clear_errors(fn):
-    """Turn expected errors into a one-line message and exit status 1."""
+    """Turn the project's own errors (``ddpm.errors.DDPMError``) and a missing file into a one-line
+    message and exit status 1 (unless --debug); any other exception keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from ddpm.checkpoint import CheckpointError
-        from ddpm.data import DataError
-        from pipeline.common import OutputError
-        from pipeline.params import ParamsError
+        if DEBUG["on"]:
+            return fn(*args, **kwargs)
+        from ddpm.errors import DDPMError
 
         try:
             return fn(*args, **kwargs)
-        except (ParamsError, DataError, CheckpointError, OutputError, FileNotFoundError, ValueError,
-                FloatingPointError, RuntimeError) as e:
+        except (DDPMError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
             sys.exit(1)
 
@@ -91,8 +137,8 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
           state: Path = typer.Option(Path("checkpoints/train-{fingerprint}.pt"),
                                      help="resumable training state, written every train.checkpoint_every steps "
                                           "({fingerprint}: of the training config; relative to the repository root)"),
-          resume: str = typer.Option("auto", help="auto (resume from --state when it is from the same config, "
-                                                  "else start fresh) | never | require"),
+          resume: Resume = typer.Option(Resume.auto, help="auto (resume from --state when it is from the same config, "
+                                                          "else start fresh) | never | require"),
           system_metrics: Path = typer.Option(Path("logs/train_system.json"), "--system-metrics",
                                               help="CPU/memory/disk/network/GPU use while training (for MLflow)"),
           snapshots: Path = typer.Option(Path("models/ema_snapshots"),
@@ -113,10 +159,7 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
     from pipeline import train as stage
 
-    choices = [m.value for m in stage.Resume]
-    if resume not in choices:
-        raise ValueError(f"--resume must be one of {', '.join(choices)}, got {resume!r}")
-    stage.main(params, data, out, metrics, plot, timing, device, state, stage.Resume(resume), system_metrics,
+    stage.main(params, data, out, metrics, plot, timing, device, state, resume, system_metrics,
                snapshots, samples, mlflow_run, tracking_uri, experiment, live)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.errors import DDPMError, InputError
 from ddpm.files import atomic_write
 
 
@@ -39,11 +40,15 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+        raise InputError(f"device {device!r} asked for, but CUDA is not available")
     return torch.device(device)
 
 
-class OutputError(ValueError):
+class ExternalError(DDPMError, RuntimeError):
+    """A tool outside the project (DVC, MLflow) failed; the message says what to do."""
+
+
+class OutputError(InputError):
     """An output cannot be written where it is asked for."""
 
 
@@ -98,7 +103,7 @@ def read_json(path) -> dict:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
+        raise InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def write_image_grid(path, images: torch.Tensor, nrow: int, padding: int = 2) -> None:

@@ -21,7 +21,8 @@ import statistics
 import json
 from pathlib import Path
 
-from pipeline.common import flatten, write_atomic
+from ddpm.errors import InputError
+from pipeline.common import ExternalError, flatten, write_atomic
 
 PARAMS_FILE = "params.yaml"
 BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
@@ -40,7 +41,7 @@ def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
     bare ``fid`` beside fid.json's ``fid.ddim.50``, lists become ``"[1, 2]"``, integers floats;
     the nesting by file this command reads is gone.)"""
     if commits not in COMMITS:
-        raise ValueError(f"commits must be one of {', '.join(COMMITS)}, got {commits!r}")
+        raise InputError(f"commits must be one of {', '.join(COMMITS)}, got {commits!r}")
     from datetime import date, datetime
 
     from dvc.exceptions import DvcException
@@ -55,7 +56,7 @@ def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
             return json.loads(json.dumps([exp.dumpd() for exp in exps], default=default))
     except DvcException as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise RuntimeError(f"reading the DVC experiments failed: {first}") from None
+        raise ExternalError(f"reading the DVC experiments failed: {first}") from None
 
 
 def _revisions(node, parent_name=None):

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ddpm.data import load_split
+from ddpm.errors import InputError
 from ddpm.evaluation import denoising_mse
 from ddpm.model import load_model
 from ddpm.pixels import to_model_range
@@ -33,10 +34,10 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, device:
     for weights in ("raw", "ema"):
         nets[weights], spec, ckpt = load_model(checkpoint, dev, weights=weights)
     if tuple(split.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
-        raise ValueError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
+        raise InputError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
     if not 1 <= p.timesteps <= spec.timesteps:
-        raise ValueError(f"denoise.timesteps must be in [1, {spec.timesteps}] for {checkpoint}, got {p.timesteps}")
+        raise InputError(f"denoise.timesteps must be in [1, {spec.timesteps}] for {checkpoint}, got {p.timesteps}")
     torch.manual_seed(ckpt["config"].get("seed", 0))  # as train does before building the network
     nets["untrained"] = spec.build_unet().to(dev)
     diffusion = spec.build_diffusion(dev)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint, load_snapshot
+from ddpm.errors import InputError
 from ddpm.files import atomic_save
 from ddpm.posthoc_ema import reconstruct, solve
 from pipeline.common import read_json, write_json
@@ -28,7 +29,7 @@ def read_index(snapshots: Path, ckpt: dict, checkpoint: Path) -> dict:
     """train's ``index.json`` of the snapshots, checked against the checkpoint."""
     index = read_json(snapshots / "index.json")
     if not index.get("steps"):
-        raise ValueError(f"{snapshots} holds no EMA snapshots: train with train.ema_profiles and "
+        raise InputError(f"{snapshots} holds no EMA snapshots: train with train.ema_profiles and "
                          "train.ema_snapshot_every > 0, or set ema.sigma_rel: null")
     if index.get("fingerprint") != ckpt["config"].get("fingerprint"):
         raise CheckpointError(f"the EMA snapshots in {snapshots} are from another training run than {checkpoint}")

@@ -10,6 +10,7 @@ power EMA, train's own or post-hoc) is a point per sampler; one line per sampler
 
 from pathlib import Path
 
+from ddpm.errors import InputError
 from pipeline.common import write_atomic
 
 EMA_FILE = "metrics/ema.json"
@@ -55,11 +56,11 @@ def samplers_and_steps(points: list[dict], steps: int | None) -> tuple[list[str]
     samplers = list(dict.fromkeys(s for p in points for s in p["fid"]))
     counts = sorted({int(k) for p in points for v in p["fid"].values() for k in v})
     if not counts:
-        raise ValueError("no experiment with a σ_rel has FID metrics")
+        raise InputError("no experiment with a σ_rel has FID metrics")
     if steps is None:
         steps = counts[-1]
     elif steps not in counts:
-        raise ValueError(f"no FID at {steps} steps in the sweep (have {', '.join(map(str, counts))})")
+        raise InputError(f"no FID at {steps} steps in the sweep (have {', '.join(map(str, counts))})")
     return samplers, steps
 
 

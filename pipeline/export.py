@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from ddpm.checkpoint import CheckpointError
+from ddpm.errors import InputError
 from ddpm.model import WEIGHTS, ModelSpec, load_model
 from ddpm.unet import AttnBlock, Block, ResBlock, UNet
 from pipeline.common import check_writable
@@ -43,7 +44,7 @@ VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_large": "fixed_large"}
 TOLERANCE = 1e-4  # max |ours - theirs| / (1 + max |ours|) accepted by the check
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """The model cannot be represented in diffusers."""
 
 
@@ -160,7 +161,7 @@ def max_difference(net: UNet, unet, spec: ModelSpec, seed: int = 0) -> float:
 
 def main(checkpoint: Path, out: Path, weights: str = "ema") -> None:
     if weights not in WEIGHTS:
-        raise ValueError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+        raise InputError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
     net, spec, ckpt = load_model(checkpoint, "cpu", weights=weights)
     problems = unsupported(spec, net)
     if problems:

@@ -15,8 +15,8 @@ from ddpm.classifier import accuracy
 from ddpm.data import DataError
 from ddpm.metrics import extract_features, load_classifier, metrics_from_features
 from pipeline.common import check_writable, progress, resolve_device, write_json
-from pipeline.fid_ref import extractor_weights, file_sha256, load_reference
 from pipeline.params import for_stage, load_params
+from pipeline.reference import extractor_weights, file_sha256, load_reference
 
 
 def load_samples(path: Path) -> dict:

@@ -13,49 +13,16 @@ same reference. FIDs from different extractors are not comparable; the floor giv
 each cell's FID its scale (what a perfect model would score with that many samples).
 """
 
-import hashlib
 from pathlib import Path
 
 import torch
 
-from ddpm.data import DataError, load_split
-from ddpm.files import atomic_save, load_torch_file
+from ddpm.data import load_split
+from ddpm.files import atomic_save
 from ddpm.metrics import extract_features, metrics_from_features, reference_statistics
-from pipeline.common import check_writable, progress, resolve_device, tensor_sha256, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
-
-FORMAT = "ddpm-reference/1"
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def reference_key(images: torch.Tensor, split: str, extractor: str, weights) -> dict:
-    """What a reference set's statistics depend on: data, split, extractor, resolution."""
-    return {"data_sha256": tensor_sha256(images), "split": split, "extractor": extractor,
-            "weights_sha256": None if weights is None else file_sha256(weights),
-            "resolution": list(images.shape[1:])}
-
-
-def extractor_weights(extractor: str, weights_path, classifier: Path):
-    """The weights file the extractor reads: the classifier checkpoint, or fid.weights_path."""
-    weights = classifier if extractor == "ddpm-classifier" else weights_path
-    if weights is not None and not Path(weights).is_file():
-        raise FileNotFoundError(f"feature extractor weights {weights} do not exist")
-    return weights
-
-
-def load_reference(path: Path) -> dict:
-    ref = load_torch_file(path, DataError, f"reference statistics {path} do not exist (run the fid_ref stage first)",
-                          f"reference statistics {path} are corrupt")
-    if not isinstance(ref, dict) or ref.get("format") != FORMAT:
-        raise DataError(f"{path} is not a {FORMAT} file")
-    return ref
+from pipeline.reference import FORMAT, extractor_weights, reference_key
 
 
 def real_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:

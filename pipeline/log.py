@@ -43,7 +43,7 @@ from importlib import metadata
 from pathlib import Path
 
 from pipeline import system_metrics, tracking
-from pipeline.common import OutputError, flatten, git_revision, repo_root
+from pipeline.common import ExternalError, OutputError, flatten, git_revision, repo_root
 from pipeline.live import IMAGE_KEY, image_steps
 from pipeline.params import Params, load_params, to_flat_dict
 from pipeline.tracking import default_tracking_uri, lock
@@ -474,5 +474,5 @@ def sync(to: str | None = None) -> None:
         n, errs = flush(mlflow, uri, batch)
         done, errors = done + n, errors + [f"at {uri}: {e}" for e in errs]
     if errors:
-        raise RuntimeError(f"could not log to MLflow {errors[0]} ({len(entries())} run(s) still in {outbox()})")
+        raise ExternalError(f"could not log to MLflow {errors[0]} ({len(entries())} run(s) still in {outbox()})")
     print(f"sync: {done} run(s) logged to {', '.join(targets) or 'MLflow'}; the outbox is empty")

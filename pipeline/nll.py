@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ddpm.data import load_split
+from ddpm.errors import InputError
 from ddpm.guidance import with_label
 from ddpm.likelihood import nll_bits_per_dim
 from ddpm.model import load_model
@@ -29,7 +30,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     dev = resolve_device(device)
     net, spec, ckpt = load_model(checkpoint, dev, weights=p.weights)
     if tuple(split.images.shape[1:]) != (spec.channels, spec.image_size, spec.image_size):
-        raise ValueError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
+        raise InputError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
     n = min(p.num_images, split.images.shape[0])
     diffusion = spec.build_diffusion(dev)

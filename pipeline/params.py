@@ -25,6 +25,7 @@ from ddpm.classifier import EXTRACTORS, ClassifierConfig
 from ddpm.data import DATASETS
 from ddpm.diffusion import SPACINGS
 from ddpm.ema import EMA_CHOICES, MAX_SIGMA_REL, PowerEMA
+from ddpm.errors import InputError
 from ddpm.model import WEIGHTS
 from ddpm.guidance import CONDITIONINGS
 from ddpm.objectives import LOSSES, check_objective
@@ -38,7 +39,7 @@ from ddpm.variance import VARIANCES
 from pipeline.common import flatten
 
 
-class ParamsError(ValueError):
+class ParamsError(InputError):
     pass
 
 

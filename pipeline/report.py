@@ -26,6 +26,7 @@ import html
 import io
 from pathlib import Path
 
+from ddpm.errors import InputError
 from pipeline.common import check_writable, read_json, read_losses, write_atomic, write_csv, write_json
 from pipeline.params import for_stage, load_params
 
@@ -247,14 +248,9 @@ def sigma_rel_rows(cells: dict, samplers: list[str], steps: list[int], ema: dict
     return [(s, k, sigma, cells[s, k]["fid"]) for s in samplers for k in steps]
 
 
-def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
-         html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path,
-         ema_metrics: Path | None = None, sigma_plot: Path | None = None, sweep_csv: Path | None = None,
-         sweep_figure: Path | None = None, floor_metrics: Path | None = None) -> None:
-    sp = for_stage(load_params(params_path), "report").sample
-    check_writable(*(p for p in (metrics_out, plot_csv, figure, markdown, html_out, loss_figure, sweep_csv,
-                                 sweep_figure) if p is not None))
-    samplers, steps, guidance = list(sp.samplers), sorted(sp.steps), list(sp.guidance)
+def read_cells(cells_dir: Path, samplers: list[str], steps: list[int], guidance: list[str]) -> tuple[dict, dict]:
+    """The fid stage's metrics of every cell, {(sampler, steps): ...} and, guided, {(sampler, steps, guidance):
+    ...}; a cell that lacks a metric the report needs fails."""
     cells = {(s, k): read_json(cells_dir / f"{s}-{k}.json") for s in samplers for k in steps}
     guided = {(s, k, g): read_json(cells_dir / f"{s}-{k}-{g}.json") for s in samplers for k in steps for g in guidance}
     for name, cell in [(f"{s}-{k}", c) for (s, k), c in cells.items()] + [("-".join(map(str, key)), c)
@@ -262,7 +258,23 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
         needed = ("fid", "kid_mean", "extractor", "num_samples") + (("class_accuracy", "w") if guidance else ())
         missing = [key for key in needed if key not in cell]
         if missing:
-            raise ValueError(f"{cells_dir / f'{name}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
+            raise InputError(f"{cells_dir / f'{name}.json'} lacks {', '.join(missing)} (rerun its fid stage)")
+    return cells, guided
+
+
+def classifier_accuracy(path: Path, extractor: str) -> float | None:
+    """The test accuracy of the classifier stage (None when absent); required with the ddpm-classifier extractor."""
+    accuracy = read_json(path).get("test_accuracy") if path.is_file() else None
+    if extractor == "ddpm-classifier" and accuracy is None:
+        raise FileNotFoundError(f"{path} does not exist: the ddpm-classifier extractor's test "
+                                "accuracy belongs in the report (run the classifier stage)")
+    return accuracy
+
+
+def collect_metrics(cells: dict, guided: dict, samplers: list[str], steps: list[int], guidance: list[str],
+                    best: tuple, floor: dict | None) -> dict:
+    """metrics/fid.json: each metric per sampler and steps (the guided ones also per guidance), the best
+    cell and the real-data floor."""
     metrics = {name: {s: {str(k): cells[s, k][key] for k in steps} for s in samplers}
                for name, key in (("fid", "fid"), ("kid", "kid_mean"), ("precision", "precision"),
                                  ("recall", "recall"), ("isc", "isc_mean"), ("class_accuracy", "class_accuracy"))
@@ -270,30 +282,21 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     if guided:  # guided.<metric>.<sampler>.<steps>.<guidance>
         metrics["guided"] = {key: {s: {str(k): {g: guided[s, k, g][key] for g in guidance} for k in steps}
                                    for s in samplers} for key, _, _ in SWEEP}
-    best = min(cells, key=lambda c: cells[c]["fid"])
-    accuracy = read_json(classifier_metrics).get("test_accuracy") if classifier_metrics.is_file() else None
-    if cells[best]["extractor"] == "ddpm-classifier" and accuracy is None:  # before anything is written
-        raise FileNotFoundError(f"{classifier_metrics} does not exist: the ddpm-classifier extractor's test "
-                                "accuracy belongs in the report (run the classifier stage)")
     metrics["best"] = {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}
-    floor = read_json(floor_metrics) if floor_metrics is not None and floor_metrics.is_file() else None
     if floor is not None:
         metrics["floor"] = {k: floor[k] for k in ("fid", "precision", "recall", "num_images") if k in floor}
-    write_json(metrics_out, metrics)
-    columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
-    write_csv(plot_csv, ["sampler", "steps", *columns],
-              [(s, k, *(cells[s, k][c] for c in columns)) for s in samplers for k in steps])
-    ema = read_json(ema_metrics) if ema_metrics is not None and ema_metrics.is_file() else None
-    if sigma_plot is not None:
-        write_csv(sigma_plot, ["sampler", "steps", "sigma_rel", "fid"], sigma_rel_rows(cells, samplers, steps, ema))
-    infos = [read_json(i) for s in samplers for k in steps if (i := samples_dir / f"{s}-{k}" / "info.json").is_file()]
+    return metrics
+
+
+def write_sweep_csv(path: Path, sweep: list[dict]) -> None:
+    columns = ("cell", "sampler", "steps", "guidance", "w", *(key for key, _, _ in SWEEP))
+    write_csv(path, list(columns), [[r[c] if r[c] is not None else "" for c in columns] for r in sweep])
+
+
+def plot_figures(cells: dict, samplers: list[str], steps: list[int], sweep: list[dict], conditional: bool,
+                 figure: Path, sweep_figure: Path | None, loss_csv: Path, loss_figure: Path) -> list[tuple]:
+    """Draw FID vs steps, the guidance sweep (or precision vs recall) and the loss curve: [(title, path)]."""
     plot_fid(cells, samplers, steps, figure)
-    sweep = sweep_rows(cells, guided, samplers, steps, guidance)
-    if sweep_csv is not None:
-        write_csv(sweep_csv, ["cell", "sampler", "steps", "guidance", "w", *(key for key, _, _ in SWEEP)],
-                  [[r[c] if r[c] is not None else "" for c in ("cell", "sampler", "steps", "guidance", "w",
-                                                                *(key for key, _, _ in SWEEP))] for r in sweep])
-    conditional = all("class_accuracy" in c for c in cells.values())
     figures = [("FID vs sampling steps", figure)]
     if sweep_figure is not None:
         plot_sweep(sweep, sweep_figure)
@@ -302,25 +305,61 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     if losses:
         plot_loss(losses, loss_figure)
         figures.append(("Training loss", loss_figure))
+    return figures
 
+
+def report_doc(cells: dict, best: tuple, samplers: list[str], steps: list[int], guidance: list[str], *,
+               accuracy: float | None, figures: list, floor: dict | None, weights: str, sweep: list[dict],
+               conditional: bool, samples_dir: Path) -> dict:
+    """What the markdown and the HTML report show (``render_markdown``, ``render_html``)."""
     sweep_table = None
     if conditional:
         sweep_table = (["cell", "guidance", "w", *(title for _, title, _ in SWEEP)],
                        [[r["cell"], r["guidance"], f"{r['w']:g}", *(fmt.format(r[key]) for key, _, fmt in SWEEP)]
                         for r in sweep])
-    doc = {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
-           "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
-           "best": best, "best_fid": cells[best]["fid"], "figures": figures, "floor": floor,
-           "weights": describe_weights(infos, ema),
-           "tables": [(title, note, rows) for key, title, fmt, note in TABLES
-                      if (rows := table(cells, samplers, steps, key, fmt)) is not None],
-           "sweep": sweep_table, "classes": cells[best].get("classes") if conditional else None,
-           "cells": [(name, samples_dir / name / "grid.png", samples_dir / name / "strip.png")
-                     for s in samplers for k in steps for name in [f"{s}-{k}"] + [f"{s}-{k}-{g}" for g in guidance]]}
+    return {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
+            "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
+            "best": best, "best_fid": cells[best]["fid"], "figures": figures, "floor": floor,
+            "weights": weights,
+            "tables": [(title, note, rows) for key, title, fmt, note in TABLES
+                       if (rows := table(cells, samplers, steps, key, fmt)) is not None],
+            "sweep": sweep_table, "classes": cells[best].get("classes") if conditional else None,
+            "cells": [(name, samples_dir / name / "grid.png", samples_dir / name / "strip.png")
+                      for s in samplers for k in steps for name in [f"{s}-{k}"] + [f"{s}-{k}-{g}" for g in guidance]]}
+
+
+def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, figure: Path, markdown: Path,
+         html_out: Path, classifier_metrics: Path, loss_csv: Path, loss_figure: Path, samples_dir: Path,
+         ema_metrics: Path | None = None, sigma_plot: Path | None = None, sweep_csv: Path | None = None,
+         sweep_figure: Path | None = None, floor_metrics: Path | None = None) -> None:
+    sp = for_stage(load_params(params_path), "report").sample
+    check_writable(*(p for p in (metrics_out, plot_csv, figure, markdown, html_out, loss_figure, sweep_csv,
+                                 sweep_figure) if p is not None))
+    samplers, steps, guidance = list(sp.samplers), sorted(sp.steps), list(sp.guidance)
+    cells, guided = read_cells(cells_dir, samplers, steps, guidance)
+    best = min(cells, key=lambda c: cells[c]["fid"])
+    accuracy = classifier_accuracy(classifier_metrics, cells[best]["extractor"])  # before anything is written
+    floor = read_json(floor_metrics) if floor_metrics is not None and floor_metrics.is_file() else None
+    write_json(metrics_out, collect_metrics(cells, guided, samplers, steps, guidance, best, floor))
+    columns = [c for c in ("fid", "kid_mean", "precision", "recall") if all(c in v for v in cells.values())]
+    write_csv(plot_csv, ["sampler", "steps", *columns],
+              [(s, k, *(cells[s, k][c] for c in columns)) for s in samplers for k in steps])
+    ema = read_json(ema_metrics) if ema_metrics is not None and ema_metrics.is_file() else None
+    if sigma_plot is not None:
+        write_csv(sigma_plot, ["sampler", "steps", "sigma_rel", "fid"], sigma_rel_rows(cells, samplers, steps, ema))
+    infos = [read_json(i) for s in samplers for k in steps if (i := samples_dir / f"{s}-{k}" / "info.json").is_file()]
+    sweep = sweep_rows(cells, guided, samplers, steps, guidance)
+    if sweep_csv is not None:
+        write_sweep_csv(sweep_csv, sweep)
+    conditional = all("class_accuracy" in c for c in cells.values())
+    figures = plot_figures(cells, samplers, steps, sweep, conditional, figure, sweep_figure, loss_csv, loss_figure)
+    doc = report_doc(cells, best, samplers, steps, guidance, accuracy=accuracy, figures=figures, floor=floor,
+                     weights=describe_weights(infos, ema), sweep=sweep, conditional=conditional,
+                     samples_dir=samples_dir)
     text = render_markdown(doc, markdown.parent)
     write_atomic(markdown, text)
     write_atomic(html_out, render_html(doc))
     print(text.split("\n## KID")[0])
-    if sweep_table:
+    if doc["sweep"]:
         print("## Guidance sweep" + text.split("## Guidance sweep")[1].split("\n## ")[0])
     print(f"report: {markdown}, {html_out}")

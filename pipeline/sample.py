@@ -20,6 +20,7 @@ import torch
 
 from ddpm import distributed
 from ddpm.acceleration import make_denoiser
+from ddpm.errors import InputError
 from ddpm.files import atomic_save
 from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
@@ -46,22 +47,94 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per
     return torch.cat(rows)
 
 
+def stage_params(params, params_path: Path, sampler: str, guidance: str | None):
+    """The params of stage `sample` (or `sample_guided`, with ``guidance``) and the guidance setting;
+    a sampler or guidance name not defined in params fails."""
+    if sampler not in params.samplers:
+        raise InputError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
+                         f"(defined: {', '.join(params.samplers)})")
+    if guidance is not None and guidance not in params.guidance:
+        raise InputError(f"guidance {guidance!r} is not defined under 'guidance' in {params_path} "
+                         f"(defined: {', '.join(params.guidance) or 'none'})")
+    if guidance is None:
+        return for_stage(params, "sample", sampler=sampler), Guidance()
+    p = for_stage(params, "sample_guided", sampler=sampler, guidance=guidance)
+    return p, Guidance(**p.guidance[guidance].model_dump()).check()
+
+
+def check_model(spec, checkpoint: Path, steps: int, guidance: str | None) -> None:
+    """Refuse a step count outside the model's timesteps, and guidance for an unconditional model."""
+    if not 1 <= steps <= spec.timesteps:
+        raise InputError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
+    if guidance is not None and spec.conditioning != "class":
+        raise InputError(f"--guidance {guidance}: the model in {checkpoint} is unconditional (conditioning: "
+                         f"{spec.conditioning}); guidance needs one trained with conditioning: class")
+
+
+def batches(sp, world) -> list[tuple[int, int]]:
+    """(first image, size) of each batch this rank samples: batch b goes to rank b mod the world size."""
+    return [(i, min(sp.batch_size, sp.num_samples - i))
+            for i in range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]]
+
+
+def draw(denoiser, diffusion, spec, sp, cfg, steps: int, guide: Guidance, mine, dev, bar):
+    """Sample this rank's batches ``mine``: [(first image, uint8 images, labels)], and the strip of
+    batch 0 (None when this rank does not sample it)."""
+    K = spec.num_classes
+    options = cfg.model_dump(exclude={"kind"})
+    chunks, strip = [], None
+    for i, n in mine:
+        g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))
+        shape = (n, spec.channels, spec.image_size, spec.image_size)
+        x_T = on_step = None
+        if i == 0:  # the first batch also records the denoising strip (x_T drawn as sample() draws it)
+            x_T = torch.randn(shape, generator=g, device=dev)
+            on_step = strip = StripRecorder(x_T, steps)
+        y = balanced_labels(n, K, start=i, device=dev) if K else None  # image i has class i mod K
+        x = sample(denoiser, diffusion, shape, sampler=cfg.kind,
+                   steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
+                   clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
+                   progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
+                   labels=y, null_label=K, guidance=guide)
+        chunks.append((i, to_uint8(x).cpu(), None if y is None else y.cpu()))
+    return chunks, strip
+
+
+def write_outputs(out_dir: Path, gathered, strip, *, sampler: str, cfg, steps: int, sp, spec, ckpt,
+                  guidance: str | None, guide: Guidance, run: dict) -> torch.Tensor:
+    """Write samples.pt, grid.png, strip.png and info.json from all ranks' batches; the images."""
+    K = spec.num_classes
+    ordered = sorted((c for part in gathered for c in part), key=lambda c: c[0])
+    images = torch.cat([x for _, x, _ in ordered])
+    labels = torch.cat([y for _, _, y in ordered]) if K else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    conditioning = {} if not K else {"labels": labels, "classes": list(spec.classes), "guidance": guidance,
+                                     "w": guide.w}
+    atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"],
+                 **conditioning}, out_dir / "samples.pt")
+    if K:  # one row per class
+        grid = class_grid(images, labels, K)
+        write_image_grid(out_dir / "grid.png", grid, nrow=grid.shape[0] // K)
+    else:
+        write_image_grid(out_dir / "grid.png", images[:64], nrow=8)
+    strip.save(out_dir / "strip.png")  # batch 0 is always rank 0's
+    guided = {} if not K else {"guidance": guidance, "w": guide.w, "rescale": guide.rescale,
+                               "interval": None if guide.interval is None else list(guide.interval)}
+    seconds, options = run["seconds"], cfg.model_dump(exclude={"kind"})
+    write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options,
+                                       "steps": steps, "num_samples": images.shape[0],
+                                       "weights": sp.weights, "ema": ema_summary(ckpt),
+                                       "seconds": round(seconds, 2), "processes": run["processes"],
+                                       "images_per_second": round(images.shape[0] / seconds, 2),
+                                       "device": run["device"], "started_ms": run["started_ms"],
+                                       "ended_ms": int(time.time() * 1000), **guided})
+    return images
+
+
 def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir: Path, device: str,
          guidance: str | None = None) -> None:
     started_ms = int(time.time() * 1000)
-    params = load_params(params_path)
-    if sampler not in params.samplers:
-        raise ValueError(f"sampler {sampler!r} is not defined under 'samplers' in {params_path} "
-                         f"(defined: {', '.join(params.samplers)})")
-    if guidance is not None and guidance not in params.guidance:
-        raise ValueError(f"guidance {guidance!r} is not defined under 'guidance' in {params_path} "
-                         f"(defined: {', '.join(params.guidance) or 'none'})")
-    if guidance is None:
-        p = for_stage(params, "sample", sampler=sampler)
-        guide = Guidance()
-    else:
-        p = for_stage(params, "sample_guided", sampler=sampler, guidance=guidance)
-        guide = Guidance(**p.guidance[guidance].model_dump()).check()
+    p, guide = stage_params(load_params(params_path), params_path, sampler, guidance)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     sp, cfg = p.sample, p.samplers[sampler]
     check_writable(*(out_dir / f for f in ("samples.pt", "grid.png", "strip.png", "info.json", "system.json")))
@@ -69,62 +142,22 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
         denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
-        if not 1 <= steps <= spec.timesteps:
-            raise ValueError(f"steps must be in [1, {spec.timesteps}] for {checkpoint}, got {steps}")
-        if guidance is not None and spec.conditioning != "class":
-            raise ValueError(f"--guidance {guidance}: the model in {checkpoint} is unconditional (conditioning: "
-                             f"{spec.conditioning}); guidance needs one trained with conditioning: class")
-        K = spec.num_classes
+        check_model(spec, checkpoint, steps, guidance)
         diffusion = spec.build_diffusion(dev)
-        options = cfg.model_dump(exclude={"kind"})
-        mine = range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]  # first image of each batch
-        chunks = []
+        mine = batches(sp, world)
         start = time.perf_counter()
         system = out_dir / "system.json"  # written when sampling ends, before the other files
-        total = sum(min(sp.batch_size, sp.num_samples - i) for i in mine) * steps  # rank 0 shows its share
+        total = sum(n for _, n in mine) * steps  # rank 0 shows its share
         with system_metrics.record(system, enabled=world.is_main), \
                 progress(total, f"sample {cell}", enabled=world.is_main) as bar:
-            for i in mine:
-                n = min(sp.batch_size, sp.num_samples - i)
-                g = torch.Generator(device=dev).manual_seed(distributed.derive_seed(sp.seed, i // sp.batch_size))
-                shape = (n, spec.channels, spec.image_size, spec.image_size)
-                x_T = on_step = None
-                if i == 0:  # the first batch also records the denoising strip (x_T drawn as sample() draws it)
-                    x_T = torch.randn(shape, generator=g, device=dev)
-                    on_step = strip = StripRecorder(x_T, steps)
-                y = balanced_labels(n, K, start=i, device=dev) if K else None  # image i has class i mod K
-                x = sample(denoiser, diffusion, shape, sampler=cfg.kind,
-                           steps=steps, spacing=sp.spacing, prediction=spec.prediction, variance=spec.variance,
-                           clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
-                           progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
-                           labels=y, null_label=K, guidance=guide)
-                chunks.append((i, to_uint8(x).cpu(), None if y is None else y.cpu()))
+            chunks, strip = draw(denoiser, diffusion, spec, sp, cfg, steps, guide, mine, dev, bar)
         gathered = distributed.gather(chunks, world)
         seconds = time.perf_counter() - start
         if world.is_main:
-            ordered = sorted((c for part in gathered for c in part), key=lambda c: c[0])
-            images = torch.cat([x for _, x, _ in ordered])
-            labels = torch.cat([y for _, _, y in ordered]) if K else None
-            out_dir.mkdir(parents=True, exist_ok=True)
-            conditioning = {} if not K else {"labels": labels, "classes": list(spec.classes), "guidance": guidance,
-                                             "w": guide.w}
-            atomic_save({"images": images, "sampler": sampler, "steps": steps, "checkpoint_step": ckpt["step"],
-                         **conditioning}, out_dir / "samples.pt")
-            if K:  # one row per class
-                grid = class_grid(images, labels, K)
-                write_image_grid(out_dir / "grid.png", grid, nrow=grid.shape[0] // K)
-            else:
-                write_image_grid(out_dir / "grid.png", images[:64], nrow=8)
-            strip.save(out_dir / "strip.png")  # batch 0 is always rank 0's
-            guided = {} if not K else {"guidance": guidance, "w": guide.w, "rescale": guide.rescale,
-                                       "interval": None if guide.interval is None else list(guide.interval)}
-            write_json(out_dir / "info.json", {"sampler": sampler, "kind": cfg.kind, "options": options,
-                                               "steps": steps, "num_samples": images.shape[0],
-                                               "weights": sp.weights, "ema": ema_summary(ckpt),
-                                               "seconds": round(seconds, 2), "processes": world.size,
-                                               "images_per_second": round(images.shape[0] / seconds, 2),
-                                               "device": str(dev), "started_ms": started_ms,
-                                               "ended_ms": int(time.time() * 1000), **guided})
+            images = write_outputs(out_dir, gathered, strip, sampler=sampler, cfg=cfg, steps=steps, sp=sp, spec=spec,
+                                   ckpt=ckpt, guidance=guidance, guide=guide,
+                                   run={"seconds": seconds, "processes": world.size, "device": str(dev),
+                                        "started_ms": started_ms})
             print(f"sample {cell}: {images.shape[0]} images in {seconds:.1f} s"
                   + (f" on {world.size} processes" if world.is_distributed else "") + f" → {out_dir}")
         distributed.barrier(world)

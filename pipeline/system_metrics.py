@@ -26,6 +26,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from ddpm.errors import InputError
 from pipeline.common import write_atomic
 
 PREFIX = "system/"
@@ -38,9 +39,9 @@ def _env_number(name: str, default, cast):
     try:
         number = cast(value)
     except ValueError:
-        raise ValueError(f"environment variable {name} must be a number, got {value!r}") from None
+        raise InputError(f"environment variable {name} must be a number, got {value!r}") from None
     if number <= 0:
-        raise ValueError(f"environment variable {name} must be positive, got {value!r}")
+        raise InputError(f"environment variable {name} must be positive, got {value!r}")
     return number
 
 

@@ -36,7 +36,6 @@ import shutil
 import tempfile
 import time
 from dataclasses import asdict
-from enum import Enum
 from pathlib import Path
 
 import torch
@@ -45,6 +44,7 @@ from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
 from ddpm.data import DataError, load_split
 from ddpm.ema import averaged_weights
+from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import balanced_labels
 from ddpm.model import ModelSpec
 from ddpm.posthoc_ema import SNAPSHOT_DTYPE, snapshot
@@ -53,6 +53,7 @@ from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.pixels import to_uint8
 from ddpm.training import init_state, load_train_state, to_cpu, train, train_state_dict
 from pipeline import system_metrics
+from pipeline.cli import Resume
 from pipeline.common import (check_writable, flatten, progress, repo_root, resolve_device, tensor_sha256, write_csv,
                              write_image_grid, write_json)
 from pipeline.live import LiveRun
@@ -64,12 +65,6 @@ from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_param
 NOT_FINGERPRINTED = ("train.checkpoint_every", "train.log_every", "train.sample_every")
 STATE = "checkpoints/train-{fingerprint}.pt"  # relative to the repository root
 PREVIEW_IMAGES, PREVIEW_STEPS, PREVIEW_SEED = 16, 50, 0  # the preview grids: 4×4 images, 50 ancestral steps
-
-
-class Resume(str, Enum):
-    auto = "auto"  # resume from --state when it is from the same config, else start fresh
-    never = "never"  # always start fresh (the file is overwritten at the first checkpoint)
-    require = "require"  # fail unless --state exists and is from the same config
 
 
 def training_config(params, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
@@ -222,7 +217,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
     split = load_split(data)
     _, channels, height, width = split.images.shape
     if height != width:
-        raise ValueError(f"{data}: images must be square, got {height}×{width}")
+        raise InputError(f"{data}: images must be square, got {height}×{width}")
     labels = split.labels if p.conditioning == "class" else None
     if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
         raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
@@ -322,7 +317,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             if world.is_main:
                 weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
                 if not all(v.isfinite().all() for w in weights for v in w.values()):
-                    raise FloatingPointError(f"the EMA profiles are not finite in float16 at step {s.step}")
+                    raise DivergedError(f"the EMA profiles are not finite in float16 at step {s.step}")
                 save_snapshot(staging / snapshot_name(s.step), step=s.step, sigma_rels=sigma_rels, weights=weights,
                               config={"model": spec.to_dict(), "fingerprint": config["fingerprint"]})
                 written.append(s.step)
@@ -340,10 +335,10 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
                 record = run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", now_ms(), timeout=10)
                 if record["run_id"]:
                     print(f"train: MLflow run {record['run_id']} marked {'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'}")
-            if isinstance(e, FloatingPointError):
+            if isinstance(e, DivergedError):
                 last = (f"the last good checkpoint is {state_path} at step {saved['step']}"
                         if saved["step"] is not None else "no checkpoint was written")
-                raise FloatingPointError(f"{e}; training stopped, {last}") from None
+                raise DivergedError(f"{e}; training stopped, {last}") from None
             raise
         seconds = time.perf_counter() - start
 

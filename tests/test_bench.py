@@ -102,7 +102,9 @@ def test_bench_command_rejects_bad_choices():
     r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "tf32"])
     assert r.exit_code == 1 and "needs a CUDA device" in r.output
     r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--precision", "fp16"])
-    assert r.exit_code == 1 and "auto, fp32, tf32, bf16" in r.output
+    assert r.exit_code == 2 and all(f"'{p}'" in r.output for p in ("auto", "fp32", "tf32", "bf16"))
+    r = CliRunner().invoke(app, ["bench", "--config", "tiny", "--device", "cpu", "--compile", "fast"])
+    assert r.exit_code == 2 and all(c in r.output for c in ("none", "default", "max-autotune"))
 
 
 def test_cpu_mfu_against_the_measured_matmul_rates():

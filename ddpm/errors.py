@@ -1,0 +1,15 @@
+"""The library's error types for what a user can fix (a bad setting or input, a training run
+that diverged), as opposed to a bug. The command line prints these as one line and lets any
+other exception (a shape error, CUDA out of memory) through with its traceback."""
+
+
+class DDPMError(Exception):
+    """An error the user can fix; its message names the setting, file or step at fault."""
+
+
+class InputError(DDPMError, ValueError):
+    """A bad argument, setting or input file (a ValueError, for callers that catch those)."""
+
+
+class DivergedError(DDPMError, FloatingPointError):
+    """Training became non-finite (the loss, the weights or their averages)."""

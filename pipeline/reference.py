@@ -1,0 +1,45 @@
+"""The reference statistics that stage `fid_ref` writes and stage `fid` reads: their file
+format, the key that records what they were made from, and the extractor weights they
+depend on. Shared by both stages, so that neither imports the other."""
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from ddpm.data import DataError
+from ddpm.files import load_torch_file
+from pipeline.common import tensor_sha256
+
+FORMAT = "ddpm-reference/1"
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def reference_key(images: torch.Tensor, split: str, extractor: str, weights) -> dict:
+    """What a reference set's statistics depend on: data, split, extractor, resolution."""
+    return {"data_sha256": tensor_sha256(images), "split": split, "extractor": extractor,
+            "weights_sha256": None if weights is None else file_sha256(weights),
+            "resolution": list(images.shape[1:])}
+
+
+def extractor_weights(extractor: str, weights_path, classifier: Path):
+    """The weights file the extractor reads: the classifier checkpoint, or fid.weights_path."""
+    weights = classifier if extractor == "ddpm-classifier" else weights_path
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"feature extractor weights {weights} do not exist")
+    return weights
+
+
+def load_reference(path: Path) -> dict:
+    ref = load_torch_file(path, DataError, f"reference statistics {path} do not exist (run the fid_ref stage first)",
+                          f"reference statistics {path} are corrupt")
+    if not isinstance(ref, dict) or ref.get("format") != FORMAT:
+        raise DataError(f"{path} is not a {FORMAT} file")
+    return ref

@@ -19,7 +19,7 @@ import torch
 
 from ddpm.data import load_split
 from ddpm.files import atomic_save
-from ddpm.metrics import extract_features, metrics_from_features, reference_statistics
+from ddpm.metrics import create_extractor, extract_features, metrics_from_features, reference_statistics
 from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
 from pipeline.reference import FORMAT, extractor_weights, reference_key
@@ -37,23 +37,22 @@ def main(params_path: Path, reference: Path, classifier: Path, out: Path, device
     f = p.fid
     check_writable(out / "stats.pt", out / "info.json", *([floor_out] if floor_out else []))
     split = load_split(reference)
-    floor_images = None if floor_from is None else real_subset(load_split(floor_from).images,
-                                                                p.sample.num_samples, p.sample.seed)
+    floor_images = None if floor_from is None or floor_out is None else real_subset(
+        load_split(floor_from).images, p.sample.num_samples, p.sample.seed)
     weights = extractor_weights(f.extractor, f.weights_path, classifier)
     dev = resolve_device(device)
+    model = create_extractor(f.extractor, weights, dev.type == "cuda")  # loaded once, for both sets
     images = split.images
     with progress(images.shape[0], f"fid_ref {f.extractor}") as bar:
-        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
-                                 batch_size=f.batch_size, progress=bar)
+        feats = extract_features(images, extractor=f.extractor, batch_size=f.batch_size, progress=bar, model=model)
     stats = reference_statistics(feats)
     key = reference_key(images, reference.stem, f.extractor, weights)
     atomic_save({"format": FORMAT, "key": key, "num_images": images.shape[0], **stats}, out / "stats.pt")
     write_json(out / "info.json", {**key, "num_images": images.shape[0], "source": str(reference),
                                    "feature_dim": stats["features"].shape[1]})
     print(f"fid_ref: {f.extractor} statistics of {images.shape[0]} images of {reference} → {out}")
-    if floor_images is not None and floor_out is not None:
-        real = extract_features(floor_images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
-                                batch_size=f.batch_size)
+    if floor_images is not None:
+        real = extract_features(floor_images, extractor=f.extractor, batch_size=f.batch_size, model=model)
         m = metrics_from_features(real, stats, kid_subset_size=f.kid_subset_size)
         write_json(floor_out, {"source": str(floor_from), "num_images": floor_images.shape[0],
                                "reference_images": images.shape[0], "extractor": f.extractor,

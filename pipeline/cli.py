@@ -196,14 +196,26 @@ def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/m
 def fid_ref(params: Path = PARAMS, reference: Path = typer.Option(Path("data/prepared/test.pt"), help="reference split"),
             classifier: Path = typer.Option(Path("models/classifier.pt"), help="weights of the ddpm-classifier extractor"),
             out: Path = typer.Option(Path("data/reference"), help="folder for stats.pt and info.json"),
-            floor_from: Path | None = typer.Option(None, help="real images (a prepared split) for the real-data floor"),
-            floor_out: Path | None = typer.Option(None, help="JSON for the real-data floor's metrics"),
             device: str = DEVICE):
-    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...);
-    with --floor-from, also the real-data floor: sample.num_samples real images against it."""
+    """Features and mean/covariance of the reference split, once per extractor (fid.extractor, ...)."""
     from pipeline import fid_ref as stage
 
-    stage.main(params, reference, classifier, out, device, floor_from, floor_out)
+    stage.main(params, reference, classifier, out, device)
+
+
+@app.command("fid-floor")
+@clear_errors
+def fid_floor(params: Path = PARAMS, real: Path = typer.Option(Path("data/prepared/train.pt"),
+                                                              help="real images (a prepared split)"),
+              reference: Path = typer.Option(Path("data/reference/stats.pt"), help="reference statistics (fid-ref)"),
+              classifier: Path = typer.Option(Path("models/classifier.pt"),
+                                              help="weights of the ddpm-classifier extractor"),
+              out: Path = typer.Option(Path("metrics/fid_floor.json"), help="the floor's metrics"),
+              device: str = DEVICE):
+    """The real-data floor: sample.num_samples real images (drawn with sample.seed) against the reference (fid.*)."""
+    from pipeline import fid_floor as stage
+
+    stage.main(params, real, reference, classifier, out, device)
 
 
 @app.command()
@@ -262,7 +274,7 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
                                            help="one row per cell and guidance weight w (FID, precision, recall, "
                                                 "class accuracy)"),
            sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png")),
-           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-ref)")):
+           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-floor)")):
     """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
     report."""
     from pipeline import report as stage

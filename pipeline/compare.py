@@ -14,6 +14,17 @@ bits/dim, so that two ablations can be told apart from seed noise.
 
 ``--sigma-rel-figure`` adds FID against the EMA length σ_rel over the experiments of a
 σ_rel sweep (``pipeline.ema_sweep``: a table, and a figure with one line per sampler).
+
+Every run is one row, also the one in the workspace. ``dvc exp show`` always lists the
+workspace as a row of its own, and after ``dvc exp run`` (which leaves the experiment's
+results in the workspace), ``dvc exp apply`` or a committed ``dvc repro`` that row repeats
+an experiment's or a commit's params and metrics: the same run twice, which would also
+count twice in the tables. A DVC user names a run by its experiment name or commit (what
+``dvc exp apply``, ``exp branch`` and ``exp remove`` take), so a workspace whose params and
+metrics equal those of an experiment or commit is that run's row, marked "(workspace)"
+(``"workspace": true`` in the JSON), not a row of its own. A workspace that differs from
+all of them (params changed and not yet run, a run not yet committed) stays a
+``workspace`` row.
 """
 
 import statistics
@@ -72,6 +83,27 @@ def _revisions(node, parent_name=None):
             yield from _revisions(exp.get("revs") or [], exp.get("name"))
 
 
+WORKSPACE = "workspace"  # the rev dvc exp show gives the working tree
+
+
+def _run_key(data: dict) -> str:
+    return json.dumps([data.get("params"), data.get("metrics")], sort_keys=True, default=str)
+
+
+def runs(exp_show) -> list[tuple]:
+    """Each distinct run once, as (name, rev, data, in_workspace): the workspace folded into the
+    first commit or experiment with the same params and metrics (see the module docstring)."""
+    revisions = list(_revisions(exp_show))
+    committed: dict[str, int] = {}
+    for i, (_, rev, data) in enumerate(revisions):
+        if rev != WORKSPACE and data.get("metrics"):
+            committed.setdefault(_run_key(data), i)
+    folded = {i: committed.get(_run_key(data)) for i, (_, rev, data) in enumerate(revisions) if rev == WORKSPACE}
+    in_workspace = {j for j in folded.values() if j is not None}
+    return [(name, rev, data, i in in_workspace) for i, (name, rev, data) in enumerate(revisions)
+            if folded.get(i) is None]
+
+
 def _get(d: dict, dotted: str):
     for part in dotted.split("."):
         if not isinstance(d, dict) or part not in d:
@@ -100,9 +132,10 @@ def _cells(data: dict) -> dict:
 
 
 def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
-    """One row per revision that has FID metrics (with all its params and per-cell metrics)."""
+    """One row per run that has FID metrics (with all its params and per-cell metrics); a
+    workspace that repeats an experiment or commit is that row, with ``workspace`` true."""
     rows, seen = [], set()
-    for name, rev, data in _revisions(exp_show):
+    for name, rev, data, in_workspace in runs(exp_show):
         params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data") or {}
         best = _metric(data, "metrics/fid.json", "best")
         if not isinstance(best, dict) or "fid" not in best:
@@ -111,7 +144,8 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
         name = name or short
         label = name if name not in seen else f"{name}@{short}"
         seen.add(label)
-        rows.append({"experiment": label, "rev": short, **{k: _get(params, k) for k in keys},
+        rows.append({"experiment": label, "rev": short, "workspace": in_workspace or rev == WORKSPACE,
+                     **{k: _get(params, k) for k in keys},
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
                      "bits_per_dim": _metric(data, BPD_FILE, BPD_KEY),
                      "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy"),
@@ -125,17 +159,12 @@ SEED_KEY = "seed"
 def seed_groups(rows: list[dict], seed_key: str = SEED_KEY) -> list[tuple[str, list[dict]]]:
     """Groups of two or more rows whose params are equal but for ``seed_key``, each labelled by
     the params that vary between experiments (``key=value, …``; "baseline" when none do).
-    Rows of the same run (equal params and metrics: the workspace and HEAD) count once."""
+    ``rows`` hold each run once (``experiment_rows``)."""
     def config(r):
         return {k: v for k, v in r["params"].items() if k != seed_key}
 
     groups: dict[str, list[dict]] = {}
-    runs = set()
     for r in rows:
-        run = json.dumps([r["params"], r["cells"], r["bits_per_dim"]], sort_keys=True, default=str)
-        if run in runs:  # the workspace shows HEAD's run again: one run counts once
-            continue
-        runs.add(run)
         groups.setdefault(json.dumps(config(r), sort_keys=True, default=str), []).append(r)
     varying = sorted({k for r in rows for k in config(r) if len({json.dumps(config(o).get(k)) for o in rows}) > 1})
     out = []
@@ -205,7 +234,8 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
     cols = ["experiment", "rev", *keys, "best FID", "best cell"] + (["bits/dim"] if has_bpd else []) + ["extractor acc."]
     lines = ["## Experiments", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in sorted(rows, key=lambda r: r["best_fid"]):
-        vals = [r["experiment"], r["rev"], *(_fmt(r[k], "{}") for k in keys), _fmt(r["best_fid"]), r["best_cell"]]
+        name = r["experiment"] + (" (workspace)" if r.get("workspace") and r["rev"] != WORKSPACE else "")
+        vals = [name, r["rev"], *(_fmt(r[k], "{}") for k in keys), _fmt(r["best_fid"]), r["best_cell"]]
         vals += [_fmt(r["bits_per_dim"])] if has_bpd else []
         vals += [_fmt(r["classifier_accuracy"], "{:.4f}")]
         lines.append("| " + " | ".join(vals) + " |")
@@ -236,7 +266,7 @@ def main(exp_json: Path | None, row_key: str, col_key: str, extra: list[str], ou
     if sigma_rel_figure is not None:
         from pipeline import ema_sweep
 
-        points, references = ema_sweep.sweep(_revisions(exp_show))
+        points, references = ema_sweep.sweep((name, rev, data) for name, rev, data, _ in runs(exp_show))
         text += "\n" + ema_sweep.render(points, references, sigma_rel_steps)
         if points:
             ema_sweep.plot(points, references, sigma_rel_steps, sigma_rel_figure)

@@ -16,7 +16,7 @@ from ddpm.data import DataError
 from ddpm.metrics import extract_features, load_classifier, metrics_from_features
 from pipeline.common import check_writable, progress, resolve_device, write_json
 from pipeline.params import for_stage, load_params
-from pipeline.reference import extractor_weights, file_sha256, load_reference
+from pipeline.reference import check_reference, extractor_weights, load_reference
 
 
 def load_samples(path: Path) -> dict:
@@ -42,17 +42,6 @@ def class_accuracy(samples: dict, classifier: Path, device) -> float:
         raise DataError(f"the classifier {classifier} knows the classes {trained_on}, the samples' model "
                         f"{samples['classes']}: train both on the same data")
     return accuracy(load_classifier(classifier), samples["images"], samples["labels"].long().cpu(), device)
-
-
-def check_reference(ref: dict, path: Path, images: torch.Tensor, extractor: str, weights) -> None:
-    """Refuse reference statistics made for another extractor, weights or resolution."""
-    key = ref["key"]
-    expected = {"extractor": extractor, "weights_sha256": None if weights is None else file_sha256(weights),
-                "resolution": list(images.shape[1:])}
-    stale = [k for k, v in expected.items() if key.get(k) != v]
-    if stale:
-        raise DataError(f"reference statistics {path} were made for another {', '.join(stale)} "
-                        f"({', '.join(f'{k}={key.get(k)}' for k in stale)}): run the fid_ref stage again")
 
 
 def main(params_path: Path, samples: Path, reference: Path, classifier: Path, out: Path, device: str) -> None:

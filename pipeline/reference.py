@@ -1,6 +1,6 @@
-"""The reference statistics that stage `fid_ref` writes and stage `fid` reads: their file
-format, the key that records what they were made from, and the extractor weights they
-depend on. Shared by both stages, so that neither imports the other."""
+"""The reference statistics that stage `fid_ref` writes and stages `fid` and `fid_floor`
+read: their file format, the key that records what they were made from, and the extractor
+weights they depend on. Shared by these stages, so that none imports another."""
 
 import hashlib
 from pathlib import Path
@@ -43,3 +43,14 @@ def load_reference(path: Path) -> dict:
     if not isinstance(ref, dict) or ref.get("format") != FORMAT:
         raise DataError(f"{path} is not a {FORMAT} file")
     return ref
+
+
+def check_reference(ref: dict, path: Path, images: torch.Tensor, extractor: str, weights) -> None:
+    """Refuse reference statistics made for another extractor, weights or resolution."""
+    key = ref["key"]
+    expected = {"extractor": extractor, "weights_sha256": None if weights is None else file_sha256(weights),
+                "resolution": list(images.shape[1:])}
+    stale = [k for k, v in expected.items() if key.get(k) != v]
+    if stale:
+        raise DataError(f"reference statistics {path} were made for another {', '.join(stale)} "
+                        f"({', '.join(f'{k}={key.get(k)}' for k in stale)}): run the fid_ref stage again")

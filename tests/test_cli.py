@@ -76,6 +76,10 @@ def test_fid_report_and_log(workdir, monkeypatch):
     (workdir / "params.yaml").write_text(yaml.safe_dump(p))  # report and log read the matrix from it
     r = invoke("fid-ref")
     assert r.exit_code == 0 and (workdir / "data/reference/stats.pt").is_file(), r.output
+    r = invoke("fid-floor")  # sample.num_samples real training images against that reference
+    assert r.exit_code == 0, r.output
+    floor = json.loads((workdir / "metrics/fid_floor.json").read_text())
+    assert floor["num_images"] == p["sample"]["num_samples"] and floor["fid"] > 0
     for s in p["sample"]["samplers"]:
         for k in p["sample"]["steps"]:
             if not (workdir / f"samples/{s}-{k}").exists():
@@ -88,6 +92,7 @@ def test_fid_report_and_log(workdir, monkeypatch):
     assert r.exit_code == 0, r.output
     fid = json.loads((workdir / "metrics/fid.json").read_text())
     assert set(fid["fid"]) == {"ddpm", "ddim"} and set(fid["fid"]["ddim"]) == {"2", "3"}
+    assert fid["floor"]["fid"] == floor["fid"] and "Real-data floor" in (workdir / "reports/report.md").read_text()
     assert (workdir / "reports/fid_vs_steps.png").stat().st_size > 0
     assert "| ddim |" in (workdir / "reports/report.md").read_text()
 
@@ -174,6 +179,6 @@ def test_undefined_sampler(workdir, tmp_path):
 
 def test_help_lists_every_stage():
     r = invoke("--help")
-    for stage in ("prepare", "classifier", "train", "ema", "sample", "fid-ref", "fid", "nll", "denoise", "report",
-                  "log", "compare", "export"):
+    for stage in ("prepare", "classifier", "train", "ema", "sample", "fid-ref", "fid-floor", "fid", "nll", "denoise",
+                  "report", "log", "compare", "export"):
         assert stage in r.output

@@ -35,7 +35,8 @@ def test_bad_resume_is_a_usage_error_naming_the_choices(tmp_path):
     assert "auto|never|require" in cli(tmp_path, "train", "--help").output
 
 
-@pytest.mark.parametrize("command", ["classifier", "train", "sample", "fid-ref", "fid", "nll", "denoise"])
+@pytest.mark.parametrize("command", ["classifier", "train", "sample", "fid-ref", "fid-floor", "fid", "nll",
+                                     "denoise"])
 def test_bad_device_is_a_usage_error(tmp_path, command):
     result = cli(tmp_path, command, "--device", "gpu")
     assert result.exit_code == 2 and "'gpu' is not one of auto, cpu, cuda, cuda:N" in result.output

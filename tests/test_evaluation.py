@@ -19,6 +19,7 @@ from ddpm.checkpoint import save_checkpoint
 from ddpm.classifier import Classifier, ClassifierConfig, train_classifier
 from ddpm.data import DataError, Split, save_split
 from pipeline import fid as fid_stage
+from pipeline import fid_floor as floor_stage
 from pipeline import fid_ref as ref_stage
 from pipeline import report as report_stage
 from pipeline.cli import app
@@ -167,7 +168,7 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     for n, zero in ((64, True), (16, False)):
         p["sample"]["num_samples"] = n
         params.write_text(yaml.safe_dump(p))
-        ref_stage.main(params, test, classifier, tmp_path / "ref_floor", "cpu", test, tmp_path / "floor.json")
+        floor_stage.main(params, test, ref_dir / "stats.pt", classifier, tmp_path / "floor.json", "cpu")
         floor = json.loads((tmp_path / "floor.json").read_text())
         assert floor["num_images"] == n and floor["reference_images"] == 64
         assert (abs(floor["fid"]) < 1e-6) == zero and floor["recall"] > 0.5
@@ -179,10 +180,12 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     assert second["key"]["data_sha256"] != first["key"]["data_sha256"]
     assert not torch.allclose(second["mu"], first["mu"])
 
-    # another extractor (weights) without re-running fid_ref: refused, not silently reused
+    # another extractor (weights) without re-running fid_ref: refused, not silently reused (also by the floor)
     other = write_classifier(tmp_path / "other.pt", seed=2)
     with pytest.raises(DataError, match="another weights_sha256.*fid_ref"):
         fid_stage.main(params, samples, ref_dir / "stats.pt", other, cell, "cpu")
+    with pytest.raises(DataError, match="another weights_sha256.*fid_ref"):
+        floor_stage.main(params, test, ref_dir / "stats.pt", other, tmp_path / "floor.json", "cpu")
     p = yaml.safe_load(params.read_text())
     p["fid"]["extractor"] = "inception-v3-compat"
     p["fid"]["weights_path"] = str(other)  # any existing file: the check comes before loading it
@@ -193,12 +196,17 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
 
 def test_dvc_recomputes_the_reference_when_its_inputs_change():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    ref, fid = stages["fid_ref"], stages["fid"]
-    assert {"data/prepared/test.pt", "data/prepared/train.pt", "models/classifier.pt", "ddpm/metrics.py",
-            "ddpm/classifier.py"} <= set(ref["deps"])
-    assert ref["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
+    ref, floor, fid = stages["fid_ref"], stages["fid_floor"], stages["fid"]
+    assert {"data/prepared/test.pt", "models/classifier.pt", "ddpm/metrics.py",
+            "ddpm/classifier.py"} <= set(ref["deps"]) and "data/prepared/train.pt" not in ref["deps"]
     assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
-    assert ref["outs"] == ["data/reference"]
+    assert not any(k.startswith("sample") for k in ref["params"])  # a sampling change keeps the reference
+    assert ref["outs"] == ["data/reference"] and "metrics" not in ref
+    # the real-data floor: sample.num_samples training images against the reference, re-run by sampling params
+    assert {"data/prepared/train.pt", "data/reference/stats.pt", "models/classifier.pt"} <= set(floor["deps"])
+    assert {"sample.num_samples", "sample.seed"} <= set(floor["params"]) == set(STAGE_PARAMS["fid_floor"])
+    assert floor["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
+    assert "metrics/fid_floor.json" in stages["report"]["deps"]
     assert "data/reference/stats.pt" in fid["deps"] and "data/prepared/test.pt" not in fid["deps"]
     assert "--reference data/reference/stats.pt" in fid["cmd"]
     assert stages["report"]["params"] == STAGE_PARAMS["report"]

@@ -72,6 +72,8 @@ class Resume(str, Enum):
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read")
 DEVICE = typer.Option("auto", "--device", parser=device_name, metavar="[auto|cpu|cuda|cuda:N]",
                       help="auto (CUDA when present), cpu, cuda or cuda:N")
+EMA_CHECKPOINT = typer.Option(Path("models/model_ema.pt"))  # the ema stage's output
+TEST_SPLIT = typer.Option(Path("data/prepared/test.pt"), help="the test split")
 
 
 def clear_errors(fn):
@@ -177,7 +179,7 @@ def ema(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/mode
 
 @app.command()
 @clear_errors
-def sample(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
+def sample(params: Path = PARAMS, checkpoint: Path = EMA_CHECKPOINT,
            sampler: str = typer.Option(..., help="a sampler name defined under 'samplers' in params"),
            steps: int = typer.Option(..., help="number of sampling steps"),
            out: Path = typer.Option(..., help="folder for samples.pt, grid.png, strip.png, info.json, system.json"),
@@ -232,8 +234,7 @@ def fid(params: Path = PARAMS, samples: Path = typer.Option(..., help="samples.p
 
 @app.command()
 @clear_errors
-def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
-        data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+def nll(params: Path = PARAMS, checkpoint: Path = EMA_CHECKPOINT, data: Path = TEST_SPLIT,
         metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim and its parts"),
         plot: Path = typer.Option(Path("plots/nll_terms.csv"), help="mean bound term per timestep (t, bits_per_dim)"),
         device: str = DEVICE):
@@ -245,8 +246,7 @@ def nll(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/mode
 
 @app.command()
 @clear_errors
-def denoise(params: Path = PARAMS, checkpoint: Path = typer.Option(Path("models/model_ema.pt")),
-            data: Path = typer.Option(Path("data/prepared/test.pt"), help="the test split"),
+def denoise(params: Path = PARAMS, checkpoint: Path = EMA_CHECKPOINT, data: Path = TEST_SPLIT,
             metrics: Path = typer.Option(Path("metrics/denoise.json"), help="MSE of the raw, EMA and untrained weights"),
             device: str = DEVICE):
     """Held-out denoising MSE (ε) of the raw, EMA and untrained weights, side by side (denoise.*)."""

@@ -35,14 +35,14 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
-from ddpm.data import DataError, load_split
+from ddpm.data import DataError, Split, load_split
 from ddpm.ema import averaged_weights
 from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import balanced_labels
@@ -57,7 +57,7 @@ from pipeline.cli import Resume
 from pipeline.common import (check_writable, flatten, progress, repo_root, resolve_device, tensor_sha256, write_csv,
                              write_image_grid, write_json)
 from pipeline.live import LiveRun
-from pipeline.params import for_stage, load_params, stage_values
+from pipeline.params import View, for_stage, load_params, stage_values
 from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_params, now_ms, standard_tags,
                                training_dataset, ui_url)
 
@@ -202,6 +202,271 @@ def replace_folder(src: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
+@dataclass(frozen=True)
+class Outputs:
+    """The stage's outputs (dvc.yaml's outs, reaching the code as CLI options)."""
+    checkpoint: Path
+    metrics: Path
+    plot: Path
+    timing: Path
+    system: Path
+    snapshots: Path
+    samples: Path
+    mlflow_run: Path
+
+    def check_writable(self, state_dir: Path) -> None:
+        check_writable(self.checkpoint, self.metrics, self.plot, self.timing, self.system, self.mlflow_run,
+                       folders=[self.samples, state_dir])
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training, decided before any work: the stage's params, the images (and labels) it trains
+    on, the model, the checkpoint's config (with the fingerprint) and where its resumable files go."""
+    p: View
+    images: torch.Tensor
+    labels: torch.Tensor | None
+    spec: ModelSpec
+    config: dict  # model, train, seed, objective, training, fingerprint
+    state_path: Path
+    dataset: dict  # for MLflow's "Datasets"
+
+    @property
+    def staging(self) -> Path:
+        return staging_dir(self.state_path)
+
+    @property
+    def previews(self) -> Path:
+        return self.state_path.with_name(self.state_path.stem + ".samples")  # beside the state: they survive a kill too
+
+
+def training_split(data: Path, conditioning: str) -> tuple[Split, torch.Tensor | None]:
+    """The training split (square images), and its labels (checked against its classes) when the
+    U-Net is class-conditional."""
+    split = load_split(data)
+    _, _, height, width = split.images.shape
+    if height != width:
+        raise InputError(f"{data}: images must be square, got {height}×{width}")
+    labels = split.labels if conditioning == "class" else None
+    if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
+        raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
+    return split, labels
+
+
+def plan(params, data: Path, state_template: Path) -> Job:
+    """The ``Job`` of the params and the training split at ``data``."""
+    p = for_stage(params, "train")
+    split, labels = training_split(data, p.conditioning)
+    _, channels, size, _ = split.images.shape
+    classes = list(split.classes) if labels is not None else []
+    spec = ModelSpec(unet=p.model, image_size=size, channels=channels, schedule=p.schedule,
+                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance,
+                     conditioning=p.conditioning, num_classes=len(classes), classes=classes)
+    training = training_config(params, split.images, labels)
+    fp = fingerprint(training)
+    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling,
+                 **({"cond_drop": p.cond_drop} if labels is not None else {})}
+    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
+              "training": training, "fingerprint": fp}
+    dataset = {"name": f"{params.data.name}-train", "source": str(data if data.is_absolute() else repo_root() / data),
+               "sha256": training["data.sha256"], "shape": training["data.shape"]}
+    return Job(p, split.images, labels, spec, config, state_file(state_template, fp), dataset)
+
+
+def build(job: Job, world, dev) -> tuple:
+    """(U-Net, its training state, diffusion, timestep sampler): the same initial weights on every
+    rank, then a dropout stream per rank."""
+    torch.manual_seed(job.p.seed)
+    net = job.spec.build_unet()
+    state = init_state(net, job.p.train, job.p.seed, dev)
+    if world.is_distributed:
+        torch.manual_seed(distributed.derive_seed(job.p.seed, world.rank))
+    diffusion = job.spec.build_diffusion(dev)
+    return net, state, diffusion, make_timestep_sampler(job.p.timestep_sampling, job.p.timesteps, dev)
+
+
+def negotiate_resume(job: Job, world, mode: Resume) -> tuple[dict | None, str, list[int]]:
+    """Rank 0 decides whether to resume (``read_resume_file``) and readies the snapshot staging folder;
+    every rank gets (training state or None, a line saying what happens, the snapshot steps already
+    staged), or raises rank 0's CheckpointError."""
+    found = None
+    if world.is_main:
+        try:
+            ckpt, what = read_resume_file(job.state_path, job.config["training"], mode)
+            found = ckpt, what, prepare_staging(job.staging, ckpt, job.state_path)
+        except CheckpointError as e:
+            found = e
+    found = distributed.broadcast(found, world)
+    if isinstance(found, CheckpointError):
+        raise found
+    return found
+
+
+def begin(job: Job, world, what: str, fresh: bool) -> None:
+    """Rank 0, before training: say what happens, delete what a run killed mid-write left, and the
+    preview grids of an earlier run when starting fresh."""
+    print(f"train: {what}" + (f" ({world.size} processes)" if world.is_distributed else ""))
+    for stale in job.state_path.parent.glob(f".{job.state_path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+    if fresh:
+        shutil.rmtree(job.previews, ignore_errors=True)
+
+
+def open_live_run(job: Job, params, uri: str, experiment: str, started_ms: int, ckpt: dict | None) -> LiveRun:
+    """The live MLflow run, with the stage's start time: the run of the attempt a resumed training
+    continues (when that logged to the same tracking URI), else a new one; params and data set first."""
+    resumed = (ckpt or {}).get("mlflow") or {}
+    exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    run = LiveRun(uri, experiment, run_name="train", start_ms=started_ms,
+                  resume_run_id=resumed.get("run_id") if resumed.get("tracking_uri") == uri else None,
+                  tags={**standard_tags("python -m pipeline train"), "dvc.exp_name": exp_name,
+                        "dvc.stage": "train", "pipeline.training": job.config["fingerprint"]})
+    run.log_params(mlflow_params(params, "train"))
+    dataset = job.dataset
+    run.log_dataset(lambda mlflow: dataset_input(training_dataset(mlflow, dataset), dataset["sha256"]))
+    return run
+
+
+class Recorder:
+    """Training's callbacks, and what they record: every ``train.log_every`` steps the (step, learning
+    rate, gradient norm) history, live MLflow metrics and, every ``train.sample_every`` steps, a
+    preview grid; every ``train.checkpoint_every`` steps the resume file; every
+    ``train.ema_snapshot_every`` steps the post-hoc EMA snapshots. Files and MLflow on rank 0 only."""
+
+    def __init__(self, job: Job, world, diffusion, sampler, ckpt: dict | None, written: list[int],
+                 run: LiveRun | None, uri: str):
+        self.job, self.world, self.diffusion, self.sampler = job, world, diffusion, sampler
+        self.run, self.uri = run, uri
+        self.written = written  # snapshot steps in the staging folder (rank 0)
+        # (step, learning rate, gradient norm) per logged step, beside state.losses
+        self.history = [tuple(row) for row in ckpt.get("history", [])] if ckpt is not None else []
+        self.saved_step = int(ckpt["step"]) if ckpt is not None else None  # of the last resume file written
+        self.preview_step = max([int(f.stem.split("_")[-1]) for f in job.previews.glob("step_*.png")], default=0)
+
+    def on_log(self, s) -> None:
+        if not self.world.is_main:
+            return
+        step, loss = s.losses[-1]
+        lr = s.scheduler.get_last_lr()[0]
+        grad_norm = float(s.grad_norm) if s.grad_norm is not None else float("nan")
+        self.history.append((step, lr, grad_norm))
+        if self.run is not None:
+            self.run.log_metrics(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, now_ms())
+        every, last = self.job.p.train.sample_every, self.job.p.train.steps
+        if every and (step // every > self.preview_step // every or step == last):
+            path = self.job.previews / f"step_{step:07d}.png"
+            preview_grid(s, self.diffusion, self.job.spec, path)
+            self.preview_step = step
+            if self.run is not None:
+                self.run.log_image(step, path, now_ms())
+
+    def checkpoint(self, s) -> None:
+        d = train_state_dict(s, self.world, self.sampler)  # collective: every rank's RNG states
+        if self.world.is_main:
+            run_id = self.run.opened_run_id() if self.run is not None else None
+            mlflow_state = {"tracking_uri": self.uri, "run_id": run_id} if run_id else {}
+            save_checkpoint(self.job.state_path, config=self.job.config, **d, ema_snapshots=sorted(self.written),
+                            history=[list(h) for h in self.history], mlflow=mlflow_state)
+            self.saved_step = s.step
+
+    def ema_snapshot(self, s) -> None:
+        if self.world.is_main:
+            weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
+            if not all(v.isfinite().all() for w in weights for v in w.values()):
+                raise DivergedError(f"the EMA profiles are not finite in float16 at step {s.step}")
+            save_snapshot(self.job.staging / snapshot_name(s.step), step=s.step,
+                          sigma_rels=list(self.job.p.train.ema_profiles), weights=weights,
+                          config={"model": self.job.spec.to_dict(), "fingerprint": self.job.config["fingerprint"]})
+            self.written.append(s.step)
+
+    def failed(self, e: BaseException) -> BaseException:
+        """Mark the live run KILLED (Ctrl-C) or FAILED; the error to raise (a divergence names the
+        last good checkpoint)."""
+        if self.run is not None:
+            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            record = self.run.finish(status, now_ms(), timeout=10)
+            if record["run_id"]:
+                print(f"train: MLflow run {record['run_id']} marked {status}")
+        if not isinstance(e, DivergedError):
+            return e
+        last = (f"the last good checkpoint is {self.job.state_path} at step {self.saved_step}"
+                if self.saved_step is not None else "no checkpoint was written")
+        return DivergedError(f"{e}; training stopped, {last}")
+
+
+def fit(job: Job, state, diffusion, rec: Recorder, system: Path) -> float:
+    """Train ``state`` (recording the system metrics, with a progress bar on rank 0); the seconds it took."""
+    p, world = job.p, rec.world
+    start = time.perf_counter()
+    try:
+        with system_metrics.record(system, enabled=world.is_main), \
+                progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=state.step) as bar:
+            train(state, diffusion, job.images, p.train, prediction=p.prediction, loss=p.loss,
+                  variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=rec.sampler,
+                  labels=job.labels, cond_drop=p.cond_drop, world=world, progress=bar, on_log=rec.on_log,
+                  on_checkpoint=rec.checkpoint, on_snapshot=rec.ema_snapshot)
+    except BaseException as e:
+        error = rec.failed(e)
+        if error is e:
+            raise
+        raise error from None
+    return time.perf_counter() - start
+
+
+def snapshot_index(job: Job, steps: list[int]) -> dict:
+    """``index.json`` of the published EMA snapshots."""
+    return {"steps": steps, "sigma_rels": list(job.p.train.ema_profiles) if steps else [],
+            "files": [snapshot_name(k) for k in steps], "dtype": str(SNAPSHOT_DTYPE).removeprefix("torch."),
+            "bytes": sum((job.staging / snapshot_name(k)).stat().st_size for k in steps),
+            "fingerprint": job.config["fingerprint"]}
+
+
+def loss_rows(losses: list[tuple[int, float]], history: list[tuple]) -> list[tuple]:
+    """(step, loss, lr, grad_norm) per logged step; lr and grad_norm empty where not recorded."""
+    extra = {step: (lr, gn) for step, lr, gn in history}
+    return [(step, loss, *extra.get(step, ("", ""))) for step, loss in losses]
+
+
+def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, first_step: int, dev,
+                  started_ms: int) -> dict:
+    """Rank 0, after training: the snapshots, checkpoint, loss curve, preview grids, metrics, timing
+    and MLflow record (closing the live run), then the resumable files deleted; the MLflow record."""
+    job, world = rec.job, rec.world
+    n_params = sum(t.numel() for t in net.parameters())
+    publish_snapshots(job.staging, sorted(rec.written), outputs.snapshots, snapshot_index(job, sorted(rec.written)))
+    save_checkpoint(outputs.checkpoint, step=state.step, config=job.config, model=to_cpu(net.state_dict()),
+                    ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(job.p.train.ema)},
+                    timestep_sampler=rec.sampler.state_dict())
+    write_csv(outputs.plot, ["step", "loss", "lr", "grad_norm"], loss_rows(state.losses, rec.history))
+    replace_folder(job.previews, outputs.samples)
+    write_json(outputs.metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
+                                 "parameters": n_params})
+    trained, ended_ms = state.step - first_step, now_ms()
+    write_json(outputs.timing, {"seconds": round(seconds, 2), "device": str(dev), "processes": world.size,
+                                "resumed_from_step": first_step, "started_ms": started_ms, "ended_ms": ended_ms,
+                                "images_per_second": round(trained * job.p.train.batch_size / max(seconds, 1e-9), 1)})
+    record = rec.run.finish("FINISHED", ended_ms) if rec.run is not None else {
+        "tracking_uri": None, "run_id": None, "complete": False, "error": "--no-live"}
+    write_json(outputs.mlflow_run, {**record, "dataset": job.dataset})
+    job.state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
+    shutil.rmtree(job.previews, ignore_errors=True)
+    shutil.rmtree(job.staging, ignore_errors=True)
+    return record
+
+
+def summary(state, seconds: float, dev, world, out: Path, rec: Recorder, record: dict) -> str:
+    """What rank 0 prints at the end: steps, loss, time, and where the MLflow run is."""
+    lines = [f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
+             + (f" × {world.size}" if world.is_distributed else "") + f" → {out}"]
+    if rec.run is not None:
+        uri = rec.uri
+        link = ui_url(uri, record["experiment_id"], record["run_id"]) if record["run_id"] else None
+        lines.append(f"train: MLflow run {record['run_id']} at {uri}" + (f" ({link})" if link else "")
+                     if record["complete"] else f"warning: live MLflow logging incomplete ({record['error']}); "
+                                                "the log stage fills in what is missing")
+    return "\n".join(lines)
+
+
 def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, timing: Path, device: str,
          state_path: Path = Path(STATE), resume: Resume = Resume.auto,
          system: Path = Path("logs/train_system.json"), snapshots: Path = Path("models/ema_snapshots"),
@@ -209,171 +474,25 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
          mlflow_run: Path = Path("logs/train_mlflow.json"), tracking_uri: str | None = None,
          experiment: str = "ddpm", live: bool = True) -> None:
     started_ms = now_ms()
+    outputs = Outputs(out, metrics, plot, timing, system, snapshots, samples, mlflow_run)
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
-    p = for_stage(params, "train")
-    state_dir = state_file(state_path, "x").parent
-    check_writable(out, metrics, plot, timing, system, mlflow_run, folders=[samples, state_dir])  # before hours of training
-    split = load_split(data)
-    _, channels, height, width = split.images.shape
-    if height != width:
-        raise InputError(f"{data}: images must be square, got {height}×{width}")
-    labels = split.labels if p.conditioning == "class" else None
-    if labels is not None and not bool(((labels >= 0) & (labels < len(split.classes))).all()):
-        raise DataError(f"{data}: labels must lie in [0, {len(split.classes)}) for its {len(split.classes)} classes")
-    classes = list(split.classes) if labels is not None else []
-    spec = ModelSpec(unet=p.model, image_size=height, channels=channels, schedule=p.schedule,
-                     timesteps=p.timesteps, prediction=p.prediction, variance=p.variance,
-                     conditioning=p.conditioning, num_classes=len(classes), classes=classes)
-    training = training_config(params, split.images, labels)
-    fp = fingerprint(training)
-    state_path = state_file(state_path, fp)
-    previews = state_path.with_name(state_path.stem + ".samples")  # beside the state: they survive a kill too
-    objective = {"loss": p.loss, "hybrid_lambda": p.hybrid_lambda, "timestep_sampling": p.timestep_sampling,
-                 **({"cond_drop": p.cond_drop} if labels is not None else {})}
-    config = {"model": spec.to_dict(), "train": asdict(p.train), "seed": p.seed, "objective": objective,
-              "training": training, "fingerprint": fp}
+    outputs.check_writable(state_file(state_path, "x").parent)  # before hours of training
+    job = plan(params, data, state_path)
     uri = tracking_uri or default_tracking_uri()
-    dataset = {"name": f"{params.data.name}-train", "source": str(data if data.is_absolute() else repo_root() / data),
-               "sha256": training["data.sha256"], "shape": training["data.shape"]}  # for MLflow's "Datasets"
-    distributed.world_from_env().shard(p.train.batch_size)  # before any work: the batch must split over the ranks
+    distributed.world_from_env().shard(job.p.train.batch_size)  # before any work: the batch must split over the ranks
     with distributed.process_group(resolve_device(device)) as (world, dev):
-        torch.manual_seed(p.seed)
-        net = spec.build_unet()
-        state = init_state(net, p.train, p.seed, dev)
-        if world.is_distributed:  # the same initial weights everywhere, a dropout stream per rank
-            torch.manual_seed(distributed.derive_seed(p.seed, world.rank))
-        diffusion = spec.build_diffusion(dev)
-        timestep_sampler = make_timestep_sampler(p.timestep_sampling, p.timesteps, dev)
-
-        # rank 0 decides whether to resume and hands the state to every rank
-        found = None
-        staging = staging_dir(state_path)
-        written: list[int] = []  # snapshot steps in the staging folder (rank 0)
-        if world.is_main:
-            try:
-                found = read_resume_file(state_path, training, resume)
-                written = prepare_staging(staging, found[0], state_path)
-            except CheckpointError as e:
-                found = e
-        found = distributed.broadcast(found, world)
-        if isinstance(found, CheckpointError):
-            raise found
-        ckpt, what = found
+        net, state, diffusion, sampler = build(job, world, dev)
+        ckpt, what, written = negotiate_resume(job, world, resume)
         if ckpt is not None:
-            load_train_state(state, ckpt, world, timestep_sampler)
-        first_step = state.step
-        # (step, learning rate, gradient norm) per logged step, beside state.losses
-        history = [tuple(row) for row in ckpt.get("history", [])] if ckpt is not None else []
-        run = None
+            load_train_state(state, ckpt, world, sampler)
+        first_step, run = state.step, None
         if world.is_main:
-            print(f"train: {what}" + (f" ({world.size} processes)" if world.is_distributed else ""))
-            for stale in state_path.parent.glob(f".{state_path.name}.*.tmp"):  # from a run killed mid-write
-                stale.unlink(missing_ok=True)
-            if ckpt is None:
-                shutil.rmtree(previews, ignore_errors=True)
-            if live:
-                resumed = (ckpt or {}).get("mlflow") or {}
-                exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
-                run = LiveRun(uri, experiment, run_name="train", start_ms=started_ms,
-                              resume_run_id=resumed.get("run_id") if resumed.get("tracking_uri") == uri else None,
-                              tags={**standard_tags("python -m pipeline train"), "dvc.exp_name": exp_name,
-                                    "dvc.stage": "train", "pipeline.training": fp})
-                run.log_params(mlflow_params(params, "train"))
-                run.log_dataset(lambda mlflow: dataset_input(training_dataset(mlflow, dataset), dataset["sha256"]))
-
-        saved = {"step": first_step if ckpt is not None else None}
-        last_preview = {"step": max([int(f.stem.split("_")[-1]) for f in previews.glob("step_*.png")], default=0)}
-
-        def on_log(s) -> None:
-            if not world.is_main:
-                return
-            step, loss = s.losses[-1]
-            lr = s.scheduler.get_last_lr()[0]
-            grad_norm = float(s.grad_norm) if s.grad_norm is not None else float("nan")
-            history.append((step, lr, grad_norm))
-            if run is not None:
-                run.log_metrics(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, now_ms())
-            every = p.train.sample_every
-            if every and (step // every > last_preview["step"] // every or step == p.train.steps):
-                path = previews / f"step_{step:07d}.png"
-                preview_grid(s, diffusion, spec, path)
-                last_preview["step"] = step
-                if run is not None:
-                    run.log_image(step, path, now_ms())
-
-        def checkpoint(s) -> None:
-            d = train_state_dict(s, world, timestep_sampler)  # collective: every rank's RNG states
-            if world.is_main:
-                run_id = run.opened_run_id() if run is not None else None
-                mlflow_state = {"tracking_uri": uri, "run_id": run_id} if run_id else {}
-                save_checkpoint(state_path, config=config, **d, ema_snapshots=sorted(written),
-                                history=[list(h) for h in history], mlflow=mlflow_state)
-                saved["step"] = s.step
-
-        sigma_rels = list(p.train.ema_profiles)
-
-        def ema_snapshot(s) -> None:
-            if world.is_main:
-                weights = [snapshot(averaged_weights(profile)) for profile in s.profiles]
-                if not all(v.isfinite().all() for w in weights for v in w.values()):
-                    raise DivergedError(f"the EMA profiles are not finite in float16 at step {s.step}")
-                save_snapshot(staging / snapshot_name(s.step), step=s.step, sigma_rels=sigma_rels, weights=weights,
-                              config={"model": spec.to_dict(), "fingerprint": config["fingerprint"]})
-                written.append(s.step)
-
-        start = time.perf_counter()
-        try:
-            with system_metrics.record(system, enabled=world.is_main), \
-                    progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=first_step) as bar:
-                train(state, diffusion, split.images, p.train, prediction=p.prediction, loss=p.loss,
-                      variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=timestep_sampler,
-                      labels=labels, cond_drop=p.cond_drop, world=world, progress=bar, on_log=on_log,
-                      on_checkpoint=checkpoint, on_snapshot=ema_snapshot)
-        except BaseException as e:
-            if run is not None:
-                record = run.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED", now_ms(), timeout=10)
-                if record["run_id"]:
-                    print(f"train: MLflow run {record['run_id']} marked {'KILLED' if isinstance(e, KeyboardInterrupt) else 'FAILED'}")
-            if isinstance(e, DivergedError):
-                last = (f"the last good checkpoint is {state_path} at step {saved['step']}"
-                        if saved["step"] is not None else "no checkpoint was written")
-                raise DivergedError(f"{e}; training stopped, {last}") from None
-            raise
-        seconds = time.perf_counter() - start
-
+            begin(job, world, what, fresh=ckpt is None)
+            run = open_live_run(job, params, uri, experiment, started_ms, ckpt) if live else None
+        rec = Recorder(job, world, diffusion, sampler, ckpt, written, run, uri)
+        seconds = fit(job, state, diffusion, rec, system)
         if world.is_main:
-            n_params = sum(t.numel() for t in net.parameters())
-            publish_snapshots(staging, sorted(written), snapshots, {
-                "steps": sorted(written), "sigma_rels": sigma_rels if written else [],
-                "files": [snapshot_name(k) for k in sorted(written)], "dtype": str(SNAPSHOT_DTYPE).removeprefix("torch."),
-                "bytes": sum((staging / snapshot_name(k)).stat().st_size for k in written),
-                "fingerprint": config["fingerprint"]})
-            save_checkpoint(out, step=state.step, config=config, model=to_cpu(net.state_dict()),
-                            ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(p.train.ema)},
-                            timestep_sampler=timestep_sampler.state_dict())
-            extra = {step: (lr, gn) for step, lr, gn in history}
-            write_csv(plot, ["step", "loss", "lr", "grad_norm"],
-                      [(step, loss, *extra.get(step, ("", ""))) for step, loss in state.losses])
-            replace_folder(previews, samples)
-            write_json(metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
-                                 "parameters": n_params})
-            trained = state.step - first_step
-            ended_ms = now_ms()
-            write_json(timing, {"seconds": round(seconds, 2), "device": str(dev), "processes": world.size,
-                                "resumed_from_step": first_step, "started_ms": started_ms, "ended_ms": ended_ms,
-                                "images_per_second": round(trained * p.train.batch_size / max(seconds, 1e-9), 1)})
-            record = run.finish("FINISHED", ended_ms) if run is not None else {"tracking_uri": None, "run_id": None,
-                                                                                "complete": False, "error": "--no-live"}
-            write_json(mlflow_run, {**record, "dataset": dataset})
-            state_path.unlink(missing_ok=True)  # finished: the outputs hold everything
-            shutil.rmtree(previews, ignore_errors=True)
-            shutil.rmtree(staging, ignore_errors=True)
-            print(f"train: {state.step} steps, loss {state.losses[-1][1]:.4f}, {seconds:.0f} s on {dev}"
-                  + (f" × {world.size}" if world.is_distributed else "") + f" → {out}")
-            if run is not None:
-                link = ui_url(uri, record["experiment_id"], record["run_id"]) if record["run_id"] else None
-                print(f"train: MLflow run {record['run_id']} at {uri}" + (f" ({link})" if link else "")
-                      if record["complete"] else f"warning: live MLflow logging incomplete ({record['error']}); "
-                                                 "the log stage fills in what is missing")
+            record = write_outputs(rec, outputs, net, state, seconds, first_step, dev, started_ms)
+            print(summary(state, seconds, dev, world, out, rec, record))
         distributed.barrier(world)

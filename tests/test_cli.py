@@ -11,7 +11,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_params
+from helpers import tiny_params
 from ddpm.data import load_split
 from pipeline.cli import app
 

@@ -273,7 +273,7 @@ CHECK = ("check", "--dvc-yaml", "dvc.yaml", "--out", "logs/check.json")
 def test_check_stage(tmp_path, idx_dir):
     import shutil
 
-    from conftest import REPO
+    from helpers import REPO
 
     workspace(tmp_path)
     shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
@@ -300,7 +300,7 @@ def test_console_script_and_python_m_from_a_subdirectory(tmp_path, idx_dir):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from helpers import REPO
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -322,7 +322,7 @@ def test_console_script_and_python_m_from_a_subdirectory(tmp_path, idx_dir):
 
 
 def test_every_stage_depends_on_the_check_stage():
-    from conftest import REPO
+    from helpers import REPO
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert next(iter(stages)) == "check" and stages["check"]["always_changed"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import make_idx_dir, synthetic_images
+from helpers import make_idx_dir, synthetic_images
 from ddpm.data import DataError, load_cifar10, load_image_folder, load_mnist_like, load_split, save_split
 
 

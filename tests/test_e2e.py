@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params
+from helpers import REPO, tiny_params
 
 
 def sh(cmd, cwd, env):

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import yaml
-from conftest import synthetic_images
+from helpers import synthetic_images
 from tiny import CLASSES, cli, errors, workspace, write_params
 
 from ddpm.checkpoint import load_checkpoint

@@ -11,7 +11,7 @@ import pytest
 import scipy.linalg
 import torch
 import yaml
-from conftest import REPO, synthetic_images, tiny_params
+from helpers import REPO, synthetic_images, tiny_params
 from typer.testing import CliRunner
 
 from ddpm import metrics as M

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from helpers import REPO
 from PIL import Image
 from gaussian import F64, M, S, W, gaussian_eps, mixture_eps
 from test_samplers_family import FAMILY, FAMILY_IDS, tolerance

@@ -10,7 +10,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from conftest import tiny_params
+from helpers import tiny_params
 from ddpm.checkpoint import load_checkpoint
 from ddpm.model import load_model
 from pipeline.cli import app

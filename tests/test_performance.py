@@ -38,7 +38,7 @@ def make_repro(tmp_path, *args):
     import sys
     from pathlib import Path
 
-    from conftest import REPO
+    from helpers import REPO
 
     for name in ("Makefile", "requirements.txt", "pyproject.toml"):
         shutil.copy2(REPO / name, tmp_path / name)

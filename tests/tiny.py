@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import REPO, synthetic_images, tiny_params
+from helpers import REPO, synthetic_images, tiny_params
 from typer.testing import CliRunner
 
 from ddpm.data import Split, save_split

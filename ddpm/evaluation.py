@@ -25,9 +25,11 @@ def timestep_grid(num_timesteps: int, k: int) -> torch.Tensor:
 @torch.no_grad()
 def denoising_mse(net: torch.nn.Module, diffusion: Diffusion, x0: torch.Tensor, *, prediction: str = "eps",
                   variance: str = "fixed_small", num_timesteps: int = 8, seed: int = 0,
-                  batch_size: int = 256) -> dict:
+                  batch_size: int = 256, label: int | None = None) -> dict:
     """{"mse": mean over images and pixels, "by_timestep": {t: mse of the images at t}} of
-    ``net`` (put in eval mode) on the images ``x0`` in [-1, 1], on ``diffusion``'s device."""
+    ``net`` (put in eval mode) on the images ``x0`` in [-1, 1], on ``diffusion``'s device.
+    ``label``: a class-conditional ``net`` is called with this class for every image (its
+    null class scores the unconditional model p(x)); None for an unconditional ``net``."""
     grid = timestep_grid(diffusion.num_timesteps, num_timesteps)
     n = x0.shape[0]
     t_all = grid[torch.arange(n) % len(grid)]
@@ -39,7 +41,8 @@ def denoising_mse(net: torch.nn.Module, diffusion: Diffusion, x0: torch.Tensor, 
         x = x0[i:i + batch_size].to(device, torch.float32)
         t, noise = t_all[i:i + batch_size].to(device), noise_all[i:i + batch_size].to(device)
         xt = q_sample(diffusion, x, t, noise)
-        pred = to_prediction(diffusion, prediction, net(xt, t).float(), xt, t, variance=variance)
+        out = net(xt, t) if label is None else net(xt, t, torch.full_like(t, label))
+        pred = to_prediction(diffusion, prediction, out.float(), xt, t, variance=variance)
         errors.append((pred.eps - noise).pow(2).flatten(1).mean(1).cpu())
     per_image = torch.cat(errors).double()
     by_t = {int(t): per_image[t_all == t].mean().item() for t in grid}

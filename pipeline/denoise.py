@@ -9,6 +9,8 @@ networks side by side, on the first ``denoise.num_images`` test images:
 
 An average that is right is at least as good as the raw weights (``ema_over_raw`` ≤ 1,
 up to noise); a trained network is far below the untrained one (about 1 for ε-prediction).
+A class-conditional model is scored as the unconditional model p(x), with its null class
+(label ``num_classes``), as `nll` scores it.
 Writes ``metrics/denoise.json``, with the MSE per timestep of the grid. A few seconds on
 the CPU preset's model."""
 
@@ -44,7 +46,8 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, device:
     x0 = to_model_range(split.images[:p.num_images])
     start = time.perf_counter()
     results = {name: denoising_mse(net, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
-                                   num_timesteps=p.timesteps, seed=p.seed, batch_size=p.batch_size)
+                                   num_timesteps=p.timesteps, seed=p.seed, batch_size=p.batch_size,
+                                   label=spec.num_classes or None)
                for name, net in nets.items()}
     seconds = time.perf_counter() - start
     mse = {name: r["mse"] for name, r in results.items()}

@@ -22,10 +22,13 @@ from test_samplers_family import FAMILY, FAMILY_IDS, tolerance
 from tiny import CLASSES, cli, workspace
 
 from ddpm.checkpoint import CheckpointError, save_checkpoint
+from ddpm.data import load_split
 from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, respace, timestep_subsequence,
                             v_from_x0_eps, x0_from_eps)
+from ddpm.evaluation import denoising_mse
 from ddpm.guidance import Guidance, balanced_labels, drop_labels, guided_eps, with_label
 from ddpm.model import ModelSpec, load_model
+from ddpm.pixels import to_model_range
 from ddpm.samplers import _denoiser, sample
 from ddpm.training import TrainConfig, init_state, train
 from ddpm.unet import UNet, UNetConfig
@@ -372,6 +375,18 @@ def test_nll_of_a_class_model_is_the_unconditional_bound(conditional):
     r = cli(conditional, "nll", "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert json.loads((conditional / "metrics/nll.json").read_text())["bits_per_dim"] > 0
+
+
+def test_denoise_of_a_class_model_scores_the_unconditional_model(conditional):
+    r = cli(conditional, "denoise", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    scores = json.loads((conditional / "metrics/denoise.json").read_text())
+    net, spec, _ = load_model(conditional / "models/model_ema.pt", weights="ema")
+    d = yaml.safe_load((conditional / "params.yaml").read_text())["denoise"]
+    x0 = to_model_range(load_split(conditional / "data/prepared/test.pt").images[:d["num_images"]])
+    null = denoising_mse(net, spec.build_diffusion("cpu"), x0, prediction=spec.prediction, variance=spec.variance,
+                         num_timesteps=d["timesteps"], seed=d["seed"], batch_size=d["batch_size"], label=10)
+    assert scores["ema"] == round(null["mse"], 6) and 0 < scores["ema"] < scores["untrained"]
 
 
 def test_guidance_of_an_unconditional_model_is_one_clear_line(conditional, tmp_path):

@@ -85,6 +85,12 @@ def test_repro_then_ablation(repo):
     assert logged == {"linear", "cosine"}
     assert any(r.data.tags.get("dvc.exp_name", "workspace") != "workspace" for r in runs)
 
+    # back to the baseline's params: every stage that does work comes from DVC's run-cache
+    out = sh(["dvc", "exp", "run", "-S", "schedule=linear"], root, env)
+    assert set(re.findall(r"Running stage '([^']+)'", out)) == {"check", "log"}, out
+    assert "Stage 'train' is cached - skipping run" in out, out
+    assert json.loads((root / "metrics/fid.json").read_text())["fid"]["ddim"]["3"] == fids[schedules.index("linear")]
+
 
 def test_sampling_change_does_not_retrain(repo):
     root, env = repo

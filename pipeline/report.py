@@ -300,7 +300,8 @@ def plot_figures(cells: dict, samplers: list[str], steps: list[int], sweep: list
     figures = [("FID vs sampling steps", figure)]
     if sweep_figure is not None:
         plot_sweep(sweep, sweep_figure)
-        figures.append(("Guidance sweep" if conditional else "Precision vs recall", sweep_figure))
+        title = "Guidance sweep: FID vs class accuracy, precision vs recall" if conditional else "Precision vs recall"
+        figures.append((title, sweep_figure))
     losses = read_losses(loss_csv)
     if losses:
         plot_loss(losses, loss_figure)

@@ -13,10 +13,10 @@ from ddpm.checkpoint import load_checkpoint
 from ddpm.files import load_torch_file
 from ddpm.classifier import accuracy
 from ddpm.data import DataError
-from ddpm.metrics import extract_features, load_classifier, metrics_from_features
-from pipeline.common import check_writable, progress, resolve_device, write_json
+from ddpm.metrics import load_classifier
+from pipeline.common import check_writable, resolve_device, write_json
 from pipeline.params import for_stage, load_params
-from pipeline.reference import check_reference, extractor_weights, load_reference
+from pipeline.reference import load_reference, score
 
 
 def load_samples(path: Path) -> dict:
@@ -52,19 +52,14 @@ def main(params_path: Path, samples: Path, reference: Path, classifier: Path, ou
     if list(s["images"].shape[1:]) != ref["key"]["resolution"]:
         raise DataError(f"samples in {samples} have shape {list(s['images'].shape[1:])}, "
                         f"the reference {reference} {ref['key']['resolution']}")
-    weights = extractor_weights(f.extractor, f.weights_path, classifier)
-    check_reference(ref, reference, s["images"], f.extractor, weights)
     dev = resolve_device(device)
     images = s["images"]
     cell = f"{s['sampler']}-{s['steps']}" + (f"-{s['guidance']}" if s.get("guidance") else "")
+    m = score(images, ref, reference, f, classifier, dev, f"fid {cell}")
     guided = {}
     if s.get("labels") is not None:  # a class-conditional model's samples
         guided = {"guidance": s.get("guidance"), "w": float(s.get("w", 0.0)), "classes": list(s["classes"]),
                   "class_accuracy": round(class_accuracy(s, classifier, dev), 6)}
-    with progress(images.shape[0], f"fid {cell}") as bar:
-        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
-                                 batch_size=f.batch_size, progress=bar)
-    m = metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size)
     write_json(out, {"sampler": s["sampler"], "steps": s["steps"], "num_samples": images.shape[0],
                      "reference_images": ref["num_images"], "extractor": f.extractor, **guided,
                      **{k: round(v, 6) for k, v in m.items()}})

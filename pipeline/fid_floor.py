@@ -14,10 +14,9 @@ from pathlib import Path
 import torch
 
 from ddpm.data import load_split
-from ddpm.metrics import extract_features, metrics_from_features
-from pipeline.common import check_writable, progress, resolve_device, write_json
+from pipeline.common import check_writable, resolve_device, write_json
 from pipeline.params import for_stage, load_params
-from pipeline.reference import check_reference, extractor_weights, load_reference
+from pipeline.reference import load_reference, score
 
 
 def real_subset(images: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -32,13 +31,7 @@ def main(params_path: Path, real: Path, reference: Path, classifier: Path, out: 
     check_writable(out)
     images = real_subset(load_split(real).images, p.sample.num_samples, p.sample.seed)
     ref = load_reference(reference)
-    weights = extractor_weights(f.extractor, f.weights_path, classifier)
-    check_reference(ref, reference, images, f.extractor, weights)
-    dev = resolve_device(device)
-    with progress(images.shape[0], f"fid_floor {f.extractor}") as bar:
-        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
-                                 batch_size=f.batch_size, progress=bar)
-    m = metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size)
+    m = score(images, ref, reference, f, classifier, resolve_device(device), f"fid_floor {f.extractor}")
     write_json(out, {"source": str(real), "num_images": images.shape[0], "reference_images": ref["num_images"],
                      "extractor": f.extractor, **{k: round(v, 6) for k, v in m.items()}})
     print(f"fid_floor: {images.shape[0]} real images of {real}: FID {m['fid']:.3f}, "

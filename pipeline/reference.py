@@ -1,6 +1,7 @@
 """The reference statistics that stage `fid_ref` writes and stages `fid` and `fid_floor`
-read: their file format, the key that records what they were made from, and the extractor
-weights they depend on. Shared by these stages, so that none imports another."""
+read: their file format, the key that records what they were made from, the extractor
+weights they depend on, and the scoring of images against them. Shared by these stages, so
+that none imports another."""
 
 import hashlib
 from pathlib import Path
@@ -9,7 +10,8 @@ import torch
 
 from ddpm.data import DataError
 from ddpm.files import load_torch_file
-from pipeline.common import tensor_sha256
+from ddpm.metrics import extract_features, metrics_from_features
+from pipeline.common import progress, tensor_sha256
 
 FORMAT = "ddpm-reference/1"
 
@@ -54,3 +56,15 @@ def check_reference(ref: dict, path: Path, images: torch.Tensor, extractor: str,
     if stale:
         raise DataError(f"reference statistics {path} were made for another {', '.join(stale)} "
                         f"({', '.join(f'{k}={key.get(k)}' for k in stale)}): run the fid_ref stage again")
+
+
+def score(images: torch.Tensor, ref: dict, path: Path, f, classifier: Path, dev: torch.device, desc: str) -> dict:
+    """FID, KID, precision, recall, … of ``images`` against the reference statistics ``ref`` (read
+    from ``path``), with the extractor of the ``fid`` params ``f``; statistics made for another
+    extractor, weights or resolution are refused before any feature is extracted."""
+    weights = extractor_weights(f.extractor, f.weights_path, classifier)
+    check_reference(ref, path, images, f.extractor, weights)
+    with progress(images.shape[0], desc) as bar:
+        feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
+                                 batch_size=f.batch_size, progress=bar)
+    return metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size)

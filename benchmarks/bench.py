@@ -117,7 +117,8 @@ class BenchConfig:
             raise InputError(f"warmup must be >= 0, got {self.warmup}")
         if self.peak_flops is not None and self.peak_flops <= 0:
             raise InputError(f"peak FLOP/s must be > 0, got {self.peak_flops}")
-        return replace(self, **vars(resolve(self.device, self.precision, self.memory_format, self.compile)))
+        path = resolve(self.device, self.precision, self.memory_format, self.compile)
+        return replace(self, precision=path.precision, memory_format=path.memory_format, compile=path.compile)
 
 
 class PeerUnavailable(Exception):

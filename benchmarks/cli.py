@@ -86,21 +86,47 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
 
 
 @app.command("gpu-check")
-@clear_errors
-def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for gpu_check.json, gpu_check.md, logs"),
+def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for its (at most 8) files"),
               size: str = typer.Option("auto", help="auto (gpu on CUDA, else ci) | gpu | ci (tiny configs: seconds)"),
               device: str = DEVICE,
               set_: list[str] = typer.Option([], "--set", help="override a param of the experiment, key=value "
                                                              "(YAML value; repeatable), e.g. data.root=/data"),
+              data: str = typer.Option(None, help="data.root of the experiment (default: params.yaml's)"),
               ddp_processes: int = typer.Option(None, help="processes of the DDP part (default: the number of "
                                                           "GPUs when more than one, else the part is skipped)"),
-              peak_tflops: float = typer.Option(None, help="peak TFLOP/s for MFU (as bench)"),
-              budget: float = typer.Option(None, help="seconds for the whole check (default 570 for gpu, 300 for ci)")):
-    """Every GPU figure in one run: bench (ours vs diffusers), the default experiment on the fast path
-    with every sampler at 50 steps and FID, and DDP when there are several GPUs."""
-    from benchmarks import gpu_check as command
+              budget: float = typer.Option(None, help="seconds for the whole check (default 470 for gpu)"),
+              parts: str = typer.Option(None, help="comma-separated subset of train,sample,warm,experiment,peer,ddp")):
+    """Every GPU figure in one run of at most 8 minutes (also `python3 -m benchmarks gpu-check` with no typer):
+    training and sampling per fast path, compile costs, the experiment's stages on real data, ours vs diffusers,
+    the projected default `dvc repro`."""
+    from benchmarks.gpu_check import cli
 
-    command.main(out, size, device, set_, ddp_processes, peak_tflops, budget)
+    argv = ["--out", str(out), "--size", size, "--device", device]
+    argv += [a for s in set_ for a in ("--set", s)] + (["--data", data] if data else [])
+    argv += (["--ddp-processes", str(ddp_processes)] if ddp_processes is not None else [])
+    argv += (["--budget", str(budget)] if budget is not None else []) + (["--parts", parts] if parts else [])
+    cli(argv)
+
+
+@app.command()
+def proxies(config: str = typer.Option("fashion-mnist", help="model config: ddpm-cifar10 | fashion-mnist | tiny"),
+            out: Path = typer.Option(None, help="also write the JSON here")):
+    """CPU proxies of the GPU's launch overhead: aten ops dispatched per training and per sampling step, and
+    the casts of a sampling step, at fp32 and bf16 (the same on any machine)."""
+    from benchmarks.bench import MODEL_CONFIGS
+    from benchmarks.proxies import proxies as count
+    from pipeline.common import write_json
+
+    m = MODEL_CONFIGS[config]
+    result = {"config": config, **count(m.unet, m.image_size, m.channels)}
+    if out is not None:
+        write_json(out, result)
+    for precision, r in result.items():
+        if precision != "config":
+            print(f"{config} {precision}: {r['train']['ops_per_step']:.0f} ops per training step, "
+                  f"{r['sample']['ops_per_step']:.0f} per sampling step, {r['sample']['casts_per_step']:.0f} casts "
+                  f"per sampling step")
+    print(json.dumps(result, indent=2))
 
 
 @app.command()

@@ -1,80 +1,72 @@
-"""``make gpu-check``: every GPU figure of this project in one run, meant to finish in under
-10 minutes on one H100, and the first thing to run whenever a GPU is at hand.
+"""``make gpu-check`` (``python3 -m benchmarks gpu-check --out DIR``): every GPU figure of this
+project in one run of at most 8 minutes, with the system Python of a GPU machine that has torch
+and CUDA and nothing else of ours (what is missing is skipped, with a note saying so).
 
-Three parts, each a subprocess with its own time limit within one overall budget, so a
-part that fails or runs long leaves the others' figures (and says what happened):
+The parts, in this order, each a subprocess with its own time limit inside one budget, so a
+part that fails or runs long leaves the others' figures and a first run on an unknown GPU
+cannot end without printing a table:
 
-  bench       ``python -m benchmarks bench`` on ``ddpm-cifar10`` and ``fashion-mnist``: our
-              U-Net against diffusers' ``UNet2DModel``, both on the device's fast path
-              (``auto``: bf16, channels_last, torch.compile on CUDA): train and sample img/s,
-              MFU, peak memory
-  experiment  the default experiment (``params.yaml``, precision/memory_format/compile
-              ``auto``, i.e. the fast path) for a few thousand training steps, every sampler
-              at 50 steps, FID and bits/dim: ``dvc repro report nll`` (every stage but the
-              MLflow log) in a copy of the repository's tracked files, so it is what a user runs
-  ddp         when there is more than one GPU: ``torchrun --nproc_per_node N -m pipeline
-              train`` (NCCL) against one process on the same params, img/s and speed-up
+  train       ``ddpm.training.train`` at the default config per compile mode (none, cudagraphs,
+              reduce-overhead, default): steady img/s, compile seconds, MFU; torch.profiler's host
+              and GPU ms per step; the EMA update (``benchmarks.gpu_parts``)
+  sample      ddim-10 at batch 1000 per inference path: autocast (the old path), bf16 weights cast
+              once, + CUDA graphs, + compile: image-steps/s, MFU
+  warm        a fresh process with inductor's cache warm: what each stage process pays to compile
+  experiment  the pipeline's own stage commands (``python -m pipeline <stage> --device cuda``, no DVC)
+              on the real data with the fast path (``auto``): prepare, classifier, train for
+              ``EXPERIMENT["train.steps"]`` steps, ema, the sample cells of ``EXPERIMENT_CELLS``,
+              fid-ref, fid per cell, nll: each stage's wall time, FID per cell, the grids
+              (needs pydantic and typer; torch-fidelity for the fid stages; the data set)
+  peer        ours against diffusers' UNet2DModel (needs diffusers), eager and on the best paths
+  ddp         with more than one GPU: ``torchrun`` training against one process
 
-It writes ``<out>/gpu_check.json`` and ``<out>/gpu_check.md`` (rewritten after every part)
-and keeps the parts' logs and the experiment's copy under ``<out>/``. ``size``: ``gpu`` (the
-figures above) or ``ci`` (tiny configs, seconds of work per part on a CPU: what the test
-suite runs, so that the script is known to work before a GPU is at hand).
+It prints one table and writes at most 8 files to ``--out``: ``gpu_check.json`` (everything),
+``gpu_check.md`` (the table), ``gpu_check.log`` (every part's output), ``profile.txt``
+(torch.profiler's tables) and ``grids.png`` (the experiment's sample grids). The projection of
+the default ``dvc repro``'s wall time is computed from the measured stage rates (``project``).
+``--size ci`` runs tiny configs on the CPU in seconds per part (the test suite runs it).
 """
 
+import argparse
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-from ddpm.errors import InputError
-
 REPO = Path(__file__).resolve().parents[1]
-
-# per size: bench configs and options, experiment overrides (dotted keys), DDP training steps,
-# each part's share of the budget (the parts run in this order) and the children's environment
-SIZES = {
-    "gpu": {
-        "bench": {"configs": ["ddpm-cifar10", "fashion-mnist"],
-                  "options": ["--samplers", "ddim", "--sample-steps", "10", "--warmup", "3", "--repeats", "3",
-                              "--iters", "10"]},
-        "experiment": {"train.steps": 3000, "train.checkpoint_every": 1000, "sample.steps": [50],
-                       "nll.num_images": 250},
-        "ddp_steps": 300,
-        "limits": {"bench": 120, "experiment": 270, "ddp": 60},
-        "budget": 570,
-        "env": {},
-    },
-    "ci": {
-        "bench": {"configs": ["tiny"],
-                  "options": ["--samplers", "ddim", "--sample-steps", "2", "--batch-size", "2",
-                              "--sample-batch-size", "2", "--warmup", "0", "--repeats", "1", "--iters", "1",
-                              "--threads", "1"]},
-        "experiment": {"timesteps": 100, "model.ch": 8, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
-                       "model.attn_resolutions": [14], "train.steps": 6, "train.batch_size": 8,
-                       "train.warmup_steps": 2, "train.log_every": 2, "classifier.steps": 20,
-                       "classifier.batch_size": 32, "classifier.arch": {"width": 8, "feature_dim": 16},
-                       "sample.samplers": ["ddim"], "sample.steps": [2], "sample.num_samples": 24,
-                       "sample.batch_size": 12, "fid.batch_size": 64, "fid.kid_subset_size": 12,
-                       "nll.num_images": 2, "nll.batch_size": 2},
-        "ddp_steps": 4,
-        "limits": {"bench": 120, "experiment": 240, "ddp": 120},
-        "budget": 600,
-        "env": {"OMP_NUM_THREADS": "1"},  # tiny tensors: one thread is faster, and kinder to a shared machine
-    },
-}
+BUDGET = {"gpu": 470.0, "ci": 600.0}  # seconds for the whole check
+LIMITS = {"gpu": {"train": 170, "sample": 80, "warm": 45, "experiment": 150, "peer": 110, "ddp": 60},
+          "ci": {"train": 120, "sample": 120, "warm": 120, "experiment": 300, "peer": 120, "ddp": 120}}
+# the experiment: params.yaml with these overrides; EXPERIMENT_CELLS sampled and scored. At 1,500
+# steps, as the first GPU run's grids and FIDs (README: ddpm-10 42.1, ddim-10 35.9, dpmpp-20 21.9,
+# ddpm-50 23.5), so the fast path's are comparable with the eager path's.
+EXPERIMENT = {"gpu": {"train.steps": 1500, "nll.num_images": 250},
+              "ci": {"timesteps": 100, "model.ch": 8, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
+                     "model.attn_resolutions": [14], "train.steps": 6, "train.batch_size": 8,
+                     "train.warmup_steps": 2, "train.log_every": 2, "train.sample_every": 0,
+                     "classifier.steps": 20, "classifier.batch_size": 32,
+                     "classifier.arch": {"width": 8, "feature_dim": 16}, "sample.samplers": ["ddim", "ddpm"],
+                     "sample.steps": [2], "sample.num_samples": 24,
+                     "sample.batch_size": 12, "fid.batch_size": 64, "fid.kid_subset_size": 12,
+                     "nll.num_images": 2, "nll.batch_size": 2}}
+EXPERIMENT_CELLS = {"gpu": [("ddim", 10), ("ddpm", 10), ("dpmpp", 20), ("ddpm", 50)], "ci": [("ddim", 2), ("ddpm", 2)]}
+DDP_STEPS = {"gpu": 300, "ci": 4}
+OPTIONAL = {"experiment": ("pydantic", "typer", "yaml"), "fid": ("torch_fidelity",), "peer": ("diffusers",)}
 
 
 # --------------------------------------------------------------------------- running parts
-def run_part(cmd: list[str], cwd: Path, log: Path, timeout: float, env: dict | None = None) -> dict:
-    """Run ``cmd`` (in its own process group, killed whole at the timeout), output to ``log``."""
+def run_part(cmd: list[str], cwd: Path, log: Path, timeout: float, env: dict) -> dict:
+    """Run ``cmd`` in its own process group (killed whole at the timeout), its output appended to ``log``."""
     start = time.perf_counter()
-    with open(log, "w") as f:
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 1))
@@ -83,34 +75,17 @@ def run_part(cmd: list[str], cwd: Path, log: Path, timeout: float, env: dict | N
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             status = f"timed out after {timeout:.0f} s"
-    return {"command": " ".join(cmd), "status": status, "seconds": round(time.perf_counter() - start, 1),
-            "log": str(log)}
+    return {"status": status, "seconds": round(time.perf_counter() - start, 1)}
 
 
-def child_env(**extra) -> dict:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONPATH": str(REPO), "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "gpu-check",
-           "GIT_AUTHOR_EMAIL": "gpu-check@localhost", "GIT_COMMITTER_NAME": "gpu-check",
-           "GIT_COMMITTER_EMAIL": "gpu-check@localhost", **extra}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the copy logs to its own mlflow.db
-    return env
+def child_env(cache: Path, pythonpath: Path = REPO, **extra) -> dict:
+    path = os.pathsep.join(p for p in (str(pythonpath), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "TORCHINDUCTOR_CACHE_DIR": str(cache),
+            "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false", "DVC_NO_ANALYTICS": "1", **extra}
 
 
-def set_dotted(d: dict, key: str, value) -> None:
-    *parents, last = key.split(".")
-    for p in parents:
-        d = d.setdefault(p, {})
-    d[last] = value
-
-
-def parse_sets(sets: list[str]) -> dict:
-    out = {}
-    for s in sets:
-        key, sep, value = s.partition("=")
-        if not sep or not key:
-            raise InputError(f"--set takes key=value, got {s!r}")
-        out[key] = yaml.safe_load(value)
-    return out
+def missing(*modules: str) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
 
 
 def read(path: Path):
@@ -120,206 +95,381 @@ def read(path: Path):
         return None
 
 
-# --------------------------------------------------------------------------- the parts
-def bench_part(size: dict, device: str, peak_tflops: float | None, out: Path, limit: float, deadline: float) -> dict:
-    results = {}
-    for config in size["bench"]["configs"]:
-        path = out / f"bench-{config}.json"
-        path.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "benchmarks", "bench", "--config", config, "--device", device,
-               "--out", str(path), *size["bench"]["options"]]
-        if peak_tflops is not None:
-            cmd += ["--peak-tflops", str(peak_tflops)]
-        run = run_part(cmd, REPO, out / f"bench-{config}.log", min(limit, deadline - time.monotonic()),
-                       child_env(**size["env"]))
-        results[config] = {"run": run, "result": read(path)}
-    return results
+# --------------------------------------------------------------------------- the experiment
+def set_dotted(d: dict, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = value
 
 
-def copy_repository(dest: Path, repo: Path = REPO) -> None:
-    """``repo``'s tracked (and not ignored) files, without tests, into a fresh git repository."""
-    if dest.exists():
-        shutil.rmtree(dest)
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (repo / f).is_file() and not f.startswith(("tests/", "gpu-check/")):
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(repo / f, dest / f)
-    env = child_env()
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "gpu-check"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True, capture_output=True)
+def experiment_commands(cells: list[tuple[str, int]], device: str) -> list[tuple[str, list[str]]]:
+    """The stage commands of dvc.yaml that the experiment runs, in order (no check, report or log)."""
+    py = [sys.executable, "-m", "pipeline"]
+    dev = ["--device", device]
+    cmds = [("prepare", [*py, "prepare", "--out", "data/prepared"]),
+            ("classifier", [*py, "classifier", "--data", "data/prepared", "--out", "models/classifier.pt",
+                            "--metrics", "metrics/classifier.json", "--timing", "logs/classifier_timing.json", *dev]),
+            ("train", [*py, "train", "--data", "data/prepared/train.pt", "--out", "models/model.pt",
+                       "--metrics", "metrics/train.json", "--plot", "plots/train_loss.csv",
+                       "--timing", "logs/train_timing.json", "--no-live", *dev]),
+            ("ema", [*py, "ema", "--checkpoint", "models/model.pt", "--snapshots", "models/ema_snapshots",
+                     "--out", "models/model_ema.pt", "--metrics", "metrics/ema.json"])]
+    cmds += [(f"sample {s}-{k}", [*py, "sample", "--checkpoint", "models/model_ema.pt", "--sampler", s,
+                                  "--steps", str(k), "--out", f"samples/{s}-{k}", *dev]) for s, k in cells]
+    cmds += [("fid_ref", [*py, "fid-ref", "--reference", "data/prepared/test.pt", "--classifier",
+                          "models/classifier.pt", "--out", "data/reference", *dev])]
+    cmds += [(f"fid {s}-{k}", [*py, "fid", "--samples", f"samples/{s}-{k}/samples.pt", "--reference",
+                               "data/reference/stats.pt", "--classifier", "models/classifier.pt",
+                               "--out", f"metrics/cells/{s}-{k}.json", *dev]) for s, k in cells]
+    cmds += [("nll", [*py, "nll", "--checkpoint", "models/model_ema.pt", "--data", "data/prepared/test.pt",
+                      "--metrics", "metrics/nll.json", "--plot", "plots/nll_terms.csv", *dev])]
+    return cmds
 
 
-def experiment_part(size: dict, overrides: dict, device: str, out: Path, limit: float, deadline: float) -> dict:
-    repo = out / "experiment"
-    copy_repository(repo)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for key, value in {**size["experiment"], **overrides}.items():
+def experiment_part(size: str, overrides: dict, device: str, work: Path, log: Path, cache: Path,
+                    deadline: float, limit: float) -> dict:
+    import yaml
+
+    ws = work / "experiment"
+    shutil.rmtree(ws, ignore_errors=True)
+    for folder in ("ddpm", "pipeline"):
+        shutil.copytree(REPO / folder, ws / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in {**EXPERIMENT[size], **overrides}.items():
         set_dotted(params, key, value)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run = run_part(["dvc", "repro", "report", "nll"], repo, out / "experiment.log",  # all but the MLflow log
-                   min(limit, deadline - time.monotonic()), child_env(**size["env"]))
-    cells = {}
-    for info in sorted(repo.glob("samples/*/info.json")):
-        cell = read(info) or {}
-        metrics = read(repo / "metrics" / "cells" / f"{info.parent.name}.json") or {}
-        cells[info.parent.name] = {"images_per_second": cell.get("images_per_second"), "seconds": cell.get("seconds"),
-                                   "num_samples": cell.get("num_samples"), "fid": metrics.get("fid"),
-                                   "kid_mean": metrics.get("kid_mean")}
-    from ddpm.acceleration import resolve
+    (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    cells = EXPERIMENT_CELLS[size]
+    env = child_env(cache, ws, **({"OMP_NUM_THREADS": "1"} if size == "ci" else {}))
+    stop = min(deadline, time.monotonic() + limit)
+    stages, fid_ok = {}, not missing(*OPTIONAL["fid"])
+    for name, cmd in experiment_commands(cells, device):
+        if name.startswith("fid") and not fid_ok:
+            stages[name] = {"status": "skipped: torch-fidelity is not installed"}
+            continue
+        left = stop - time.monotonic()
+        if left < 2:
+            stages[name] = {"status": "skipped: out of time"}
+            continue
+        stages[name] = run_part(cmd, ws, log, left, env)
+        if name in ("prepare", "train", "ema") and stages[name]["status"] != "ok":
+            break  # nothing after them can run
+    result = {"stages": stages, "params": {k: params[k] for k in ("train", "sample")}, "cells": {},
+              "train": {**(read(ws / "logs/train_timing.json") or {}), **(read(ws / "metrics/train.json") or {})},
+              "classifier": read(ws / "metrics/classifier.json"), "nll": read(ws / "metrics/nll.json")}
+    for s, k in cells:
+        info, m = read(ws / f"samples/{s}-{k}/info.json") or {}, read(ws / f"metrics/cells/{s}-{k}.json") or {}
+        result["cells"][f"{s}-{k}"] = {key: info.get(key) for key in ("num_samples", "seconds", "images_per_second",
+                                                                       "path")} | {
+            key: m.get(key) for key in ("fid", "kid_mean", "precision", "recall")}
+    result["grids"] = [str(p) for p in sorted(ws.glob("samples/*/grid.png"))]
+    return result
 
-    fast = {stage: vars(resolve(device, *(params[stage][k] for k in ("precision", "memory_format", "compile"))))
-            for stage in ("train", "sample")}
-    return {"run": run, "params": {k: params[k] for k in ("train", "model", "sample")}, "fast_path": fast,
-            "train": {**(read(repo / "logs/train_timing.json") or {}), **(read(repo / "metrics/train.json") or {})},
-            "cells": cells, "nll": read(repo / "metrics/nll.json"), "classifier": read(repo / "metrics/classifier.json")}
+
+def combine_grids(paths: list[str], out: Path) -> bool:
+    """The cells' grids side by side in one PNG, each under its cell's name."""
+    try:
+        from PIL import Image, ImageDraw
+    except ImportError:
+        return False
+    images = [Image.open(p).convert("L") for p in paths]
+    if not images:
+        return False
+    w, h = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("L", (len(images) * (w + 8), h + 16), 255)
+    draw = ImageDraw.Draw(sheet)
+    for k, (p, im) in enumerate(zip(paths, images)):
+        sheet.paste(im, (k * (w + 8), 16))
+        draw.text((k * (w + 8) + 2, 2), Path(p).parent.name, fill=0)
+    sheet.save(out)
+    return True
 
 
-def ddp_part(size: dict, processes: int, device: str, out: Path, limit: float, deadline: float) -> dict:
+def ddp_part(processes: int, device: str, size: str, work: Path, log: Path, cache: Path, deadline: float,
+             limit: float) -> dict:
     """One process, then ``processes`` under torchrun, training the experiment's model for a few steps."""
-    repo = out / "experiment"
-    if not (repo / "data/prepared/train.pt").is_file():
+    import yaml
+
+    ws = work / "experiment"
+    if not (ws / "data/prepared/train.pt").is_file():
         return {"status": "skipped: the experiment part did not prepare the data"}
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    set_dotted(params, "train.steps", size["ddp_steps"])
+    params = yaml.safe_load((ws / "params.yaml").read_text())
+    set_dotted(params, "train.steps", DDP_STEPS[size])
     set_dotted(params, "train.checkpoint_every", 0)
-    (repo / "ddp").mkdir(exist_ok=True)
-    (repo / "ddp/params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (ws / "ddp").mkdir(exist_ok=True)
+    (ws / "ddp/params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     runs = {}
     for n in (1, processes):
         d = f"ddp/{n}"
         args = ["--params", "ddp/params.yaml", "--data", "data/prepared/train.pt", "--out", f"{d}/model.pt",
                 "--metrics", f"{d}/train.json", "--plot", f"{d}/loss.csv", "--timing", f"{d}/timing.json",
                 "--state", f"{d}/state.pt", "--system-metrics", f"{d}/system.json", "--resume", "never",
-                "--device", device]
+                "--snapshots", f"{d}/snapshots", "--samples", f"{d}/samples", "--mlflow-run", f"{d}/mlflow.json",
+                "--no-live", "--device", device]
         launcher = [sys.executable, "-m", "pipeline"] if n == 1 else [
-            str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", str(n), "-m", "pipeline"]
-        run = run_part([*launcher, "train", *args], repo, out / f"ddp-{n}.log", min(limit, deadline - time.monotonic()),
-                       child_env(**{"OMP_NUM_THREADS": "1", **size["env"]}))
-        runs[n] = {"run": run, "timing": read(repo / d / "timing.json")}
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), "-m", "pipeline"]
+        left = min(limit, deadline - time.monotonic())
+        runs[n] = {"run": run_part([*launcher, "train", *args], ws, log, left, child_env(cache, ws, OMP_NUM_THREADS="1")),
+                   "timing": read(ws / d / "timing.json")}
     one, many = (runs[k]["timing"] or {} for k in (1, processes))
     speedup = (many["images_per_second"] / one["images_per_second"]
                if one.get("images_per_second") and many.get("images_per_second") else None)
-    return {"processes": processes, "steps": size["ddp_steps"], "runs": runs, "speedup": speedup}
+    return {"processes": processes, "steps": DDP_STEPS[size], "runs": runs, "speedup": speedup}
+
+
+# --------------------------------------------------------------------------- the projection
+DEFAULT_REPRO = {"train_steps": 20000, "batch_size": 128, "num_samples": 5000,
+                 "cells": [(s, k) for s in ("ddpm", "ddim", "dpmpp", "euler", "heun") for k in (10, 50, 100, 1000)],
+                 "nll_evaluations": 1000 * 1000}
+
+
+def project(report: dict) -> dict | None:
+    """The default ``dvc repro``'s wall time on this GPU, from the measured rates: training at the
+    fastest measured path's img/s plus a cold compile; every sample cell's network evaluations at the
+    fastest inference rate plus a sample process's fixed cost; a fid process per cell; nll's
+    evaluations; the other stages as the experiment measured them. An estimate, with its terms."""
+    train, sample, exp = report.get("train") or {}, report.get("sample") or {}, report.get("experiment") or {}
+    modes = {k: v for k, v in train.items() if k.startswith("train.") and isinstance(v, dict) and "images_per_second" in v}
+    rates = {k: v["image_steps_per_second"] for k, v in sample.items()
+             if k.startswith("sample.") and isinstance(v, dict) and "image_steps_per_second" in v}
+    if not modes or not rates:
+        return None
+    best_train = max(modes.values(), key=lambda v: v["images_per_second"])
+    rate = max(rates.values())
+    stages = {k: v.get("seconds") for k, v in (exp.get("stages") or {}).items() if v.get("status") == "ok"}
+    cells = exp.get("cells") or {}
+
+    r = DEFAULT_REPRO
+    evaluations = sum(r["num_samples"] * k * (2 if s == "heun" else 1) for s, k in r["cells"])
+    sample_fixed = [stages[k] - (cells.get(k.split(" ", 1)[1]) or {}).get("seconds", 0) for k in stages
+                    if k.startswith("sample ")]  # a sample process's cost beyond its sampling
+    nll = exp.get("nll") or {}
+    terms = {
+        "train": r["train_steps"] * r["batch_size"] / best_train["images_per_second"]
+        + best_train.get("compile_seconds", 0),
+        "train process (start, data, outputs)": max(0.0, stages.get("train", 0) - (exp.get("train") or {}).get("seconds", 0)),
+        "sample (20 cells)": evaluations / rate + len(r["cells"]) * (min(sample_fixed) if sample_fixed else 5.0),
+        "fid (20 cells)": len(r["cells"]) * min([v for k, v in stages.items() if k.startswith("fid ")] or [10.0]),
+        "nll": r["nll_evaluations"] / rate + (stages["nll"] - nll.get("seconds", 0) if "nll" in stages else 5.0),
+        "prepare, classifier, ema, fid_ref": sum(stages.get(k, 0) for k in ("prepare", "classifier", "ema", "fid_ref")),
+        "check, fid_floor, denoise, report, log (5 processes, est. 6 s each)": 5 * 6.0,
+    }
+    return {"seconds": round(sum(terms.values()), 1), "terms": {k: round(v, 1) for k, v in terms.items()},
+            "assumes": {"train_images_per_second": round(best_train["images_per_second"]),
+                        "train_path": best_train.get("path"), "image_steps_per_second": round(rate),
+                        "network_evaluations": evaluations}}
 
 
 # --------------------------------------------------------------------------- report
-def environment(device: str) -> dict:
-    import torch
-
-    from benchmarks.bench import _device_name
-    from pipeline.common import git_revision, resolve_device
-
-    dev = resolve_device(device)
-    return {"device": str(dev), "device_name": _device_name(dev), "gpus": torch.cuda.device_count(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "git_revision": git_revision(REPO),
-            "load_average_at_start": list(os.getloadavg()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def _fmt(v, spec="{:.3g}") -> str:
+def _f(v, spec="{:,.0f}") -> str:
     return "—" if v is None else spec.format(v)
 
 
-def _path(p: dict) -> str:
-    return f"{p['precision']}, {p['memory_format']}, compile {p['compile']}"
+def _get(d: dict | None, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
 
 
-def _mib(v) -> str:
-    return "—" if v is None else f"{v / 2**20:.0f} MiB"
-
-
-def markdown(report: dict) -> str:
-    env = report["environment"]
-    lines = [f"# gpu-check: {env['device_name']} ({env['device']}, {env['gpus']} GPU(s)), torch {env['torch']}",
-             "", f"git {env['git_revision'][:12]}, {env['started']}, size `{report['size']}`, "
-                 f"{report.get('seconds', '…')} s in all; load average at start "
-                 f"{', '.join(f'{x:.2f}' for x in env['load_average_at_start'])}", ""]
-    lines += ["## bench: ours against diffusers' UNet2DModel", "",
-              "| config | measurement | precision | ours img/s | peer img/s | ours/peer | ours MFU | peer MFU | "
-              "ours peak mem | peer peak mem |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for config, b in report.get("bench", {}).items():
-        r = b["result"]
-        if r is None:
-            lines.append(f"| `{config}` | {b['run']['status']} | | | | | | | | |")
-            continue
-        ours, peer = r["models"]["ours"], r["models"]["peer"]
-        rows = [("train step", "train", ours.get("train"), peer.get("train"))]
-        rows += [(f"sample {s}, {r['settings']['sample_steps']} steps", f"sample.{s}", ours["sample"][s],
-                  (peer.get("sample") or {}).get(s)) for s in ours.get("sample", {})]
-        for label, key, a, p in rows:
-            p = p or {}
-            lines.append(f"| `{config}` | {label} | {r['settings']['precision']} | {_fmt(a['images_per_second'])} | "
-                         f"{_fmt(p.get('images_per_second'))} | {_fmt(r['ratio_ours_over_peer'].get(key), '{:.2f}')} | "
-                         f"{_fmt(a['mfu'], '{:.1%}')} | {_fmt(p.get('mfu'), '{:.1%}')} | "
-                         f"{_mib(a.get('peak_memory_bytes'))} | {_mib(p.get('peak_memory_bytes'))} |")
-        lines.append(f"| `{config}` | train loop (`ddpm.training.train`) | {r['settings']['precision']} | "
-                     f"{_fmt(ours['loop']['images_per_second'])} | | | | | | |")
-    e = report.get("experiment")
-    if e:
-        t = e["train"]
-        lines += ["", f"## experiment: `dvc repro` of params.yaml with the fast path ({e['run']['status']}, "
-                      f"{e['run']['seconds']} s)", "",
-                  f"train: {t.get('steps', '—')} steps of batch {e['params']['train']['batch_size']} in "
-                  f"{_fmt(t.get('seconds'))} s, {_fmt(t.get('images_per_second'))} img/s, final loss "
-                  f"{_fmt(t.get('final_loss'), '{:.4f}')}; fast path (auto) of train: {_path(e['fast_path']['train'])}, "
-                  f"of sample: {_path(e['fast_path']['sample'])}; classifier "
-                  f"accuracy {_fmt((e['classifier'] or {}).get('test_accuracy'), '{:.3f}')}; bits/dim "
-                  f"{_fmt((e['nll'] or {}).get('bits_per_dim'), '{:.3f}')}", "",
-                  "| cell | samples | img/s | seconds | FID | KID |", "|---|---|---|---|---|---|"]
-        for cell, c in e["cells"].items():
-            lines.append(f"| {cell} | {_fmt(c['num_samples'], '{}')} | {_fmt(c['images_per_second'])} | "
-                         f"{_fmt(c['seconds'])} | {_fmt(c['fid'], '{:.2f}')} | {_fmt(c['kid_mean'], '{:.4f}')} |")
+def table(report: dict) -> str:
+    """The one table (markdown) of the check's figures, then the experiment's cells."""
+    env, train, sample = report["environment"], report.get("train") or {}, report.get("sample") or {}
+    peer, exp = report.get("peer") or {}, report.get("experiment") or {}
+    rows = [f"# gpu-check: {env['device_name']}, torch {env['torch']} (CUDA {env['cuda']}), {env['started']}",
+            "", f"{report.get('seconds', '…')} s in all; notes: {'; '.join(report['notes']) or 'none'}", "",
+            "| measurement | path | figure | MFU | note |", "|---|---|---|---|---|"]
+    for mode in ("none", "cudagraphs", "default", "reduce-overhead"):
+        v = train.get(f"train.{mode}")
+        if isinstance(v, dict):
+            rows.append(f"| train, default config, batch {_get(train, 'model', 'batch_size')} | {mode} | "
+                        + (f"{_f(v.get('images_per_second'))} img/s, compile {_f(v.get('compile_seconds'), '{:.1f}')} s"
+                           if "error" not in v else f"error: {v['error'][:80]}")
+                        + f" | {_f(v.get('mfu'), '{:.1%}')} | {v.get('path', '')} |")
+    for mode in ("none", train.get("train.best")):
+        p = train.get(f"profile.{mode}")
+        if isinstance(p, dict) and "host_ms_per_step" in p:
+            rows.append(f"| train step, torch.profiler | {mode} | host {p['host_ms_per_step']:.1f} ms / GPU "
+                        f"{p['gpu_ms_per_step']:.1f} ms per step, {p['launches_per_step']:.0f} launches | | |")
+    ema = train.get("ema_update")
+    if isinstance(ema, dict) and "averages_ms" in ema:
+        rows.append(f"| EMA + 2 profiles per step | | 3 × AveragedModel {ema['averaged_model_x3_ms']:.2f} ms, "
+                    f"Averages {ema['averages_ms']:.2f} ms | | |")
+    for mode in ("autocast", "none", "cudagraphs", "reduce-overhead"):
+        v = sample.get(f"sample.{mode}")
+        if isinstance(v, dict):
+            rows.append(f"| sample ddim-{_get(sample, 'model', 'steps')}, batch {_get(sample, 'model', 'batch_size')} "
+                        f"| {mode} | " + (f"{_f(v.get('image_steps_per_second'))} image-steps/s, first call "
+                                          f"{_f(v.get('first_call_seconds'), '{:.1f}')} s" if "error" not in v
+                                          else f"error: {v['error'][:80]}")
+                        + f" | {_f(v.get('mfu'), '{:.1%}')} | {v.get('path', '')} |")
+    warm = report.get("warm") or {}
+    for key, label in (("warm.train", "first 3 train steps"), ("warm.sample", "first sample call")):
+        v = warm.get(key)
+        if isinstance(v, dict):
+            figure = v.get("first_3_steps_seconds", v.get("first_call_seconds"))
+            rows.append(f"| {label}, fresh process, inductor cache warm | {v.get('path', '')} | "
+                        f"{_f(figure, '{:.1f}')} s | | {v.get('error', '')[:80]} |")
+    for kind, unit in (("train", "images_per_second"), ("sample", "image_steps_per_second")):
+        results = {k.split(".", 2)[2]: v for k, v in peer.items() if k.startswith(f"peer.{kind}.") and isinstance(v, dict)}
+        for key, v in sorted(results.items()):
+            rows.append(f"| bench {kind}, {key.split('.')[0]} | {key.split('.', 1)[1]} | "
+                        + (f"{_f(v.get(unit))} {'img/s' if kind == 'train' else 'image-steps/s'}" if "error" not in v
+                           else f"error: {v['error'][:80]}") + " | | |")
+        for label, ratio in (report.get("ratios") or {}).get(kind, {}).items():
+            rows.append(f"| ours / diffusers, {kind} | {label} | {ratio:.2f}× | | |")
+    proj = report.get("projection")
+    if proj:
+        rows.append(f"| projected default `dvc repro` (estimate) | fastest paths | {proj['seconds'] / 60:.1f} min | | "
+                    + "; ".join(f"{k} {v:.0f} s" for k, v in proj["terms"].items()) + " |")
+    if exp.get("stages"):
+        rows += ["", f"## experiment: the stage commands on the real data ({_get(exp, 'params', 'train', 'steps')} "
+                     f"training steps, fast path auto)", "",
+                 "| stage | status | seconds |", "|---|---|---|"]
+        rows += [f"| {k} | {v.get('status')} | {_f(v.get('seconds'), '{:.1f}')} |" for k, v in exp["stages"].items()]
+        t = exp.get("train") or {}
+        rows += ["", f"train: {_f(t.get('images_per_second'))} img/s over {t.get('steps', '—')} steps, "
+                     f"final loss {_f(t.get('final_loss'), '{:.4f}')}, path {t.get('path', '—')}; classifier "
+                     f"accuracy {_f(_get(exp, 'classifier', 'test_accuracy'), '{:.3f}')}; bits/dim "
+                     f"{_f(_get(exp, 'nll', 'bits_per_dim'), '{:.3f}')} ({_get(exp, 'nll', 'num_images')} images)", "",
+                 "| cell | samples | seconds | img/s | FID | precision | recall | path |", "|---|---|---|---|---|---|---|---|"]
+        rows += [f"| {c} | {v.get('num_samples')} | {_f(v.get('seconds'), '{:.2f}')} | {_f(v.get('images_per_second'))} | "
+                 f"{_f(v.get('fid'), '{:.2f}')} | {_f(v.get('precision'), '{:.3f}')} | {_f(v.get('recall'), '{:.3f}')} | "
+                 f"{v.get('path')} |" for c, v in exp.get("cells", {}).items()]
     d = report.get("ddp")
-    if d:
-        lines += ["", "## DDP", ""]
-        if "runs" not in d:
-            lines.append(d["status"])
-        else:
-            lines += ["| processes | status | img/s |", "|---|---|---|"]
-            for n, r in d["runs"].items():
-                lines.append(f"| {n} | {r['run']['status']} | {_fmt((r['timing'] or {}).get('images_per_second'))} |")
-            lines += ["", f"speed-up {_fmt(d['speedup'], '{:.2f}')}× on {d['processes']} processes "
-                          f"({d['steps']} steps)"]
-    return "\n".join(lines) + "\n"
+    if d and "runs" in d:
+        rows += ["", f"DDP: {d['processes']} processes, speed-up {_f(d.get('speedup'), '{:.2f}')}× ({d['steps']} steps)"]
+    return "\n".join(rows) + "\n"
 
 
-def write_report(report: dict, out: Path) -> None:
-    from pipeline.common import write_atomic, write_json
+def ratios(peer: dict) -> dict:
+    """ours / diffusers per kind: eager (mode none) and each on its best measured path."""
+    out = {}
+    for kind, unit in (("train", "images_per_second"), ("sample", "image_steps_per_second")):
+        got = {tuple(k.split(".")[2:4]): v[unit] for k, v in peer.items()
+               if k.startswith(f"peer.{kind}.") and isinstance(v, dict) and unit in v}
+        mine = {}
+        eager = "none" if kind == "train" else "cudagraphs"
+        if ("ours", eager) in got and ("peer", eager) in got:
+            mine[f"{eager} vs {eager}"] = got[("ours", eager)] / got[("peer", eager)]
+        best = {name: max(((v, mode) for (n, mode), v in got.items() if n == name), default=None)
+                for name in ("ours", "peer")}
+        if best["ours"] and best["peer"]:
+            mine[f"best ({best['ours'][1]}) vs best ({best['peer'][1]})"] = best["ours"][0] / best["peer"][0]
+        out[kind] = mine
+    return out
 
-    write_json(out / "gpu_check.json", report)
-    write_atomic(out / "gpu_check.md", markdown(report))
+
+def environment(device: str) -> dict:
+    import torch
+
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU"
+    return {"device": str(dev), "device_name": name, "gpus": torch.cuda.device_count(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "python": sys.version.split()[0], "cpus": os.cpu_count(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": list(os.getloadavg()),
+            "missing": {part: missing(*mods) for part, mods in OPTIONAL.items()}}
 
 
 def main(out: Path, size: str = "auto", device: str = "auto", sets: list[str] = (), ddp_processes: int | None = None,
-         peak_tflops: float | None = None, budget: float | None = None) -> dict:
+         budget: float | None = None, data: str | None = None, parts: list[str] | None = None) -> dict:
     import torch
 
-    from pipeline.common import resolve_device
-
-    dev = resolve_device(device)
-    size = ("gpu" if dev.type == "cuda" else "ci") if size == "auto" else size
-    if size not in SIZES:
-        raise InputError(f"unknown size {size!r}; choose auto, gpu or ci")
-    overrides = parse_sets(list(sets))
-    s = SIZES[size]
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    size = ("gpu" if torch.device(device).type == "cuda" else "ci") if size == "auto" else size
     if ddp_processes is None:
-        ddp_processes = torch.cuda.device_count() if dev.type == "cuda" and torch.cuda.device_count() > 1 else 0
-    if ddp_processes == 1 or ddp_processes < 0:
-        raise InputError(f"ddp_processes must be 0 (skip) or at least 2, got {ddp_processes}")
-    start, deadline = time.monotonic(), time.monotonic() + (budget or s["budget"])
-    out.mkdir(parents=True, exist_ok=True)
-    report = {"size": size, "environment": environment(str(dev))}
+        ddp_processes = torch.cuda.device_count() if device.startswith("cuda") and torch.cuda.device_count() > 1 else 0
+    overrides = {}
+    for s in sets:
+        key, sep, value = s.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"gpu-check: --set takes key=value, got {s!r}")
+        import yaml
 
-    def note(name: str, part: dict) -> None:
+        overrides[key] = yaml.safe_load(value)
+    if data:
+        overrides.update({"data.root": data, "data.download": False})
+    parts = parts or ["train", "sample", "warm", "experiment", "peer", "ddp"]
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    cache = work / "inductor-cache"  # cold for the first part: the compile a first user pays
+    log = out / "gpu_check.log"
+    log.write_text("")
+    start = time.monotonic()
+    deadline = start + (budget or BUDGET[size])
+    report = {"size": size, "environment": environment(device), "notes": []}
+
+    def note(name: str, part) -> None:
         report[name] = part
         report["seconds"] = round(time.monotonic() - start, 1)
-        write_report(report, out)
-        print(f"gpu-check: {name} done after {report['seconds']} s → {out / 'gpu_check.md'}", flush=True)
+        report["ratios"] = ratios(report.get("peer") or {})
+        report["projection"] = project(report)
+        (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
+        (out / "gpu_check.md").write_text(table(report))
+        print(f"gpu-check: {name} done after {report['seconds']} s", flush=True)
 
-    note("bench", bench_part(s, str(dev), peak_tflops, out, s["limits"]["bench"], deadline))
-    note("experiment", experiment_part(s, overrides, str(dev), out, s["limits"]["experiment"], deadline))
-    note("ddp", ddp_part(s, ddp_processes, str(dev), out, s["limits"]["ddp"], deadline) if ddp_processes
-         else {"status": f"skipped: {torch.cuda.device_count()} GPU(s)"})
+    for part in ("train", "sample", "warm", "experiment", "peer", "ddp"):
+        if part not in parts:
+            continue
+        if part == "experiment":
+            run_experiment(report, size, overrides, device, work, log, cache, deadline, out, note)
+        elif part == "ddp" and not ddp_processes:
+            report["notes"].append(f"ddp skipped: {torch.cuda.device_count()} GPU(s)")
+        elif part == "ddp":
+            note("ddp", ddp_part(ddp_processes, device, size, work, log, cache, deadline, LIMITS[size]["ddp"]))
+        elif part == "peer" and missing(*OPTIONAL["peer"]):
+            report["notes"].append("peer skipped: diffusers is not installed")
+        elif min(LIMITS[size][part], deadline - time.monotonic()) < 5:
+            report["notes"].append(f"{part} skipped: out of time")
+        else:
+            path = work / f"{part}.json"
+            run = run_part([sys.executable, "-m", "benchmarks.gpu_parts", part, "--json", str(path), "--size", size,
+                            "--device", device], REPO, log, min(LIMITS[size][part], deadline - time.monotonic()),
+                           child_env(cache, **({"OMP_NUM_THREADS": "1"} if size == "ci" else {})))
+            if run["status"] != "ok":
+                report["notes"].append(f"{part} {run['status']}")
+            note(part, {**(read(path) or {}), "run": run})
+            profiles = sorted(work.glob("train.profile-*.txt"))
+            if part == "train" and profiles:
+                (out / "profile.txt").write_text("\n\n".join(f"== {p.stem.split('-', 1)[1]}\n{p.read_text()}"
+                                                              for p in profiles))
+    shutil.rmtree(work, ignore_errors=True)
     print((out / "gpu_check.md").read_text())
     return report
+
+
+def run_experiment(report, size, overrides, device, work, log, cache, deadline, out, note) -> None:
+    gone = missing(*OPTIONAL["experiment"])
+    if gone:
+        report["notes"].append(f"experiment skipped: {', '.join(gone)} not installed")
+        return
+    left = min(LIMITS[size]["experiment"], deadline - time.monotonic())
+    if left < 10:
+        report["notes"].append("experiment skipped: out of time")
+        return
+    result = experiment_part(size, overrides, device, work, log, cache, deadline, left)
+    if combine_grids(result.get("grids", []), out / "grids.png"):
+        result["grids_png"] = str(out / "grids.png")
+    note("experiment", result)
+
+
+def cli(argv=None) -> None:
+    """``python3 -m benchmarks gpu-check``: argparse only, so that it runs where typer is missing."""
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks gpu-check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for the (at most 8) files")
+    parser.add_argument("--size", choices=["auto", "gpu", "ci"], default="auto",
+                        help="auto: gpu on CUDA, else ci (tiny configs on the CPU)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param of the experiment (YAML value; repeatable)")
+    parser.add_argument("--data", help="data.root of the experiment (default: params.yaml's)")
+    parser.add_argument("--ddp-processes", type=int, help="processes of the DDP part (default: the GPUs, if > 1)")
+    parser.add_argument("--budget", type=float, help="seconds for the whole check (default 470 for gpu)")
+    parser.add_argument("--parts", help="comma-separated subset of train,sample,warm,experiment,peer,ddp")
+    a = parser.parse_args(argv)
+    if a.ddp_processes is not None and (a.ddp_processes == 1 or a.ddp_processes < 0):
+        parser.error(f"--ddp-processes must be 0 (skip) or at least 2, got {a.ddp_processes}")
+    main(a.out, a.size, a.device, a.sets, a.ddp_processes, a.budget, a.data,
+         a.parts.split(",") if a.parts else None)

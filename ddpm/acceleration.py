@@ -1,32 +1,52 @@
-"""The fast path, as named choices: numeric precision, memory format, compilation.
+"""The fast path, as named choices: numeric precision, memory format, compilation and CUDA graphs.
 
     precision      auto  the device's fast path: bf16 on CUDA, fp32 on CPU (the default)
                    fp32  plain float32 everywhere (bit-identical on CPU)
                    tf32  float32 storage, TF32 tensor-core matmuls and convolutions (CUDA only)
-                   bf16  bfloat16 autocast of the network's forward pass, on CUDA or CPU; weights,
+                   bf16  training: bfloat16 autocast of the network's forward pass; weights,
                          gradients, optimizer state, the loss, the sampler's state and the
-                         diffusion tables stay float32 (or float64); on CUDA, TF32 for what
-                         autocast leaves in float32
+                         diffusion tables stay float32 (or float64). Inference (sampling, the
+                         bound, denoising): the network's weights cast to bfloat16 once, no
+                         autocast. On CUDA, TF32 for what stays in float32
     memory_format  auto (channels_last on CUDA, contiguous on CPU) | contiguous |
                    channels_last (NHWC, what tensor-core convolutions want)
-    compile        auto (default on CUDA, none on CPU) | none | default | max-autotune
-                   (``torch.compile`` of the model's forward)
+    compile        none            eager PyTorch: one Python-issued launch per kernel
+                   default         ``torch.compile``: inductor fuses GroupNorm, SiLU, the casts and
+                                   the elementwise tails, but still launches each kernel from Python
+                   reduce-overhead ``torch.compile`` with CUDA graphs: fused kernels, replayed as one
+                                   graph per call (forward, and backward when training)
+                   max-autotune    as reduce-overhead, and inductor autotunes its kernels (slow to
+                                   compile)
+                   cudagraphs      no compiler: the eager kernels replayed from CUDA graphs. For
+                                   inference the network's call is captured once per input shape
+                                   (``torch.cuda.CUDAGraph``), for training through
+                                   ``torch.compile(backend="cudagraphs")`` (forward and backward)
+                   auto            see ``AUTO``
 
-``auto`` is what was measured fastest on CPU (plain fp32: bf16 autocast, channels_last and
-torch.compile were slower or no faster there, see the README) and what the GPU fast path
-should be on CUDA (not yet measured on a GPU in this project). ``resolve`` turns the three choices into concrete ones
-for a device and checks them before any work (tf32 on a CPU is an error, not a silent
-fall-back); ``prepare_model`` moves a model to its device in its memory format;
-``compile_model`` wraps its forward; ``network`` is the one place where the network runs
-under bf16 autocast (training, sampling and the benchmark call it), its output
-cast back to the input's dtype; ``make_adamw`` builds AdamW, fused into one kernel (on CUDA,
-and on CPU, where the fused kernel is 3.5× faster per step than the default loop);
-``make_denoiser`` gives the ``model(x, t)`` callable a sampler calls, with all of it applied.
-With fp32, contiguous, none (``auto`` on a CPU) every one of them is a no-op.
+CUDA graphs need a CUDA device and one process: on a CPU the graph modes run without graphs
+(reduce-overhead and max-autotune compile, cudagraphs is eager), and under DDP training they run
+as ``default``; ``resolve`` says so in the ``FastPath``'s ``note``.
+
+A fast path never stops a run (``Fallback``): if a compiled or graphed call fails where the plain
+(eager) call of the same inputs succeeds, the run continues on the plain path for good, after one
+warning line saying why; ``path`` records what ran. An error of the plain call too is a real one
+and is raised.
+
+``resolve`` turns the choices into concrete ones for a device and checks them before any work
+(tf32 on a CPU is an error, not a silent fall-back); ``prepare_model`` moves a model to its device
+in its memory format; ``compile_model`` wraps a training forward; ``network`` is the one place
+where a training forward runs under bf16 autocast, its output cast back; ``inference_network``
+is the one place where a network runs for inference (the weights cast once); ``make_adamw``
+builds AdamW, fused into one kernel; ``make_denoiser`` gives the ``model(x, t)`` callable a sampler
+calls, with all of it applied. With fp32, contiguous, none (``auto`` on a CPU) every one of them
+is a no-op.
 """
 
 import contextlib
-from dataclasses import dataclass
+import copy
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -36,44 +56,86 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # what a network's own forward can run in (``network``): tf32 is process-wide (``set_matmul_precision``)
 NETWORK_PRECISIONS = tuple(p for p in PRECISIONS if p != "tf32")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
-COMPILE_MODES = ("auto", "none", "default", "max-autotune")
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "cudagraphs")
+GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # the modes that replay CUDA graphs
+COMPILER_MODES = ("default", "reduce-overhead", "max-autotune")  # the modes that run inductor
+ROLES = ("train", "inference")
 
 
 @dataclass(frozen=True)
 class FastPath:
-    """Concrete choices (no ``auto``) for one device."""
+    """Concrete choices (no ``auto``) for one device, and a note when a choice could not apply there."""
 
     precision: str = "fp32"
     memory_format: str = "contiguous"
     compile: str = "none"
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"{self.precision}, {self.memory_format}, compile {self.compile}" + (f" ({self.note})" if self.note else "")
 
 
-# what ``auto`` means, per device type
-AUTO = {"cuda": FastPath("bf16", "channels_last", "default"), "cpu": FastPath("fp32", "contiguous", "none")}
+# What ``auto`` means, per device type and role. CUDA: measured on an H200 (README, Performance):
+# training is host-bound at eager speed, so its step runs from CUDA graphs of the fused kernels;
+# inference replays the eager kernels from CUDA graphs, which costs no compile time (a sample cell
+# is often seconds of work), and compiles only where ``compile_pays`` says it does.
+AUTO = {"cuda": {"train": FastPath("bf16", "channels_last", "reduce-overhead"),
+                 "inference": FastPath("bf16", "channels_last", "cudagraphs")},
+        "cpu": {"train": FastPath("fp32", "contiguous", "none"), "inference": FastPath("fp32", "contiguous", "none")}}
+
+# Inference: the image-evaluations of the network (images × steps, per process) beyond which
+# ``auto`` compiles (reduce-overhead) instead of replaying eager kernels, on CUDA. Compiling the
+# network costs about COMPILE_SECONDS in a fresh process with inductor's on-disk cache warm, and
+# gains (1/eager − 1/compiled) seconds per image-evaluation; measured on an H200 (README).
+COMPILE_SECONDS = 20.0
+EAGER_RATE, COMPILED_RATE = 60_000.0, 100_000.0  # image-evaluations/s at batch 1000, ch 64 U-Net
 
 
-def resolve(device, precision: str = "auto", memory_format: str = "auto", compile: str = "auto") -> FastPath:
-    """The concrete choices for ``device``; ValueError naming the option when one is unknown or needs CUDA."""
+def compile_pays(evaluations: float | None, device) -> bool:
+    """Whether compiling the network pays for itself over ``evaluations`` image-evaluations."""
+    if evaluations is None or torch.device(device).type != "cuda":
+        return False
+    return evaluations * (1 / EAGER_RATE - 1 / COMPILED_RATE) > COMPILE_SECONDS
+
+
+def resolve(device, precision: str = "auto", memory_format: str = "auto", compile: str = "auto", *,
+            role: str = "train", evaluations: float | None = None, distributed: bool = False) -> FastPath:
+    """The concrete choices for ``device`` and ``role`` (train | inference); an ``InputError`` naming the
+    option when one is unknown or needs CUDA. ``evaluations``: the image-evaluations an inference run
+    will make, for ``auto``'s choice whether to compile (``compile_pays``). Graph modes without CUDA,
+    or in DDP training (``distributed``), become their graph-less equivalent with a ``note`` saying so."""
     for name, value, allowed in (("precision", precision, PRECISIONS), ("memory_format", memory_format, MEMORY_FORMATS),
-                                 ("compile", compile, COMPILE_MODES)):
+                                 ("compile", compile, COMPILE_MODES), ("role", role, ROLES)):
         if value not in allowed:
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
     kind = torch.device(device).type
-    auto = AUTO.get(kind, AUTO["cpu"])
+    auto = AUTO.get(kind, AUTO["cpu"])[role]
+    if compile == "auto" and role == "inference" and compile_pays(evaluations, device):
+        auto = replace(auto, compile="reduce-overhead")
     path = FastPath(auto.precision if precision == "auto" else precision,
                     auto.memory_format if memory_format == "auto" else memory_format,
                     auto.compile if compile == "auto" else compile)
     if path.precision == "tf32" and kind != "cuda":
         raise InputError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
+    if path.compile in GRAPH_MODES and kind != "cuda":
+        instead = {"reduce-overhead": "default", "max-autotune": "default", "cudagraphs": "none"}[path.compile]
+        path = replace(path, compile=instead, note=f"CUDA graphs need a CUDA device, so {path.compile} runs as "
+                                                   f"{instead} on {kind}")
+    elif path.compile in GRAPH_MODES and distributed and role == "train":
+        path = replace(path, compile="default", note=f"{path.compile} runs as default under DDP (its gradient "
+                                                      f"all-reduce is not captured in CUDA graphs)")
     return path
 
 
 def set_matmul_precision(precision: str, device) -> None:
-    """TF32 for float32 matmuls and cuDNN convolutions on CUDA when precision is tf32 or bf16.
+    """TF32 for float32 matmuls and cuDNN convolutions on CUDA when precision is tf32 or bf16, and
+    cuDNN's autotuner on (the shapes of a run are fixed: it picks each convolution's fastest kernel
+    once, as EDM2's training loop does).
 
     This is process-wide state (PyTorch has no per-model switch); fp32 sets it back to IEEE."""
     if torch.device(device).type != "cuda":
         return
+    torch.backends.cudnn.benchmark = True
     mode = "ieee" if precision == "fp32" else "tf32"
     torch.backends.cuda.matmul.fp32_precision = mode
     torch.backends.cudnn.conv.fp32_precision = mode
@@ -90,13 +152,28 @@ def prepare_model(model: torch.nn.Module, device, *, precision: str = "auto", me
     return model
 
 
+def _mark_step(fn):
+    """``fn`` preceded by ``cudagraph_mark_step_begin``: each call starts a new iteration for
+    inductor's CUDA graph trees, so the previous call's outputs (copied by then) may be overwritten."""
+
+    def call(*args, **kwargs):
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs)
+
+    return call
+
+
 def compile_model(model: torch.nn.Module, compile: str = "none"):
-    """``model`` itself for ``none``, else ``torch.compile(model, mode=...)`` sharing its parameters."""
+    """``model`` itself for ``none``; else ``model`` compiled (sharing its parameters): ``torch.compile``
+    in the mode of that name, or with the ``cudagraphs`` backend (CUDA graphs, no compiler)."""
     if compile not in COMPILE_MODES or compile == "auto":
         raise InputError(f"unknown compile {compile!r}; choose one of {', '.join(COMPILE_MODES[1:])}")
     if compile == "none":
         return model
-    return torch.compile(model, mode=None if compile == "default" else compile)
+    if compile == "cudagraphs":
+        return _mark_step(torch.compile(model, backend="cudagraphs", dynamic=False))
+    compiled = torch.compile(model, mode=None if compile == "default" else compile, dynamic=False)
+    return _mark_step(compiled) if compile in GRAPH_MODES else compiled
 
 
 def autocast_context(precision: str, device):
@@ -107,9 +184,9 @@ def autocast_context(precision: str, device):
 
 
 def network(forward, precision: str, device):
-    """``forward(x, t, *labels)`` as run everywhere in this package: for ``bf16`` under autocast,
-    its output cast back to ``x``'s dtype, so nothing outside the network sees a bf16 tensor;
-    ``forward`` itself otherwise."""
+    """A training ``forward(x, t, *labels)`` as run everywhere in this package: for ``bf16`` under
+    autocast, its output cast back to ``x``'s dtype, so nothing outside the network sees a bf16
+    tensor; ``forward`` itself otherwise."""
     if precision != "bf16":
         return forward
 
@@ -132,15 +209,132 @@ def make_adamw(params, device, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=torch.device(device).type in ("cuda", "cpu") or None, **kwargs)
 
 
+# ------------------------------------------------------------------ never stopped by a fast path
+class FastPathWarning(RuntimeWarning):
+    """A fast path failed and the run goes on on the plain path."""
+
+
+def first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+class Fallback:
+    """``fast(*args)`` until it first fails where ``plain(*args)`` succeeds; from then on ``plain``,
+    after one warning line. ``reset``, when given, is called before the plain retry (e.g. to drop
+    gradients a failed backward left). ``path`` describes what ran."""
+
+    def __init__(self, fast: Callable | None, plain: Callable, path: str, plain_path: str,
+                 reset: Callable[[], None] | None = None):
+        self.fast, self.plain, self.reset = fast, plain, reset
+        self.path, self.plain_path = path, plain_path
+
+    def __call__(self, *args, **kwargs):
+        if self.fast is None:
+            return self.plain(*args, **kwargs)
+        try:
+            return self.fast(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 — retried on the plain path below, raised if that fails too
+            if self.reset is not None:
+                self.reset()
+            out = self.plain(*args, **kwargs)  # a real error (bad input, a bug) fails here too, and is raised
+            self.fast = None
+            self.path = f"{self.plain_path} (fell back from {self.path}: {first_line(e)})"
+            warnings.warn(f"fast path failed, continuing on the plain path: {self.path}", FastPathWarning, stacklevel=2)
+            return out
+
+
+# ------------------------------------------------------------------ inference
+class CUDAGraphed:
+    """``fn(*args)`` replayed from a CUDA graph captured once per input signature (shapes, dtypes):
+    the inputs are copied into the graph's static buffers, the graph replays every kernel of ``fn``
+    with one launch, and the output is returned as a new tensor (the static one is overwritten by
+    the next replay). ``fn`` must be a pure function of its tensor arguments (a network in eval
+    mode), with no host synchronisation."""
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
+
+    def capture(self, args: tuple[torch.Tensor, ...]):
+        static = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture: lazy initialisation, cuDNN's plans
+            for _ in range(self.warmup):
+                self.fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # other threads may use CUDA meanwhile
+            out = self.fn(*static)
+        return graph, static, out
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        key = tuple((a.shape, a.dtype, a.device, a.stride()) for a in args)
+        if key not in self.graphs:
+            self.graphs[key] = self.capture(args)
+        graph, static, out = self.graphs[key]
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return out.clone()
+
+
+def inference_network(model: torch.nn.Module, path: FastPath):
+    """``model`` (on its device; put in eval mode, or its bf16 copy is) as ``f(x, t, *labels)`` for inference on the fast path
+    ``path``: for bf16 a copy of its weights cast to bfloat16 once (no autocast, no per-call casts of
+    weights or activations), x cast in and the output cast back to x's dtype; compiled or replayed
+    from CUDA graphs as ``path.compile`` says. Returns (fast call or None, plain eager call)."""
+    if path.precision == "bf16":
+        model = copy.deepcopy(model).to(torch.bfloat16)
+    model = model.eval()
+    dtype = next(model.parameters()).dtype
+
+    def plain(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        return model(to_memory_format(x.to(dtype), path.memory_format), t, *labels).to(x.dtype)
+
+    if path.compile == "none":
+        return None, plain
+    if path.compile == "cudagraphs":
+        graphed = CUDAGraphed(lambda x, t, *labels: model(x, t, *labels))
+
+        def fast(x, t, *labels):
+            return graphed(to_memory_format(x.to(dtype), path.memory_format), t, *labels).to(x.dtype)
+
+        return fast, plain
+    compiled = compile_model(model, path.compile)
+
+    def fast(x, t, *labels):  # the output copied (cast, or cloned) before the next call can overwrite it
+        return compiled(to_memory_format(x.to(dtype), path.memory_format), t, *labels).to(x.dtype, copy=True)
+
+    return fast, plain
+
+
+class Denoiser:
+    """The ``denoiser(x, t[, labels])`` a sampler calls (see ``make_denoiser``); ``path`` says which path ran."""
+
+    def __init__(self, call: Fallback):
+        self.call = call
+
+    @property
+    def path(self) -> str:
+        return self.call.path
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
+        return self.call(x, t, *labels)
+
+
 def make_denoiser(model: torch.nn.Module, device, *, precision: str = "auto", memory_format: str = "auto",
-                  compile: str = "auto"):
-    """``model`` (prepared, in eval mode) as the ``denoiser(x, t[, labels])`` a sampler calls: inputs in the
-    memory format, the forward compiled and run through ``network`` (the precision's autocast)."""
-    path = resolve(device, precision, memory_format, compile)
-    model = prepare_model(model, device, **vars(path)).eval()
-    forward = network(compile_model(model, path.compile), path.precision, device)
-
-    def denoiser(x: torch.Tensor, t: torch.Tensor, *labels: torch.Tensor) -> torch.Tensor:
-        return forward(to_memory_format(x, path.memory_format), t, *labels)
-
-    return denoiser
+                  compile: str = "auto", evaluations: float | None = None) -> Denoiser:
+    """``model`` (moved to ``device``, in eval mode) as the ``denoiser(x, t[, labels])`` a sampler calls,
+    on the fast path of the choices (role inference; ``evaluations``: the image-evaluations it will
+    make, for ``auto``'s compile decision): weights cast once, inputs in the memory format, compiled
+    or graphed, falling back to the plain eager call if that fails (``Fallback``)."""
+    path = resolve(device, precision, memory_format, compile, role="inference", evaluations=evaluations)
+    set_matmul_precision(path.precision, device)
+    model = model.to(device)
+    if path.memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+    fast, plain = inference_network(model, path)
+    plain_path = replace(path, compile="none", note="").describe()
+    return Denoiser(Fallback(fast, plain, path.describe(), plain_path))

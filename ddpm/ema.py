@@ -18,10 +18,16 @@ the rule for β_n:
              Over a run much shorter than 1/(1 − decay) steps it still holds much of the
              weights of the first steps.
 
-β is computed from ``AveragedModel``'s own update count (a tensor on the training device:
-no host synchronisation per step), in float64, and applied in the weights' dtype.
+β is computed in float64 and applied in the weights' dtype. ``AveragedModel.update_parameters``
+(the rule as a ``multi_avg_fn``) reads its update count on the host (``n_averaged == 0``, a device
+sync on CUDA: pytorch/pytorch#157705) and walks the parameters in Python, per average.
+``Averages``, what training uses, updates every average of one model at once: β of each from a
+count kept on the host (read once), then one multi-tensor lerp over all of them per dtype group
+and one multi-tensor add of the counts, with no host synchronisation. The result is
+``AveragedModel.update_parameters``'s, bit for bit (``tests/test_fast_path.py``).
 """
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Annotated, Literal
@@ -84,6 +90,7 @@ def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> None:
         raise InputError(f"{name} must be in (0, {MAX_SIGMA_REL:.4f}) (γ > 0), got {sigma_rel}")
 
 
+@functools.lru_cache(maxsize=64)
 def sigma_rel_to_gamma(sigma_rel: float) -> float:
     """γ of the power-function EMA of relative width σ_rel: the largest real root of
     γ³ + 7γ² + (16 − σ_rel⁻²) γ + (12 − σ_rel⁻²) = 0 (EDM2 eq. 126, Algorithm 2)."""
@@ -127,6 +134,59 @@ def multi_avg_fn(cfg: EMAConfig):
 def averaged_model(model: torch.nn.Module, cfg: EMAConfig) -> AveragedModel:
     """An ``AveragedModel`` of ``model`` (parameters and buffers) following ``cfg``."""
     return AveragedModel(model, multi_avg_fn=multi_avg_fn(cfg), use_buffers=True)
+
+
+class Averages:
+    """Every average of one model's weights, updated together after each optimiser step.
+
+    ``pairs`` are (``AveragedModel`` of ``model``, its ``EMAConfig``): the training EMA and the
+    post-hoc profiles. Each update is, per dtype group, one ``torch._foreach_lerp_`` over all the
+    averages' tensors (each with its own weight 1 − β), and one ``torch._foreach_add_`` of their
+    ``n_averaged`` counts: no host synchronisation, a fixed handful of kernel launches however
+    many averages there are. β follows ``decay`` from a copy of each count kept on the host (read
+    once, here); β = 0 for the first update, which copies the weights as ``AveragedModel`` does.
+    """
+
+    def __init__(self, model: torch.nn.Module, pairs: list[tuple[AveragedModel, "EMAConfig"]],
+                 counts: list[int] | None = None):
+        for _, cfg in pairs:
+            if isinstance(cfg, PowerEMA):
+                sigma_rel_to_gamma(cfg.sigma_rel)  # fail now, not at the second step
+        self.configs = [cfg for _, cfg in pairs]
+        # the update counts: given, or read once (one host sync per training run, not per step)
+        self.counts = list(counts) if counts is not None else [int(avg.n_averaged) for avg, _ in pairs]
+        self.n_averaged = [avg.n_averaged for avg, _ in pairs]
+        current = [t.detach() for t in (*model.parameters(), *model.buffers())]
+        # per dtype: (averaged tensors, model tensors, index of the average each belongs to)
+        self.groups: dict[torch.dtype, tuple[list, list, list]] = {}
+        self.copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # integer buffers: keep the latest
+        for k, (avg, _) in enumerate(pairs):
+            mine = [t.detach() for t in (*avg.module.parameters(), *avg.module.buffers())]
+            if len(mine) != len(current):
+                raise InputError(f"average {k} holds {len(mine)} tensors, the model {len(current)}")
+            for a, c in zip(mine, current):
+                if torch.is_floating_point(a):
+                    group = self.groups.setdefault(a.dtype, ([], [], []))
+                    group[0].append(a), group[1].append(c), group[2].append(k)
+                else:
+                    self.copies.append((a, c))
+
+    def weights(self) -> list[float]:
+        """1 − β of the next update of each average, in float64 on the host (``decay`` on a CPU tensor)."""
+        return [1.0 - (0.0 if n == 0 else decay(cfg, torch.tensor(n)).item()) for cfg, n in zip(self.configs, self.counts)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        w = torch.tensor(self.weights(), dtype=torch.float64)
+        for dtype, (averaged, current, owner) in self.groups.items():
+            # each weight rounded to the tensors' dtype first, as AveragedModel's rule applies it
+            rounded = w.to(dtype).tolist()
+            torch._foreach_lerp_(averaged, current, [rounded[k] for k in owner])
+        for a, c in self.copies:
+            a.copy_(c)
+        if self.n_averaged:
+            torch._foreach_add_(self.n_averaged, 1)
+        self.counts = [n + 1 for n in self.counts]
 
 
 def averaged_weights(averaged: AveragedModel) -> dict[str, torch.Tensor]:

@@ -51,7 +51,7 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ddpm.acceleration import NETWORK_PRECISIONS, network, resolve
+from ddpm.acceleration import NETWORK_PRECISIONS, FastPath, inference_network, network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
 from ddpm.errors import InputError
 from ddpm.guidance import Guidance, guided_eps
@@ -220,6 +220,16 @@ def check_options(sampler: str, options: dict | None) -> Callable:
     return step_fn
 
 
+def _network(model: Denoiser, precision: str, device) -> Denoiser:
+    """The network as this call of the loop runs it: a module with floating-point weights in bf16 on
+    a copy of its weights cast once (``ddpm.acceleration.inference_network``); any other callable
+    under bf16 autocast (``ddpm.acceleration.network``); as it is for fp32."""
+    weights = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, torch.nn.Module) else []
+    if precision == "bf16" and weights:
+        return inference_network(model, FastPath("bf16", "contiguous", "none"))[1]
+    return network(model, precision, device)
+
+
 def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: str, clip: str,
               percentile: float, precision: str, variance: str = "fixed_small", labels: torch.Tensor | None = None,
               null_label: int | None = None, guidance: Guidance | None = None) -> Callable[[torch.Tensor, int], Prediction]:
@@ -237,7 +247,7 @@ def _denoiser(model: Denoiser, d: Diffusion, timesteps: list[int], prediction: s
     if labels is not None and guidance.w != 0 and null_label is None:
         raise InputError("classifier-free guidance needs the null label (the model's num_classes)")
     t_orig = torch.tensor(timesteps, device=d.device, dtype=torch.long)
-    forward = network(model, resolve(d.device, precision).precision, d.device)
+    forward = _network(model, resolve(d.device, precision, role="inference").precision, d.device)
     # which respaced steps are guided: decided once, on the host, from σ = sqrt((1 - ᾱ) / ᾱ)
     sigmas = ((1 - d.alphas_cumprod) / d.alphas_cumprod).sqrt().tolist() if guidance.w != 0 else []
     guided = [guidance.active(sigma) for sigma in sigmas]
@@ -295,8 +305,10 @@ def sample(
     ``variance`` is the model's (``ModelSpec.variance``): with ``learned`` the network's
     log-variance, on the respaced β and β̃, goes to the step function in ``pred.log_variance``.
     ``clip``: static | dynamic | none, what happens to x̂_0 (``percentile`` for dynamic).
-    ``precision``: auto | fp32 | bf16, of the network (bf16: autocast on CUDA or CPU; auto: bf16 on
-    CUDA, fp32 on CPU); x and every step's arithmetic keep x's dtype (float32, or float64).
+    ``precision``: auto | fp32 | bf16, of the network (bf16, on CUDA or CPU: a module's weights cast
+    once to bfloat16 for this call, any other callable under autocast; auto: bf16 on CUDA, fp32 on
+    CPU); x and every step's arithmetic keep x's dtype (float32, or float64). A denoiser from
+    ``ddpm.acceleration.make_denoiser`` brings its own precision: leave this at fp32.
     ``options`` go to the step function (e.g. ``eta`` for ddim, ``variance`` for ddpm).
     ``progress``, when given, is called with 1 after every step. ``on_step(t, x_prev, pred)``,
     when given, sees every step's result (original timestep t), e.g. for denoising strips.

@@ -33,7 +33,7 @@ loss, the variational bound and the tables stay float32.
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Annotated, Literal
 
 import torch
@@ -41,11 +41,11 @@ from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, compile_model, make_adamw, network,
-                               prepare_model, resolve, to_memory_format)
+from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, Fallback, compile_model, make_adamw,
+                               network, prepare_model, resolve, to_memory_format)
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
-from ddpm.ema import MAX_SIGMA_REL, EMAConfig, PowerEMA, averaged_model
+from ddpm.ema import MAX_SIGMA_REL, Averages, EMAConfig, PowerEMA, averaged_model
 from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
@@ -72,7 +72,7 @@ class TrainConfig:
     augment: Literal["none", "hflip"] = "none"
     precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
     memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
-    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: default on CUDA, none on CPU
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: reduce-overhead on CUDA, none on CPU
 
     def __post_init__(self):
         check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
@@ -95,6 +95,9 @@ class TrainState:
     losses: list[tuple[int, float]] = field(default_factory=list)
     pending: list[torch.Tensor] = field(default_factory=list)  # per-step losses since the last log, on device
     grad_norm: torch.Tensor | None = None  # total gradient norm (before clipping) of the latest logged step, on device
+    path: str = ""  # the fast path the latest ``train`` call ran (``FastPath.describe``, with any fall-back)
+    # the compiled forward per (compile mode, module): built once, reused by later ``train`` calls (not saved)
+    compiled: dict = field(default_factory=dict, repr=False)
 
 
 def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> TrainState:
@@ -144,8 +147,29 @@ def train(
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
-    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile)
-    forward = network(compile_model(model, fast.compile), fast.precision, device)
+    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile, distributed=world.is_distributed)
+    # every average of the weights in one multi-tensor update per step, no host sync (ddpm.ema.Averages)
+    averages = Averages(state.model, [(state.ema, cfg.ema),
+                                      *zip(state.profiles, (PowerEMA(sigma_rel=s) for s in cfg.ema_profiles))])
+
+    def objective(forward, x0, t, noise, y, weights):
+        """Forward, the loss and backward (Algorithm 1, line 5); the per-example terms and the loss."""
+        terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda, labels=y)
+        losses = terms["loss"] if weights is None else terms["loss"] * weights  # importance sampling: 1 / (T p_t)
+        loss_value = losses.mean()
+        loss_value.backward()
+        return terms, loss_value
+
+    plain = network(model, fast.precision, device)
+    compiled = None
+    if fast.compile != "none":
+        key = (fast.compile, id(model))
+        if key not in state.compiled:
+            state.compiled = {key: compile_model(model, fast.compile)}  # the wrapper of an earlier module is dropped
+        compiled = network(state.compiled[key], fast.precision, device)
+    step = Fallback(None if compiled is None else lambda *a: objective(compiled, *a), lambda *a: objective(plain, *a),
+                    fast.describe(), replace(fast, compile="none", note="").describe(),
+                    reset=lambda: state.optimizer.zero_grad(set_to_none=True))
     snapshots = set(cfg.snapshot_steps)
     while state.step < cfg.steps:
         # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
@@ -163,15 +187,11 @@ def train(
             y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
         # (2) gradient step on the objective   (Algorithm 1, line 5)
         x0, noise = to_memory_format(x0, fast.memory_format), to_memory_format(noise, fast.memory_format)
-        terms = training_terms(forward, diffusion, x0, t, noise, prediction, loss, variance, hybrid_lambda,
-                               labels=y)
-        losses = terms["loss"]
-        if weights is not None:  # importance sampling: record L_t, reweight by 1 / (T p_t)
-            sampler.update(t, terms["vlb"])
-            losses = losses * weights
-        loss_value = losses.mean()
         state.optimizer.zero_grad(set_to_none=True)
-        loss_value.backward()
+        terms, loss_value = step(x0, t, noise, y, weights)
+        state.path = step.path
+        if weights is not None:  # importance sampling: record L_t
+            sampler.update(t, terms["vlb"])
         if cfg.grad_clip > 0:
             state.grad_norm = torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip)
         elif (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps:  # only logged steps need it
@@ -179,9 +199,7 @@ def train(
                 [p.grad for p in state.model.parameters() if p.grad is not None])
         state.optimizer.step()
         state.scheduler.step()
-        state.ema.update_parameters(state.model)
-        for profile in state.profiles:
-            profile.update_parameters(state.model)
+        averages.update()
         state.step += 1
         state.pending.append(loss_value.detach())
         if progress is not None:

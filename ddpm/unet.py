@@ -182,7 +182,8 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes + 1, temb_dim) if num_classes else None  # + the null class
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        temb = self.temb(timestep_embedding(t, self.config.ch))
+        # the embedding in the weights' dtype: bfloat16 for inference on weights cast once (float32 under autocast)
+        temb = self.temb(timestep_embedding(t, self.config.ch).to(self.conv_in.weight.dtype))
         if self.label_emb is not None:
             if y is None:
                 raise ValueError(f"this U-Net is class-conditional: pass labels y in [0, {self.num_classes}] "

@@ -48,11 +48,15 @@ DEBUG_OPTION = typer.Option(False, "--debug", envvar="DDPM_DEBUG",
 
 @app.callback()
 def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
-    """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``)."""
-    from pipeline.common import keep_freed_memory
+    """Before any command: the allocator keeps freed memory (``common.keep_freed_memory``), compiled
+    kernels are cached for every stage process (``common.share_compile_cache``), and a fast path that
+    falls back says so in one line (``common.one_line_warnings``)."""
+    from pipeline.common import keep_freed_memory, one_line_warnings, share_compile_cache
 
     DEBUG["on"] = debug
     keep_freed_memory()
+    share_compile_cache()
+    one_line_warnings()
 
 
 def device_name(value: str) -> str:

@@ -233,6 +233,34 @@ def repo_root() -> Path:
     return root
 
 
+COMPILE_CACHE = ".cache/torchinductor"  # relative to the repository root
+
+
+def share_compile_cache() -> None:
+    """Point inductor's on-disk cache (compiled graphs and kernels, ``TORCHINDUCTOR_CACHE_DIR``) at
+    ``COMPILE_CACHE`` under the repository root, unless the user set it: every stage process, and
+    every queued experiment (whose workspace is a temporary copy), then reuses what an earlier one
+    compiled, so only the first process of a configuration pays the cold compile."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(repo_root() / COMPILE_CACHE))
+
+
+def one_line_warnings() -> None:
+    """A fast path's fall-back (``ddpm.acceleration.FastPathWarning``) prints as one line,
+    ``warning: <message>``; other warnings as Python prints them."""
+    import warnings
+
+    from ddpm.acceleration import FastPathWarning
+
+    default = warnings.formatwarning
+
+    def format(message, category, *args, **kwargs):
+        if issubclass(category, FastPathWarning):
+            return f"warning: {message}\n"
+        return default(message, category, *args, **kwargs)
+
+    warnings.formatwarning = format
+
+
 def git_revision(cwd=None) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,

@@ -31,7 +31,7 @@ def main(params_path: Path, reference: Path, classifier: Path, out: Path, device
     with progress(images.shape[0], f"fid_ref {f.extractor}") as bar:
         feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
                                  batch_size=f.batch_size, progress=bar)
-    stats = reference_statistics(feats)
+    stats = reference_statistics(feats, device=dev)
     key = reference_key(images, reference.stem, f.extractor, weights)
     atomic_save({"format": FORMAT, "key": key, "num_images": images.shape[0], **stats}, out / "stats.pt")
     write_json(out / "info.json", {**key, "num_images": images.shape[0], "source": str(reference),

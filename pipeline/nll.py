@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ddpm.acceleration import make_denoiser
 from ddpm.data import load_split
 from ddpm.errors import InputError
 from ddpm.guidance import with_label
@@ -34,7 +35,9 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
     n = min(p.num_images, split.images.shape[0])
     diffusion = spec.build_diffusion(dev)
-    model = with_label(net, spec.num_classes) if spec.num_classes else net  # p(x): the null class
+    denoiser = make_denoiser(net, dev, precision=p.precision, memory_format=p.memory_format, compile=p.compile,
+                             evaluations=n * spec.timesteps)
+    model = with_label(denoiser, spec.num_classes) if spec.num_classes else denoiser  # p(x): the null class
     g = torch.Generator(device=dev).manual_seed(p.seed)
     totals, priors, decoders, terms = [], [], [], []
     start = time.perf_counter()
@@ -56,7 +59,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
                          "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
                          "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
                          "num_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
-                         "weights": p.weights, "seconds": round(seconds, 2)})
+                         "weights": p.weights, "seconds": round(seconds, 2), "path": denoiser.path})
     mean_terms = (torch.stack(terms).sum(0) / n).tolist()
     write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "

@@ -104,7 +104,7 @@ class SampleParams(Strict):
     clip_percentile: float = Field(99.5, gt=50, le=100)  # dynamic only
     precision: Literal[NETWORK_PRECISIONS] = "auto"  # type: ignore[valid-type]  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
     memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
-    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: default on CUDA, none on CPU
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: CUDA graphs on CUDA (compiled when it pays), none on CPU
     seed: Seed = 1
     weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]  # the checkpoint's average, or its raw weights
     guidance: list[str] = Field(default_factory=list)  # names under `guidance`: one more matrix axis (class models)
@@ -138,6 +138,9 @@ class NllParams(Strict):
     clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
     seed: Seed = 2  # the noise of x_t ~ q(x_t | x_0) at every t
     weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]
+    precision: Literal[NETWORK_PRECISIONS] = "auto"  # type: ignore[valid-type]  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: CUDA graphs on CUDA, none on CPU
 
 
 class EmaParams(Strict):

@@ -67,4 +67,4 @@ def score(images: torch.Tensor, ref: dict, path: Path, f, classifier: Path, dev:
     with progress(images.shape[0], desc) as bar:
         feats = extract_features(images, extractor=f.extractor, weights_path=weights, cuda=dev.type == "cuda",
                                  batch_size=f.batch_size, progress=bar)
-    return metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size)
+    return metrics_from_features(feats, ref, kid_subset_size=f.kid_subset_size, device=dev)

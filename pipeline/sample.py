@@ -126,7 +126,7 @@ def write_outputs(out_dir: Path, gathered, strip, *, sampler: str, cfg, steps: i
                                        "weights": sp.weights, "ema": ema_summary(ckpt),
                                        "seconds": round(seconds, 2), "processes": run["processes"],
                                        "images_per_second": round(images.shape[0] / seconds, 2),
-                                       "device": run["device"], "started_ms": run["started_ms"],
+                                       "device": run["device"], "path": run["path"], "started_ms": run["started_ms"],
                                        "ended_ms": int(time.time() * 1000), **guided})
     return images
 
@@ -141,10 +141,12 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
     cell = f"{sampler}-{steps}" + (f"-{guidance}" if guidance else "")
     with distributed.process_group(resolve_device(device)) as (world, dev):
         net, spec, ckpt = load_model(checkpoint, dev, weights=sp.weights)
-        denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile)
         check_model(spec, checkpoint, steps, guidance)
         diffusion = spec.build_diffusion(dev)
         mine = batches(sp, world)
+        evaluations = sum(n for _, n in mine) * steps * (2 if cfg.kind == "heun" else 1) * (2 if guidance else 1)
+        denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile,
+                                 evaluations=evaluations)
         start = time.perf_counter()
         system = out_dir / "system.json"  # written when sampling ends, before the other files
         total = sum(n for _, n in mine) * steps  # rank 0 shows its share
@@ -157,7 +159,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
             images = write_outputs(out_dir, gathered, strip, sampler=sampler, cfg=cfg, steps=steps, sp=sp, spec=spec,
                                    ckpt=ckpt, guidance=guidance, guide=guide,
                                    run={"seconds": seconds, "processes": world.size, "device": str(dev),
-                                        "started_ms": started_ms})
+                                        "path": denoiser.path, "started_ms": started_ms})
             print(f"sample {cell}: {images.shape[0]} images in {seconds:.1f} s"
                   + (f" on {world.size} processes" if world.is_distributed else "") + f" → {out_dir}")
         distributed.barrier(world)

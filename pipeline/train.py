@@ -442,7 +442,8 @@ def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, f
     write_json(outputs.metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
                                  "parameters": n_params})
     trained, ended_ms = state.step - first_step, now_ms()
-    write_json(outputs.timing, {"seconds": round(seconds, 2), "device": str(dev), "processes": world.size,
+    write_json(outputs.timing, {"seconds": round(seconds, 2), "device": str(dev), "path": state.path,
+                                "processes": world.size,
                                 "resumed_from_step": first_step, "started_ms": started_ms, "ended_ms": ended_ms,
                                 "images_per_second": round(trained * job.p.train.batch_size / max(seconds, 1e-9), 1)})
     record = rec.run.finish("FINISHED", ended_ms) if rec.run is not None else {

@@ -69,7 +69,7 @@ def test_training_defaults_match_the_plain_algorithm():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(precision="tf32"), "needs a CUDA device"),
     (dict(precision="fp16"), "auto, fp32, tf32, bf16"),
-    (dict(compile="fast"), "auto, none, default, max-autotune"),
+    (dict(compile="fast"), "auto, none, default, reduce-overhead, max-autotune, cudagraphs"),
     (dict(memory_format="nhwc"), "auto, contiguous, channels_last"),
 ])
 def test_bad_choices_fail_before_work(kwargs, match):
@@ -174,16 +174,17 @@ def test_bf16_sampling_keeps_the_sampler_state(sampler):
             x = sample(watch.network(lambda x, t: net(x.float(), t)), d, x_T.shape, sampler=sampler, steps=3,
                        clip=clip, precision="bf16", x_T=x_T, generator=torch.Generator().manual_seed(0))
         assert x.dtype == dtype and watch.inside > 0 and watch.outside == [], watch.outside
-    # the same path from make_denoiser, which the sample stage uses
+    # the same path from make_denoiser, which the sample stage uses (its weights cast once, before)
     watch = Bf16Watch()
+    denoiser = watch.network(make_denoiser(net, "cpu", precision="bf16"))
     with watch:
-        x = sample(make_denoiser(watch.network(net), "cpu", precision="bf16"), d, x_T.shape, sampler=sampler,
-                   steps=3, x_T=x_T, generator=torch.Generator().manual_seed(0))
+        x = sample(denoiser, d, x_T.shape, sampler=sampler, steps=3, x_T=x_T, generator=torch.Generator().manual_seed(0))
     assert x.dtype == torch.float32 and watch.inside > 0 and watch.outside == [], watch.outside
 
 
 def test_auto_is_plain_fp32_on_cpu_and_the_fast_path_on_cuda():
     assert resolve("cpu") == FastPath("fp32", "contiguous", "none")
-    assert resolve("cuda") == FastPath("bf16", "channels_last", "default")
+    assert resolve("cuda") == FastPath("bf16", "channels_last", "reduce-overhead")
+    assert resolve("cuda", role="inference") == FastPath("bf16", "channels_last", "cudagraphs")
     assert resolve("cuda", precision="fp32", compile="none") == FastPath("fp32", "channels_last", "none")
     assert resolve("cpu", precision="bf16") == FastPath("bf16", "contiguous", "none")

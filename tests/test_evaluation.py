@@ -89,6 +89,24 @@ def test_fid_matches_on_gaussian_features_with_known_distance():
     assert "isc_mean" not in m  # no logits, no Inception Score
 
 
+@pytest.mark.parametrize("n_gen,n_ref,subset", [(300, 500, 100), (120, 80, 80), (30, 30, 2)])
+def test_kid_equals_torch_fidelity(n_gen, n_ref, subset):
+    """KID computed as batched subsets on the features' device equals torch-fidelity's NumPy loop
+    (same subset draws, kernel and estimator) to float64 rounding."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    g = torch.Generator().manual_seed(5)
+    gen = torch.randn(n_gen, 16, generator=g, dtype=torch.float64) * 1.3 + 0.2
+    ref = torch.randn(n_ref, 16, generator=g, dtype=torch.float64)
+    ours = M.kid(gen, ref, subset, seed=2020, chunk=7)
+    theirs = kid_features_to_metric(gen, ref, kid_subsets=100, kid_subset_size=subset, rng_seed=2020, verbose=False)
+    assert ours["kid_mean"] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-9, abs=1e-12)
+    assert ours["kid_std"] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-9, abs=1e-12)
+    assert ours["kid_mean"] != 0
+    with pytest.raises(ValueError, match="subset size"):
+        M.kid(gen, ref, min(n_gen, n_ref) + 1)
+
+
 @pytest.mark.parametrize("n_gen,n_ref", [(40, 300), (300, 40), (5, 5)])
 def test_precision_recall_with_stored_radii_equals_torch_fidelity(n_gen, n_ref):
     """The reference's radii computed once (reference_statistics) give exactly torch-fidelity's

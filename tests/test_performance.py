@@ -69,9 +69,10 @@ def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
 
 
 def test_gpu_check_in_ci_size(tmp_path, idx_dir):
-    """`make gpu-check`'s driver at CI size on the CPU: every part runs and lands in the JSON
-    and the markdown table (bench ours vs peer, the experiment through dvc repro with FID per
-    cell, DDP on two gloo processes)."""
+    """`make gpu-check`'s driver at CI size on the CPU, through the typer command: every part runs and
+    lands in the JSON and the one table (train per compile mode with the profiler's host/GPU split,
+    sampling per inference path, the warm-cache process, the experiment's stage commands with FID per
+    cell and grids, ours vs diffusers, DDP on two gloo processes), in at most 8 files."""
     import json
 
     from typer.testing import CliRunner
@@ -80,23 +81,29 @@ def test_gpu_check_in_ci_size(tmp_path, idx_dir):
 
     out = tmp_path / "gc"
     r = CliRunner().invoke(app, ["gpu-check", "--out", str(out), "--size", "ci", "--device", "cpu",
-                                 "--set", f"data.root={idx_dir}", "--set", "data.download=false",
-                                 "--ddp-processes", "2", "--peak-tflops", "0.1"])
+                                 "--data", str(idx_dir), "--ddp-processes", "2"])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "gpu_check.json").read_text())
-    table = (out / "gpu_check.md").read_text()
-    bench = report["bench"]["tiny"]
-    assert bench["run"]["status"] == "ok", (out / "bench-tiny.log").read_text()[-3000:]
-    assert bench["result"]["models"]["ours"]["train"]["mfu"] > 0
+    log = (out / "gpu_check.log").read_text()[-3000:]
+    assert report["notes"] == [], (report["notes"], log)
+    assert report["train"]["train.none"]["images_per_second"] > 0, log
+    assert report["train"]["profile.none"]["host_ms_per_step"] > 0
+    assert report["train"]["ema_update"]["averages_ms"] > 0
+    assert report["sample"]["sample.none"]["image_steps_per_second"] > 0
+    assert "compile none" in report["warm"]["warm.train"]["path"]
     e = report["experiment"]
-    assert e["run"]["status"] == "ok", (out / "experiment.log").read_text()[-3000:]
-    assert e["train"]["steps"] == 6 and e["train"]["images_per_second"] > 0
-    assert set(e["cells"]) == {"ddim-2"} and e["cells"]["ddim-2"]["fid"] > 0 and e["nll"]["bits_per_dim"] > 0
-    d = report["ddp"]
-    assert [r["run"]["status"] for r in d["runs"].values()] == ["ok", "ok"], (out / "ddp-2.log").read_text()[-3000:]
-    assert d["speedup"] > 0
-    for needle in ("| `tiny` | train step | fp32 |", "| ddim-2 | 24 |", "of train: fp32, contiguous, compile none", "speed-up"):
+    assert all(v["status"] == "ok" for v in e["stages"].values()), (e["stages"], log)
+    assert set(e["cells"]) == {"ddim-2", "ddpm-2"} and e["cells"]["ddim-2"]["fid"] > 0 and e["nll"]["bits_per_dim"] > 0
+    assert report["ratios"]["train"]["none vs none"] > 0
+    assert report["ddp"]["speedup"] > 0
+    assert report["projection"]["seconds"] > 0
+    table = (out / "gpu_check.md").read_text()
+    for needle in ("| train, default config, batch 4 | none |", "| sample ddim-2, batch 4 | autocast |",
+                   "host ", "| ours / diffusers, train |", "projected default `dvc repro`", "| fid ddim-2 | ok |"):
         assert needle in table, table
+    files = sorted(f.name for f in out.iterdir())
+    assert len(files) <= 8 and {"gpu_check.json", "gpu_check.md", "gpu_check.log", "profile.txt", "grids.png"} <= set(files)
+
 
 
 @pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((10, 3, 8, 8), 4), ((3, 1, 5, 7), 8)])

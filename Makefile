@@ -3,7 +3,7 @@
 # make repro PRESET=full  the full experiment, `dvc repro` on params.yaml (hours on a CPU)
 # make repro PRESET=cpu   the CPU preset (minutes on 2 cores) as a DVC experiment
 # make test               set up and run the test suite
-# make gpu-check          every GPU figure in one run (benchmarks/gpu_check.sh; < 10 min on one H100)
+# make gpu-check          every GPU figure in one run (≤ 8 min; .venv's Python, else the system python3: no install)
 SHELL := /bin/bash
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -52,8 +52,9 @@ repro: setup
 		*) echo "make repro: unknown PRESET=$$preset; choose full, cpu or auto" >&2; exit 2 ;; \
 	esac
 
-gpu-check: setup
-	bash benchmarks/gpu_check.sh
+gpu-check:
+	@py=$$([ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3); \
+	echo "+ $$py -m benchmarks gpu-check --out gpu-check"; $$py -m benchmarks gpu-check --out gpu-check
 
 test: setup
 	python -m pytest

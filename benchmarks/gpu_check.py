@@ -224,40 +224,41 @@ DEFAULT_REPRO = {"train_steps": 20000, "batch_size": 128, "num_samples": 5000,
 
 
 def project(report: dict) -> dict | None:
-    """The default ``dvc repro``'s wall time on this GPU, from the measured rates: training at the
-    fastest measured path's img/s plus a cold compile; every sample cell's network evaluations at the
-    fastest inference rate plus a sample process's fixed cost; a fid process per cell; nll's
-    evaluations; the other stages as the experiment measured them. An estimate, with its terms."""
+    """The default ``dvc repro``'s wall time on this GPU, from the measured rates: training and every
+    sample cell on the path that is fastest for its amount of work, compile included (what ``auto``
+    picks: ``ddpm.acceleration.compile_pays``), plus each stage process's fixed cost as the experiment
+    measured it (start-up, loading, the first call); a fid process per cell; nll's evaluations; the
+    other stages as measured. An estimate, given with its terms."""
     train, sample, exp = report.get("train") or {}, report.get("sample") or {}, report.get("experiment") or {}
-    modes = {k: v for k, v in train.items() if k.startswith("train.") and isinstance(v, dict) and "images_per_second" in v}
-    rates = {k: v["image_steps_per_second"] for k, v in sample.items()
-             if k.startswith("sample.") and isinstance(v, dict) and "image_steps_per_second" in v}
-    if not modes or not rates:
+    train_paths = [(v["images_per_second"], v.get("compile_seconds", 0)) for k, v in train.items()
+                   if k.startswith("train.") and isinstance(v, dict) and "images_per_second" in v]
+    infer_paths = [(v["image_steps_per_second"], v.get("compile_seconds", 0)) for k, v in sample.items()
+                   if k.startswith("sample.") and k != "sample.autocast" and isinstance(v, dict)
+                   and "image_steps_per_second" in v]
+    if not train_paths or not infer_paths:
         return None
-    best_train = max(modes.values(), key=lambda v: v["images_per_second"])
-    rate = max(rates.values())
+    best = lambda paths, work: min(work / rate + start for rate, start in paths)  # noqa: E731
     stages = {k: v.get("seconds") for k, v in (exp.get("stages") or {}).items() if v.get("status") == "ok"}
     cells = exp.get("cells") or {}
-
-    r = DEFAULT_REPRO
-    evaluations = sum(r["num_samples"] * k * (2 if s == "heun" else 1) for s, k in r["cells"])
     sample_fixed = [stages[k] - (cells.get(k.split(" ", 1)[1]) or {}).get("seconds", 0) for k in stages
                     if k.startswith("sample ")]  # a sample process's cost beyond its sampling
+    r = DEFAULT_REPRO
+    evaluations = {f"{s}-{k}": r["num_samples"] * k * (2 if s == "heun" else 1) for s, k in r["cells"]}
+    fixed = min(sample_fixed) if sample_fixed else 10.0
     nll = exp.get("nll") or {}
     terms = {
-        "train": r["train_steps"] * r["batch_size"] / best_train["images_per_second"]
-        + best_train.get("compile_seconds", 0),
-        "train process (start, data, outputs)": max(0.0, stages.get("train", 0) - (exp.get("train") or {}).get("seconds", 0)),
-        "sample (20 cells)": evaluations / rate + len(r["cells"]) * (min(sample_fixed) if sample_fixed else 5.0),
-        "fid (20 cells)": len(r["cells"]) * min([v for k, v in stages.items() if k.startswith("fid ")] or [10.0]),
-        "nll": r["nll_evaluations"] / rate + (stages["nll"] - nll.get("seconds", 0) if "nll" in stages else 5.0),
-        "prepare, classifier, ema, fid_ref": sum(stages.get(k, 0) for k in ("prepare", "classifier", "ema", "fid_ref")),
-        "check, fid_floor, denoise, report, log (5 processes, est. 6 s each)": 5 * 6.0,
+        "train": best(train_paths, r["train_steps"] * r["batch_size"]),
+        "train process (start, data, outputs)": max(0.0, stages.get("train", 0) - (exp.get("train") or {}).get("seconds", 0))
+        if "train" in stages else 15.0,
+        "sample (20 cells)": sum(best(infer_paths, n) for n in evaluations.values()) + len(evaluations) * fixed,
+        "fid (20 cells)": len(evaluations) * min([v for k, v in stages.items() if k.startswith("fid ")] or [10.0]),
+        "nll": best(infer_paths, r["nll_evaluations"]) + (stages["nll"] - nll.get("seconds", 0) if "nll" in stages else 10.0),
+        "prepare, classifier, ema, fid_ref": sum(stages.get(k, 10.0) for k in ("prepare", "classifier", "ema", "fid_ref")),
+        "check, fid_floor, denoise, report, log (5 processes, est. 8 s each)": 5 * 8.0,
     }
     return {"seconds": round(sum(terms.values()), 1), "terms": {k: round(v, 1) for k, v in terms.items()},
-            "assumes": {"train_images_per_second": round(best_train["images_per_second"]),
-                        "train_path": best_train.get("path"), "image_steps_per_second": round(rate),
-                        "network_evaluations": evaluations}}
+            "assumes": {"train_paths": train_paths, "inference_paths": infer_paths, "sample_process_fixed_seconds": fixed,
+                        "network_evaluations": sum(evaluations.values())}}
 
 
 # --------------------------------------------------------------------------- report

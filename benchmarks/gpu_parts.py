@@ -35,6 +35,7 @@ SIZES = {
     "gpu": {"model": "fashion-mnist", "batch_size": 128, "sample_batch": 1000, "sample_steps": 10, "images": 8192,
             "seconds": 3.0, "train_modes": ["none", "cudagraphs", "reduce-overhead", "default"],
             "sample_modes": ["autocast", "none", "cudagraphs", "reduce-overhead"], "profile_steps": 10,
+            "warmup_steps": 10, "timed_first": 20,
             "peer_modes": {"train": ["none", "reduce-overhead"], "sample": ["cudagraphs", "reduce-overhead"]}},
     "ci": {"model": "tiny", "batch_size": 4, "sample_batch": 4, "sample_steps": 2, "images": 64,
            "seconds": 0.2, "train_modes": ["none", "cudagraphs"], "sample_modes": ["autocast", "none", "cudagraphs"],
@@ -171,7 +172,10 @@ def profile(state, run, steps: int, device, table: Path) -> dict:
     wall = time.perf_counter() - start
     events = prof.key_averages()
     host = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
-    gpu = sum(getattr(e, "self_device_time_total", 0) for e in events) / 1e3 / steps
+    # device time of the device's own events only (kernels, copies): a CPU op's self device time repeats its kernels'
+    from torch.autograd import DeviceType
+
+    gpu = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / steps
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                          "cuLaunchKernelEx", "cudaGraphLaunch")) / steps
     graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch") / steps

@@ -75,42 +75,44 @@ class FastPath:
         return f"{self.precision}, {self.memory_format}, compile {self.compile}" + (f" ({self.note})" if self.note else "")
 
 
-# What ``auto`` means, per device type and role. CUDA: measured on an H200 (README, Performance):
-# training is host-bound at eager speed, so its step runs from CUDA graphs of the fused kernels;
-# inference replays the eager kernels from CUDA graphs, which costs no compile time (a sample cell
-# is often seconds of work), and compiles only where ``compile_pays`` says it does.
-AUTO = {"cuda": {"train": FastPath("bf16", "channels_last", "reduce-overhead"),
+# What ``auto`` means, per device type and role. On CUDA both roles replay CUDA graphs, and
+# compile as well (reduce-overhead) where ``compile_pays``: measured on an H200, compiling fuses
+# GroupNorm, SiLU and the casts (training 1.3×, sampling 2.8× the graphed eager kernels) but costs
+# a minute or so once per process and configuration (README, Performance).
+AUTO = {"cuda": {"train": FastPath("bf16", "channels_last", "cudagraphs"),
                  "inference": FastPath("bf16", "channels_last", "cudagraphs")},
         "cpu": {"train": FastPath("fp32", "contiguous", "none"), "inference": FastPath("fp32", "contiguous", "none")}}
 
-# Inference: the image-evaluations of the network (images × steps, per process) beyond which
-# ``auto`` compiles (reduce-overhead) instead of replaying eager kernels, on CUDA. Compiling the
-# network costs about COMPILE_SECONDS in a fresh process with inductor's on-disk cache warm, and
-# gains (1/eager − 1/compiled) seconds per image-evaluation; measured on an H200 (README).
-COMPILE_SECONDS = 20.0
-EAGER_RATE, COMPILED_RATE = 60_000.0, 100_000.0  # image-evaluations/s at batch 1000, ch 64 U-Net
+# Measured on an H200 (torch 2.11, CUDA 13, 2026-12-04; benchmarks/results/h200-2026-12-04): per role,
+# (rate, seconds to the first result in a fresh process with inductor's cache cold) of the default
+# config: training img/s at batch 128, sampling image-evaluations/s at batch 1000.
+MEASURED = {"train": {"cudagraphs": (5202.0, 12.5), "reduce-overhead": (6894.0, 84.1)},
+            "inference": {"cudagraphs": (26029.0, 0.5), "reduce-overhead": (72210.0, 24.6)}}
 
 
-def compile_pays(evaluations: float | None, device) -> bool:
-    """Whether compiling the network pays for itself over ``evaluations`` image-evaluations."""
-    if evaluations is None or torch.device(device).type != "cuda":
+def compile_pays(work: float | None, device, role: str = "inference") -> bool:
+    """Whether compiling (reduce-overhead) beats the graphed eager kernels (cudagraphs) over ``work``
+    images (training) or image-evaluations (inference), compile time included (``MEASURED``)."""
+    if work is None or torch.device(device).type != "cuda":
         return False
-    return evaluations * (1 / EAGER_RATE - 1 / COMPILED_RATE) > COMPILE_SECONDS
+    (eager, eager_start), (compiled, compile_start) = (MEASURED[role][m] for m in ("cudagraphs", "reduce-overhead"))
+    return work * (1 / eager - 1 / compiled) > compile_start - eager_start
 
 
 def resolve(device, precision: str = "auto", memory_format: str = "auto", compile: str = "auto", *,
-            role: str = "train", evaluations: float | None = None, distributed: bool = False) -> FastPath:
+            role: str = "train", work: float | None = None, distributed: bool = False) -> FastPath:
     """The concrete choices for ``device`` and ``role`` (train | inference); an ``InputError`` naming the
-    option when one is unknown or needs CUDA. ``evaluations``: the image-evaluations an inference run
-    will make, for ``auto``'s choice whether to compile (``compile_pays``). Graph modes without CUDA,
-    or in DDP training (``distributed``), become their graph-less equivalent with a ``note`` saying so."""
+    option when one is unknown or needs CUDA. ``work``: the images a training run will train on, or the
+    image-evaluations an inference run will make, for ``auto``'s choice whether to compile
+    (``compile_pays``). Graph modes without CUDA, or in DDP training (``distributed``), become their
+    graph-less equivalent with a ``note`` saying so."""
     for name, value, allowed in (("precision", precision, PRECISIONS), ("memory_format", memory_format, MEMORY_FORMATS),
                                  ("compile", compile, COMPILE_MODES), ("role", role, ROLES)):
         if value not in allowed:
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
     kind = torch.device(device).type
     auto = AUTO.get(kind, AUTO["cpu"])[role]
-    if compile == "auto" and role == "inference" and compile_pays(evaluations, device):
+    if compile == "auto" and auto.compile == "cudagraphs" and compile_pays(work, device, role):
         auto = replace(auto, compile="reduce-overhead")
     path = FastPath(auto.precision if precision == "auto" else precision,
                     auto.memory_format if memory_format == "auto" else memory_format,
@@ -325,12 +327,12 @@ class Denoiser:
 
 
 def make_denoiser(model: torch.nn.Module, device, *, precision: str = "auto", memory_format: str = "auto",
-                  compile: str = "auto", evaluations: float | None = None) -> Denoiser:
+                  compile: str = "auto", work: float | None = None) -> Denoiser:
     """``model`` (moved to ``device``, in eval mode) as the ``denoiser(x, t[, labels])`` a sampler calls,
-    on the fast path of the choices (role inference; ``evaluations``: the image-evaluations it will
-    make, for ``auto``'s compile decision): weights cast once, inputs in the memory format, compiled
+    on the fast path of the choices (role inference; ``work``: the image-evaluations it will make, for
+    ``auto``'s compile decision): weights cast once, inputs in the memory format, compiled
     or graphed, falling back to the plain eager call if that fails (``Fallback``)."""
-    path = resolve(device, precision, memory_format, compile, role="inference", evaluations=evaluations)
+    path = resolve(device, precision, memory_format, compile, role="inference", work=work)
     set_matmul_precision(path.precision, device)
     model = model.to(device)
     if path.memory_format == "channels_last":

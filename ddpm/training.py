@@ -72,7 +72,7 @@ class TrainConfig:
     augment: Literal["none", "hflip"] = "none"
     precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
     memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
-    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: reduce-overhead on CUDA, none on CPU
+    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: CUDA graphs (compiled where it pays) on CUDA, none on CPU
 
     def __post_init__(self):
         check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
@@ -147,7 +147,8 @@ def train(
     sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
     mine = world.shard(cfg.batch_size)
     model = distributed.wrap(state.model.train(), world)
-    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile, distributed=world.is_distributed)
+    fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile, distributed=world.is_distributed,
+                   work=max(cfg.steps - state.step, 0) * cfg.batch_size)
     # every average of the weights in one multi-tensor update per step, no host sync (ddpm.ema.Averages)
     averages = Averages(state.model, [(state.ema, cfg.ema),
                                       *zip(state.profiles, (PowerEMA(sigma_rel=s) for s in cfg.ema_profiles))])

@@ -146,7 +146,7 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         mine = batches(sp, world)
         evaluations = sum(n for _, n in mine) * steps * (2 if cfg.kind == "heun" else 1) * (2 if guidance else 1)
         denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile,
-                                 evaluations=evaluations)
+                                 work=evaluations)
         start = time.perf_counter()
         system = out_dir / "system.json"  # written when sampling ends, before the other files
         total = sum(n for _, n in mine) * steps  # rank 0 shows its share

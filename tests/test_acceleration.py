@@ -184,7 +184,7 @@ def test_bf16_sampling_keeps_the_sampler_state(sampler):
 
 def test_auto_is_plain_fp32_on_cpu_and_the_fast_path_on_cuda():
     assert resolve("cpu") == FastPath("fp32", "contiguous", "none")
-    assert resolve("cuda") == FastPath("bf16", "channels_last", "reduce-overhead")
+    assert resolve("cuda") == FastPath("bf16", "channels_last", "cudagraphs")
     assert resolve("cuda", role="inference") == FastPath("bf16", "channels_last", "cudagraphs")
     assert resolve("cuda", precision="fp32", compile="none") == FastPath("fp32", "channels_last", "none")
     assert resolve("cpu", precision="bf16") == FastPath("bf16", "contiguous", "none")

@@ -103,12 +103,18 @@ def test_graph_modes_without_cuda_or_under_ddp_say_what_runs():
     assert resolve("cpu", role="inference") == FastPath("fp32", "contiguous", "none")
 
 
-def test_auto_compiles_inference_only_where_it_pays():
+def test_auto_compiles_only_where_it_pays():
+    """auto replays CUDA graphs, and compiles too where the measured speed-up repays the measured compile
+    time: a 5,000-sample 10-step cell does not compile, a 1,000-step one does; 20,000 training steps of
+    batch 128 do, 1,000 do not."""
     assert not compile_pays(5000 * 10, "cuda") and compile_pays(5000 * 1000, "cuda")
     assert not compile_pays(10**9, "cpu") and not compile_pays(None, "cuda")
-    assert resolve("cuda", role="inference", evaluations=5000 * 1000).compile == "reduce-overhead"
-    assert resolve("cuda", role="inference", evaluations=5000 * 10).compile == "cudagraphs"
-    assert resolve("cuda", role="inference", compile="none", evaluations=10**9).compile == "none"
+    assert resolve("cuda", role="inference", work=5000 * 1000).compile == "reduce-overhead"
+    assert resolve("cuda", role="inference", work=5000 * 10).compile == "cudagraphs"
+    assert resolve("cuda", role="inference", compile="none", work=10**9).compile == "none"
+    assert resolve("cuda", work=20000 * 128).compile == "reduce-overhead"
+    assert resolve("cuda", work=1000 * 128).compile == "cudagraphs"
+    assert resolve("cuda", work=20000 * 128, distributed=True).compile == "default"  # no graphs under DDP
 
 
 # ---------------------------------------------------------------- inference weights

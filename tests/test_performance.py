@@ -121,3 +121,13 @@ def test_image_grid_is_torchvisions(tmp_path, shape, nrow):
     png = io.BytesIO()
     save_image(images.float() / 255.0, png, format="png", nrow=nrow, padding=2)
     assert (tmp_path / "grid.png").read_bytes() == png.getvalue()
+
+
+def test_gpu_check_sizes_define_the_same_settings():
+    """Every setting a part reads exists at both sizes: a key only the CI size had once cost a GPU run
+    its training figures (KeyError on the GPU, where the CI-size test could not see it)."""
+    from benchmarks.gpu_check import EXPERIMENT, EXPERIMENT_CELLS, LIMITS
+    from benchmarks.gpu_parts import SIZES
+
+    assert set(SIZES["gpu"]) == set(SIZES["ci"])
+    assert set(LIMITS["gpu"]) == set(LIMITS["ci"]) and set(EXPERIMENT_CELLS) == set(EXPERIMENT) == {"gpu", "ci"}

@@ -1,8 +1,9 @@
 """The schema of params.yaml, its validation, and per-stage views.
 
 ``load_params`` validates the whole file before any work: an unknown key, a wrong
-type, a value out of its bounds or an invalid choice raises ``ParamsError`` naming the
-key (one line per bad key) and, for choices, the allowed values. Every number has
+type (a boolean where a number belongs included), a value out of its bounds or an invalid
+choice raises ``ParamsError`` naming the key (one line per bad key) and, for choices, the
+allowed values; so does an empty file (it would silently mean every default). Every number has
 explicit bounds (``ge``/``gt``/``lt``/``le``; the library's dataclasses declare theirs as
 ``annotated_types`` metadata) and must be finite; tests/test_params_schema.py derives
 out-of-range, wrong-type and missing values for every field from the schema. ``for_stage`` returns a view of the params restricted to the keys the
@@ -215,7 +216,9 @@ class Params(Strict):
         if self.sample.guidance and self.cond_drop == 0:
             raise ValueError("sample.guidance needs cond_drop > 0: with cond_drop 0 the null class is never "
                              "trained, so the unconditional ε(x, ∅) that guidance subtracts is untrained")
-        try:
+        if self.data.name == "folder" and not self.data.image_size:
+            raise ValueError("data.image_size: an image folder has no native size; set data.image_size >= 1")
+        try:  # the network fits the images (their native size unless data.image_size resizes them)
             self.model.validate(self.data.image_size or {"cifar10": 32}.get(self.data.name, 28))
         except ValueError as e:
             raise ValueError(str(e)) from None
@@ -260,18 +263,45 @@ def _problems(e: ValidationError, raw: Any) -> dict[str, list[str]]:
     return out
 
 
+def _booleans_read_as_numbers(raw: Any, value: Any, key: str = "") -> list[str]:
+    """The dotted keys where the input holds a boolean and the validated params a number: pydantic
+    reads ``true`` as 1 for an int, float or ``Literal[1, 3]`` field; a boolean is not a number."""
+    if isinstance(raw, bool):
+        return [] if isinstance(value, bool) else [key]
+    join = (lambda k: f"{key}.{k}") if key else str
+    if isinstance(raw, dict) and isinstance(value, dict):
+        return [bad for k in raw if k in value for bad in _booleans_read_as_numbers(raw[k], value[k], join(k))]
+    if isinstance(raw, list) and isinstance(value, (list, tuple)) and len(raw) == len(value):
+        return [bad for i, (r, v) in enumerate(zip(raw, value)) for bad in _booleans_read_as_numbers(r, v, join(i))]
+    return []
+
+
+def _refuse(source: str, problems: list[str]):
+    if len(problems) == 1:  # one line
+        raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
+    raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None
+
+
 def parse_params(raw: Any, source: str = "params") -> Params:
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:  # every default would be the full GPU-sized experiment: never by accident
+        raise ParamsError(f"{source} is empty: it holds no params (write them out; params.yaml has them all)")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of params at the top level")
     try:
-        return Params.model_validate(raw)
+        params = Params.model_validate(raw)
     except ValidationError as e:
-        problems = [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()]
-        if len(problems) == 1:  # one line
-            raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
-        raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None
+        _refuse(source, [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()])
+    booleans = _booleans_read_as_numbers(raw, params.model_dump())
+    if booleans:
+        _refuse(source, [f"{key}: a boolean is not a number (got {_at(raw, key)!r})" for key in booleans])
+    return params
+
+
+def _at(raw: Any, key: str) -> Any:
+    """The value at a dotted key of the input (list items by index)."""
+    for part in key.split("."):
+        raw = raw[int(part)] if isinstance(raw, list) else raw[part]
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -12,6 +12,7 @@ reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
 import dataclasses
+import types
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -263,16 +264,62 @@ def _problems(e: ValidationError, raw: Any) -> dict[str, list[str]]:
     return out
 
 
-def _booleans_read_as_numbers(raw: Any, value: Any, key: str = "") -> list[str]:
-    """The dotted keys where the input holds a boolean and the validated params a number: pydantic
-    reads ``true`` as 1 for an int, float or ``Literal[1, 3]`` field; a boolean is not a number."""
+def _unwrap(tp: Any) -> tuple[list, str | None]:
+    """The members of an annotation (those of a union, else itself), without ``Annotated``, and the
+    discriminator of a tagged union (``Field(discriminator=...)``) when it has one."""
+    discriminator = None
+    while typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+        discriminator = next((m.discriminator for m in meta if isinstance(getattr(m, "discriminator", None), str)),
+                             discriminator)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [_unwrap(m)[0][0] for m in typing.get_args(tp)], discriminator
+    return [tp], discriminator
+
+
+def _fields(tp: Any) -> dict[str, tuple[Any, str | None]] | None:
+    """name → (annotation, discriminator) of a params group (a model or a dataclass); None for other types."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return {n: (f.annotation, f.discriminator) for n, f in tp.model_fields.items()}
+    if hasattr(tp, "__pydantic_fields__"):  # a pydantic dataclass
+        return {n: (f.annotation, f.discriminator) for n, f in tp.__pydantic_fields__.items()}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        return {f.name: (hints[f.name], None) for f in dataclasses.fields(tp)}
+    return None
+
+
+def _is_number(tp: Any) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in typing.get_args(tp))
+    return tp in (int, float)
+
+
+def _takes_bool(tp: Any) -> bool:
+    return tp in (bool, Any) or (typing.get_origin(tp) is Literal and any(isinstance(v, bool) for v in typing.get_args(tp)))
+
+
+def booleans_for_numbers(raw: Any, tp: Any = None, key: str = "", discriminator: str | None = None) -> list[str]:
+    """The dotted keys where ``raw`` holds a boolean and the schema (``tp``, default ``Params``) a number:
+    pydantic would read ``true`` as 1 there (an int, a float, ``Literal[1, 3]``), and a boolean is not
+    a number. Walks the input along the schema's groups, named entries, tagged unions and lists."""
+    members, tag = _unwrap(Params if tp is None else tp)
+    tag = discriminator or tag
     if isinstance(raw, bool):
-        return [] if isinstance(value, bool) else [key]
+        return [key] if any(map(_is_number, members)) and not any(map(_takes_bool, members)) else []
     join = (lambda k: f"{key}.{k}") if key else str
-    if isinstance(raw, dict) and isinstance(value, dict):
-        return [bad for k in raw if k in value for bad in _booleans_read_as_numbers(raw[k], value[k], join(k))]
-    if isinstance(raw, list) and isinstance(value, (list, tuple)) and len(raw) == len(value):
-        return [bad for i, (r, v) in enumerate(zip(raw, value)) for bad in _booleans_read_as_numbers(r, v, join(i))]
+    for m in members:
+        if isinstance(raw, dict) and (fields := _fields(m)) is not None:
+            if tag and tag in fields and raw.get(tag) not in typing.get_args(_unwrap(fields[tag][0])[0][0]):
+                continue  # another branch of the tagged union
+            return [bad for k, v in raw.items() if k in fields
+                    for bad in booleans_for_numbers(v, fields[k][0], join(k), fields[k][1])]
+        if isinstance(raw, dict) and typing.get_origin(m) is dict:
+            return [bad for k, v in raw.items() for bad in booleans_for_numbers(v, typing.get_args(m)[1], join(k))]
+        if isinstance(raw, list) and typing.get_origin(m) in (list, tuple):
+            args = typing.get_args(m)
+            items = [args[0]] * len(raw) if typing.get_origin(m) is list or args[-1] is Ellipsis else list(args)
+            return [bad for i, (v, t) in enumerate(zip(raw, items)) for bad in booleans_for_numbers(v, t, join(i))]
     return []
 
 
@@ -287,14 +334,13 @@ def parse_params(raw: Any, source: str = "params") -> Params:
         raise ParamsError(f"{source} is empty: it holds no params (write them out; params.yaml has them all)")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of params at the top level")
-    try:
-        params = Params.model_validate(raw)
-    except ValidationError as e:
-        _refuse(source, [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()])
-    booleans = _booleans_read_as_numbers(raw, params.model_dump())
+    booleans = booleans_for_numbers(raw)  # before pydantic, which would read them as 1 and 0
     if booleans:
         _refuse(source, [f"{key}: a boolean is not a number (got {_at(raw, key)!r})" for key in booleans])
-    return params
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        _refuse(source, [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()])
 
 
 def _at(raw: Any, key: str) -> Any:

@@ -90,6 +90,11 @@ def _idx_source(src: Path, name: str) -> Path:
     return plain if plain.is_file() else src / f"{name}.gz"
 
 
+def _open_idx(source: Path):
+    """An IDX file for reading, decompressed when it is a .gz."""
+    return gzip.open(source, "rb") if source.suffix == ".gz" else open(source, "rb")
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -146,12 +151,8 @@ def _stage_idx_files(src: Path, raw: Path) -> None:
         raw.mkdir(parents=True, exist_ok=True)
         for name, source in sources.items():
             def copy(fout, source=source):
-                if source.suffix == ".gz":
-                    with gzip.open(source, "rb") as fin:
-                        shutil.copyfileobj(fin, fout)
-                else:
-                    with open(source, "rb") as fin:
-                        shutil.copyfileobj(fin, fout)
+                with _open_idx(source) as fin:
+                    shutil.copyfileobj(fin, fout)
             atomic_write(raw / name, copy)
     counts = {}
     for name, source in sources.items():
@@ -187,22 +188,19 @@ def check_source(name: str, root, cache, download: bool = False) -> None:
 
 
 def check_files(name: str, root, cache) -> None:
-    """What ``check_source`` checks, and that the files found hold the data set's format: the headers
-    of IDX files (their sizes too, uncompressed ones), CIFAR-10's batches as ``load_cifar10`` reads
-    them (nothing in them runs). ``DataError`` naming the file and what is wrong."""
+    """That the local files ``check_source`` found hold the data set's format, before any work: the
+    headers of IDX files (their sizes too, for uncompressed ones), CIFAR-10's batches read as
+    ``load_cifar10`` reads them (nothing in them runs). ``DataError`` naming the file and what is wrong."""
     root, cache = Path(root), Path(cache)
     if name in ("fashion_mnist", "mnist") and _has_idx_files(root):
         counts = {}
         for n in IDX_FILES:
             source, size = _idx_source(root, n), None
             try:
-                if source.suffix == ".gz":
-                    with gzip.open(source, "rb") as f:
-                        header = f.read(4 + 4 * _idx_ndim(n))
-                else:
+                with _open_idx(source) as f:
+                    header = f.read(4 + 4 * _idx_ndim(n))
+                if source.suffix != ".gz":
                     size = source.stat().st_size
-                    with open(source, "rb") as f:
-                        header = f.read(4 + 4 * _idx_ndim(n))
             except (OSError, EOFError, zlib.error) as e:
                 raise DataError(f"cannot read {source}: {first_line(e)}") from e
             counts[n] = _check_idx(source, _idx_ndim(n), header, size)
@@ -230,7 +228,7 @@ def load_mnist_like(name: str, root, cache, download: bool = False) -> dict[str,
     for split in SPLITS:
         try:
             ds = cls(root=str(cache), train=split == "train", download=download)
-        except Exception as e:  # torchvision asserts on malformed IDX headers
+        except Exception as e:  # what torchvision's reader refuses beyond the headers checked above
             raise DataError(f"cannot load {name} {split} split from {root} (staged in {raw}): {e!r}") from e
         out[split] = Split(ds.data[:, None].contiguous(), ds.targets.long(), list(ds.classes)).validate(f"{name}/{split}")
     return out

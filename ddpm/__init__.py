@@ -17,9 +17,9 @@ Modules, one job each:
   evaluation   held-out denoising error (ε-MSE at fixed timesteps and noise)
   distributed  data-parallel helpers over torch.distributed (torchrun, DDP)
   checkpoint   self-describing, atomically written checkpoints
-  files        atomic writes; loading a torch file with one clear error
+  files        atomic writes of a file or a folder, a full disk as one error; loading a torch file
   pixels       uint8 images ↔ the model's range [-1, 1]
-  data         data sets as uint8 tensors
+  data         data sets as uint8 tensors (their files checked; CIFAR pickles run no code)
   classifier   the feature-extractor classifier for offline FID
   metrics      FID / KID / IS through torch-fidelity
   acceleration the fast path: precision (bf16 autocast), memory format, torch.compile, fused AdamW

@@ -13,3 +13,8 @@ class InputError(DDPMError, ValueError):
 
 class DivergedError(DDPMError, FloatingPointError):
     """Training became non-finite (the loss, the weights or their averages)."""
+
+
+class DiskFullError(DDPMError):
+    """An output could not be written because its device (or the user's quota) is full; the
+    message names the file and the space it needs. Nothing half-written is left behind."""

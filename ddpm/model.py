@@ -6,6 +6,8 @@ model (``conditioning = class``) records its class names and their count there t
 A diffusion checkpoint holds two sets of weights: ``model``, the raw weights of the last
 training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s state:
 ``module.*`` plus ``n_averaged``). ``load_model`` picks one: ``weights`` is ``ema`` or ``raw``.
+Both check, as ``check_model_checkpoint`` does, that the weights fit the network the stored
+config describes, so a checkpoint whose config and weights disagree is refused on load.
 """
 
 from dataclasses import asdict, dataclass, field
@@ -82,23 +84,40 @@ def weights_mismatch(expected: dict, state: dict) -> str | None:
 WEIGHTS = ("ema", "raw")  # which weights of a checkpoint: the average, or the last step's
 
 
+def stored_weights(ckpt: dict, weights: str) -> dict:
+    """The state dict of a checkpoint's ``ema`` (the average; ``AveragedModel``'s ``module.*`` entries
+    without their prefix) or ``raw`` (``model``) weights."""
+    if weights not in WEIGHTS:
+        raise InputError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
+    state = ckpt["model" if weights == "raw" else "ema"]
+    if weights == "ema":  # AveragedModel's state: "module.*" weights plus "n_averaged"
+        state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
+    return state
+
+
+def check_model_checkpoint(ckpt: dict, path, weights: tuple[str, ...] = WEIGHTS) -> tuple[UNet, ModelSpec]:
+    """The U-Net (untrained) and ``ModelSpec`` that the checkpoint's stored config describes, after
+    checking that each of its ``weights`` fits that network; ``CheckpointError`` naming ``path`` if not."""
+    try:
+        spec = ModelSpec.from_dict(ckpt["config"]["model"])
+        net = spec.build_unet()
+        states = {w: stored_weights(ckpt, w) for w in weights}
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} does not describe a diffusion model: "
+                              f"{type(e).__name__}: {first_line(e)}") from e
+    expected = net.state_dict()
+    for w, state in states.items():
+        mismatch = weights_mismatch(expected, state)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {path}: its {w} weights do not match its stored config ({mismatch})")
+    return net, spec
+
+
 def load_model(path, device="cpu", weights: str = "ema") -> tuple[UNet, ModelSpec, dict]:
     """Rebuild the U-Net from a checkpoint; ``weights`` is ``ema`` or ``raw``. Returns (net, spec, ckpt)."""
     if weights not in WEIGHTS:
         raise InputError(f"unknown weights {weights!r}; choose one of {', '.join(WEIGHTS)}")
     ckpt = load_checkpoint(path, map_location="cpu")
-    try:
-        spec = ModelSpec.from_dict(ckpt["config"]["model"])
-        net = spec.build_unet()
-        state = ckpt["model" if weights == "raw" else "ema"]
-        if weights == "ema":  # AveragedModel's state: "module.*" weights plus "n_averaged"
-            state = {k.removeprefix("module."): v for k, v in state.items() if k.startswith("module.")}
-    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path} does not describe a diffusion model: "
-                              f"{type(e).__name__}: {first_line(e)}") from e
-    mismatch = weights_mismatch(net.state_dict(), state)
-    if mismatch:
-        raise CheckpointError(f"checkpoint {path}: its {weights} weights do not match its stored config "
-                              f"({mismatch})")
-    net.load_state_dict(state)
+    net, spec = check_model_checkpoint(ckpt, path, (weights,))
+    net.load_state_dict(stored_weights(ckpt, weights))
     return net.to(device).eval(), spec, ckpt

@@ -51,6 +51,11 @@ class UNetConfig:
                              f"(ch_mult has {levels} levels)")
         if not 0.0 <= self.dropout < 1.0:
             raise InputError(f"dropout must be in [0, 1), got {self.dropout}")
+        resolutions = [image_size // 2 ** level for level in range(levels)]
+        unknown = [r for r in self.attn_resolutions if r not in resolutions]
+        if unknown:  # attention at a resolution the network never has would silently be no attention
+            raise InputError(f"model.attn_resolutions {unknown} names no resolution of the network: with image "
+                             f"size {image_size} and {levels} levels (ch_mult) they are {resolutions}")
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -1,10 +1,14 @@
 """Stage `check`: the first stage of the pipeline; every other stage depends on its output.
 
 It validates the whole of params.yaml, that the data set's files are where ``data.root``
-says (and ``fid.weights_path``, when set), and that every output declared in dvc.yaml can
-be written. DVC deletes a stage's outputs just before it runs the stage's command, so a
-bad value (``dvc exp run -S +model.chh=3``, a read-only ``models/``) must fail here, in a
-stage that runs first, before DVC has removed anything another stage produced.
+says and in their format (IDX headers; CIFAR-10 batches read as `prepare` reads them, so a
+crafted pickle is refused here too), ``fid.weights_path`` when set, and that every output
+declared in dvc.yaml can be written. DVC deletes a stage's outputs just before it runs the
+stage's command, so a bad value (``dvc exp run -S +model.chh=3``, a read-only ``models/``)
+must fail here, in a stage that runs first, before DVC has removed anything another stage
+produced. (``dvc exp run`` itself deletes the outputs of matrix cells that a changed
+``sample.*`` removes before any stage runs: ``python -m pipeline exp-run`` runs these
+checks on the params with the ``-S`` overrides applied first; see ``pipeline.exp_run``.)
 
 The output (``--out``) only says that the checks passed: it is the same for every valid
 params.yaml, so a valid change of params still re-runs only the stages that declare the
@@ -19,9 +23,9 @@ from pathlib import Path
 
 import yaml
 
-from ddpm.data import DataError, check_source
+from ddpm.data import DataError, check_files, check_source
 from pipeline.common import check_writable, repo_root, write_json
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 
 PASSED = {"params": "valid", "data": "present or downloadable", "outputs": "writable"}
 
@@ -48,15 +52,26 @@ def declared_outputs(dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
     return files, folders
 
 
-def main(params_path: Path, dvc_yaml: Path, out: Path, started: Path | None = None) -> None:
-    started_ms = int(time.time() * 1000)
-    params = load_params(params_path)
-    check_source(params.data.name, params.data.root, repo_root() / "data" / "raw", params.data.download)
+def verify(params: Params, dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
+    """Every check but that of params.yaml itself (``params`` is already valid): the data set's files
+    are there and in their format, ``fid.weights_path`` exists when set, and every output of
+    ``dvc_yaml`` can be written. Returns those outputs, (files, folders)."""
+    cache = repo_root() / "data" / "raw"
+    check_source(params.data.name, params.data.root, cache, params.data.download)
+    check_files(params.data.name, params.data.root, cache)
     if params.fid.extractor == "inception-v3-compat" and params.fid.weights_path is not None \
             and not Path(params.fid.weights_path).is_file():
         raise DataError(f"fid.weights_path {params.fid.weights_path} does not exist")
     files, folders = declared_outputs(dvc_yaml)
-    check_writable(*files, out, *([started] if started else []), folders=folders)
+    check_writable(*files, folders=folders)
+    return files, folders
+
+
+def main(params_path: Path, dvc_yaml: Path, out: Path, started: Path | None = None) -> None:
+    started_ms = int(time.time() * 1000)
+    params = load_params(params_path)
+    files, folders = verify(params, dvc_yaml)
+    check_writable(out, *([started] if started else []))
     write_json(out, PASSED)
     if started is not None:  # when this pipeline run started (the parent run's start time in MLflow)
         write_json(started, {"started_ms": started_ms})

@@ -95,6 +95,15 @@ def clear_errors(fn):
         except (DDPMError, FileNotFoundError) as e:
             typer.echo(f"error: {e}", err=True)
             sys.exit(1)
+        except (OSError, RuntimeError) as e:  # a full disk is no bug: one line, wherever it struck
+            from ddpm.files import disk_full, disk_full_cause
+
+            cause = disk_full_cause(e)
+            if cause is None:
+                raise
+            line = disk_full(cause.filename, None, cause) if cause.filename else f"an output could not be written: {cause}"
+            typer.echo(f"error: {line}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -328,6 +337,18 @@ def compare(exp_json: Path = typer.Option(None, "--exp-json", help="a saved `dvc
     from pipeline import compare as stage
 
     stage.main(exp_json, rows, columns, extra, out, commits, sigma_rel_figure, sigma_rel_steps)
+
+
+@app.command("exp-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@clear_errors
+def exp_run(ctx: typer.Context):
+    """`dvc exp run ARGS` (pass DVC's arguments: -S key=value, --queue, targets, ...), once params.yaml with
+    the -S overrides applied passes the check stage's checks. `dvc exp run` deletes the outputs of sample
+    matrix cells that a -S removes before any stage runs, so a typo there (an unknown sampler in sample.samplers,
+    a step count beyond timesteps) would cost results; here it fails first, with one line. Not a DVC stage."""
+    from pipeline import exp_run as command
+
+    sys.exit(command.main(list(ctx.args)))
 
 
 @app.command()

@@ -9,8 +9,10 @@ of the weights that ``ema.sigma_rel`` names:
 Writes ``--out`` (train's checkpoint with ``ema`` and ``ema_config`` replaced; the raw
 weights stay) and ``--metrics``: which average it is (``source`` train or posthoc, ``kind``,
 its σ_rel when it is a power EMA) and, for a post-hoc one, the relative error of the
-least-squares fit of its profile. Changing ``ema.sigma_rel`` re-runs this stage and those
-after it, never `train`. The snapshots are read one at a time.
+least-squares fit of its profile. A checkpoint whose raw or averaged weights do not fit its
+stored config (or snapshots that do not) is refused before anything is written, as `sample`
+refuses it. Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
+The snapshots are read one at a time.
 """
 
 from pathlib import Path
@@ -20,6 +22,7 @@ import torch
 from ddpm.checkpoint import CheckpointError, load_checkpoint, load_snapshot
 from ddpm.errors import InputError
 from ddpm.files import atomic_save
+from ddpm.model import check_model_checkpoint, weights_mismatch
 from ddpm.posthoc_ema import reconstruct, solve
 from pipeline.common import read_json, write_json
 from pipeline.params import for_stage, load_params
@@ -55,6 +58,7 @@ def main(params_path: Path, checkpoint: Path, snapshots: Path, out: Path, metric
     ckpt = load_checkpoint(checkpoint)
     if "ema" not in ckpt:
         raise CheckpointError(f"checkpoint {checkpoint} holds no averaged weights ('ema')")
+    net, _ = check_model_checkpoint(ckpt, checkpoint)  # its raw and averaged weights fit its stored config
     config = ckpt.get("ema_config", {"source": "train"})
     summary = {"sigma_rel": None, **{k: v for k, v in config.items() if v is None or isinstance(v, (str, int, float))}}
     if p.sigma_rel is not None:
@@ -63,6 +67,10 @@ def main(params_path: Path, checkpoint: Path, snapshots: Path, out: Path, metric
         # inputs ordered profile by profile: (σ_0, every step), (σ_1, every step), …
         x, error = solve(steps * len(sigma_rels), [s for s in sigma_rels for _ in steps], ckpt["step"], p.sigma_rel)
         weights = reconstruct(snapshot_weights(snapshots, index, x.tolist()))
+        mismatch = weights_mismatch(net.state_dict(), weights)
+        if mismatch:
+            raise CheckpointError(f"the EMA snapshots in {snapshots} do not match the config of {checkpoint} "
+                                  f"({mismatch})")
         ckpt["ema"] = {f"module.{k}": v for k, v in weights.items()} | {"n_averaged": torch.tensor(ckpt["step"])}
         config = {"source": "posthoc", "kind": "power", "sigma_rel": p.sigma_rel, "profiles": sigma_rels,
                   "snapshot_steps": steps, "coefficients": x.tolist(), "fit_error": error}

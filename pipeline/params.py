@@ -1,8 +1,9 @@
 """The schema of params.yaml, its validation, and per-stage views.
 
 ``load_params`` validates the whole file before any work: an unknown key, a wrong
-type, a value out of its bounds or an invalid choice raises ``ParamsError`` naming the
-key (one line per bad key) and, for choices, the allowed values. Every number has
+type (a boolean where a number belongs included), a value out of its bounds or an invalid
+choice raises ``ParamsError`` naming the key (one line per bad key) and, for choices, the
+allowed values; so does an empty file (it would silently mean every default). Every number has
 explicit bounds (``ge``/``gt``/``lt``/``le``; the library's dataclasses declare theirs as
 ``annotated_types`` metadata) and must be finite; tests/test_params_schema.py derives
 out-of-range, wrong-type and missing values for every field from the schema. ``for_stage`` returns a view of the params restricted to the keys the
@@ -11,6 +12,7 @@ reading an undeclared key fails loudly instead of letting the stage go stale.
 """
 
 import dataclasses
+import types
 import typing
 from dataclasses import field
 from pathlib import Path
@@ -218,7 +220,9 @@ class Params(Strict):
         if self.sample.guidance and self.cond_drop == 0:
             raise ValueError("sample.guidance needs cond_drop > 0: with cond_drop 0 the null class is never "
                              "trained, so the unconditional ε(x, ∅) that guidance subtracts is untrained")
-        try:
+        if self.data.name == "folder" and not self.data.image_size:
+            raise ValueError("data.image_size: an image folder has no native size; set data.image_size >= 1")
+        try:  # the network fits the images (their native size unless data.image_size resizes them)
             self.model.validate(self.data.image_size or {"cifar10": 32}.get(self.data.name, 28))
         except ValueError as e:
             raise ValueError(str(e)) from None
@@ -263,18 +267,90 @@ def _problems(e: ValidationError, raw: Any) -> dict[str, list[str]]:
     return out
 
 
+def _unwrap(tp: Any) -> tuple[list, str | None]:
+    """The members of an annotation (those of a union, else itself), without ``Annotated``, and the
+    discriminator of a tagged union (``Field(discriminator=...)``) when it has one."""
+    discriminator = None
+    while typing.get_origin(tp) is Annotated:
+        tp, *meta = typing.get_args(tp)
+        discriminator = next((m.discriminator for m in meta if isinstance(getattr(m, "discriminator", None), str)),
+                             discriminator)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return [_unwrap(m)[0][0] for m in typing.get_args(tp)], discriminator
+    return [tp], discriminator
+
+
+def _fields(tp: Any) -> dict[str, tuple[Any, str | None]] | None:
+    """name → (annotation, discriminator) of a params group (a model or a dataclass); None for other types."""
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return {n: (f.annotation, f.discriminator) for n, f in tp.model_fields.items()}
+    if hasattr(tp, "__pydantic_fields__"):  # a pydantic dataclass
+        return {n: (f.annotation, f.discriminator) for n, f in tp.__pydantic_fields__.items()}
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        return {f.name: (hints[f.name], None) for f in dataclasses.fields(tp)}
+    return None
+
+
+def _is_number(tp: Any) -> bool:
+    if typing.get_origin(tp) is Literal:
+        return any(isinstance(v, (int, float)) and not isinstance(v, bool) for v in typing.get_args(tp))
+    return tp in (int, float)
+
+
+def _takes_bool(tp: Any) -> bool:
+    return tp in (bool, Any) or (typing.get_origin(tp) is Literal and any(isinstance(v, bool) for v in typing.get_args(tp)))
+
+
+def booleans_for_numbers(raw: Any, tp: Any = None, key: str = "", discriminator: str | None = None) -> list[str]:
+    """The dotted keys where ``raw`` holds a boolean and the schema (``tp``, default ``Params``) a number:
+    pydantic would read ``true`` as 1 there (an int, a float, ``Literal[1, 3]``), and a boolean is not
+    a number. Walks the input along the schema's groups, named entries, tagged unions and lists."""
+    members, tag = _unwrap(Params if tp is None else tp)
+    tag = discriminator or tag
+    if isinstance(raw, bool):
+        return [key] if any(map(_is_number, members)) and not any(map(_takes_bool, members)) else []
+    join = (lambda k: f"{key}.{k}") if key else str
+    for m in members:
+        if isinstance(raw, dict) and (fields := _fields(m)) is not None:
+            if tag and tag in fields and raw.get(tag) not in typing.get_args(_unwrap(fields[tag][0])[0][0]):
+                continue  # another branch of the tagged union
+            return [bad for k, v in raw.items() if k in fields
+                    for bad in booleans_for_numbers(v, fields[k][0], join(k), fields[k][1])]
+        if isinstance(raw, dict) and typing.get_origin(m) is dict:
+            return [bad for k, v in raw.items() for bad in booleans_for_numbers(v, typing.get_args(m)[1], join(k))]
+        if isinstance(raw, list) and typing.get_origin(m) in (list, tuple):
+            args = typing.get_args(m)
+            items = [args[0]] * len(raw) if typing.get_origin(m) is list or args[-1] is Ellipsis else list(args)
+            return [bad for i, (v, t) in enumerate(zip(raw, items)) for bad in booleans_for_numbers(v, t, join(i))]
+    return []
+
+
+def _refuse(source: str, problems: list[str]):
+    if len(problems) == 1:  # one line
+        raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
+    raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None
+
+
 def parse_params(raw: Any, source: str = "params") -> Params:
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:  # every default would be the full GPU-sized experiment: never by accident
+        raise ParamsError(f"{source} is empty: it holds no params (write them out; params.yaml has them all)")
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping of params at the top level")
+    booleans = booleans_for_numbers(raw)  # before pydantic, which would read them as 1 and 0
+    if booleans:
+        _refuse(source, [f"{key}: a boolean is not a number (got {_at(raw, key)!r})" for key in booleans])
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        problems = [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()]
-        if len(problems) == 1:  # one line
-            raise ParamsError(f"invalid params in {source}: {problems[0]}") from None
-        raise ParamsError(f"invalid params in {source}:\n" + "\n".join(f"  {p}" for p in problems)) from None
+        _refuse(source, [f"{key}: {'; '.join(msgs)}" for key, msgs in _problems(e, raw).items()])
+
+
+def _at(raw: Any, key: str) -> Any:
+    """The value at a dotted key of the input (list items by index)."""
+    for part in key.split("."):
+        raw = raw[int(part)] if isinstance(raw, list) else raw[part]
+    return raw
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

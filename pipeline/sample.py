@@ -11,9 +11,11 @@ without, it is the conditional model itself (w = 0).
 Batch i of ``sample.batch_size`` images draws from its own generator, seeded with
 ``derive_seed(sample.seed, i)``, so the samples do not depend on how the batches are
 spread: under ``torchrun`` rank r samples batches r, r+N, r+2N, … and rank 0 gathers
-them and writes the files (all at the end, each atomically)."""
+them and writes the files (all at the end, into a new folder that then replaces ``--out`` whole: a
+kill or a full disk leaves the old cell or the new one, never a mix)."""
 
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ import torch
 from ddpm import distributed
 from ddpm.acceleration import make_denoiser
 from ddpm.errors import InputError
-from ddpm.files import atomic_save
+from ddpm.files import atomic_folder, atomic_save
 from ddpm.guidance import Guidance, balanced_labels
 from ddpm.model import load_model
 from ddpm.samplers import sample
@@ -148,18 +150,21 @@ def main(params_path: Path, checkpoint: Path, sampler: str, steps: int, out_dir:
         denoiser = make_denoiser(net, dev, precision=sp.precision, memory_format=sp.memory_format, compile=sp.compile,
                                  work=evaluations)
         start = time.perf_counter()
-        system = out_dir / "system.json"  # written when sampling ends, before the other files
         total = sum(n for _, n in mine) * steps  # rank 0 shows its share
-        with system_metrics.record(system, enabled=world.is_main), \
-                progress(total, f"sample {cell}", enabled=world.is_main) as bar:
-            chunks, strip = draw(denoiser, diffusion, spec, sp, cfg, steps, guide, mine, dev, bar)
-        gathered = distributed.gather(chunks, world)
-        seconds = time.perf_counter() - start
+        # the cell is one unit: its files are written into a new folder that replaces out_dir whole
+        with atomic_folder(out_dir) if world.is_main else nullcontext(out_dir) as cell_dir:
+            system = cell_dir / "system.json"  # written when sampling ends, before the other files
+            with system_metrics.record(system, enabled=world.is_main), \
+                    progress(total, f"sample {cell}", enabled=world.is_main) as bar:
+                chunks, strip = draw(denoiser, diffusion, spec, sp, cfg, steps, guide, mine, dev, bar)
+            gathered = distributed.gather(chunks, world)
+            seconds = time.perf_counter() - start
+            if world.is_main:
+                images = write_outputs(cell_dir, gathered, strip, sampler=sampler, cfg=cfg, steps=steps, sp=sp,
+                                       spec=spec, ckpt=ckpt, guidance=guidance, guide=guide,
+                                       run={"seconds": seconds, "processes": world.size, "device": str(dev),
+                                            "path": denoiser.path, "started_ms": started_ms})
         if world.is_main:
-            images = write_outputs(out_dir, gathered, strip, sampler=sampler, cfg=cfg, steps=steps, sp=sp, spec=spec,
-                                   ckpt=ckpt, guidance=guidance, guide=guide,
-                                   run={"seconds": seconds, "processes": world.size, "device": str(dev),
-                                        "path": denoiser.path, "started_ms": started_ms})
             print(f"sample {cell}: {images.shape[0]} images in {seconds:.1f} s"
                   + (f" on {world.size} processes" if world.is_distributed else "") + f" → {out_dir}")
         distributed.barrier(world)

@@ -33,7 +33,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from ddpm import distributed
 from ddpm.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, save_snapshot
 from ddpm.data import DataError, Split, load_split
 from ddpm.ema import averaged_weights
+from ddpm.files import atomic_folder, copy_file
 from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import balanced_labels
 from ddpm.model import ModelSpec
@@ -137,28 +137,13 @@ def prepare_staging(staging: Path, ckpt: dict | None, state_path: Path) -> list[
 
 def publish_snapshots(staging: Path, steps: list[int], out: Path, index: dict) -> None:
     """Hard-link (or copy) the staged snapshots and ``index.json`` into a new folder, then swap it in for ``out``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 otherwise
-    try:
+    with atomic_folder(out) as tmp:
         for k in steps:
             try:
                 os.link(staging / snapshot_name(k), tmp / snapshot_name(k))
             except OSError:
-                shutil.copy2(staging / snapshot_name(k), tmp / snapshot_name(k))
+                copy_file(staging / snapshot_name(k), tmp / snapshot_name(k))
         write_json(tmp / "index.json", index)
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def state_file(template: Path, fp: str) -> Path:
@@ -192,14 +177,10 @@ def preview_grid(state, diffusion, spec: ModelSpec, path: Path) -> None:
 
 
 def replace_folder(src: Path, dst: Path) -> None:
-    """Copy the files of ``src`` into a fresh folder ``dst`` (built beside it, then renamed in)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for f in sorted(src.glob("*.png")) if src.is_dir() else []:
-        shutil.copy2(f, tmp / f.name)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    """Copy the files of ``src`` into a fresh folder ``dst`` (built beside it, then swapped in)."""
+    with atomic_folder(dst) as tmp:
+        for f in sorted(src.glob("*.png")) if src.is_dir() else []:
+            copy_file(f, tmp / f.name)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,114 @@
+"""``python -m pipeline exp-run [ARGS]``: ``dvc exp run ARGS``, once the params it would run with
+pass the checks of the `check` stage. Not a DVC stage.
+
+Why: a bad value normally fails in the `check` stage, before DVC deletes the outputs of the
+stage it would run next. But ``dvc exp run`` touches outputs before any stage runs: its executor
+first checks out the pipeline as the new params expand it (DVC 3.67,
+``dvc/repo/experiments/executor/base.py``: ``dvc_checkout(..., force=True, allow_missing=True)``),
+and a checkout without targets begins by deleting every output DVC once linked that is no longer
+the output of any stage (``dvc/repo/checkout.py``: ``_remove_unused_links``). So a ``-S`` that
+changes the sample matrix (``sample.samplers``, ``sample.steps``, ``sample.guidance``: they
+expand the ``sample``, ``fid`` … stages) deletes the cells that leave it, even when the new value
+is a typo that `check` then refuses (``-S 'sample.samplers=[ddpm,nope]'`` deletes the ``ddim``
+cells; ``-S 'sample.steps=[200]'`` beyond ``timesteps``, every cell). Plain ``dvc repro`` does not
+check out, and deletes nothing of the kind.
+
+This command applies the ``-S`` overrides as DVC does (DVC's own argument parser and its
+``apply_overrides``, on a copy of params.yaml; each combination of a ``--queue`` sweep), runs the
+`check` stage's checks on the result (``pipeline.check.verify``: params, data files, writable
+outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status.
+A refused value is one ``error:`` line, and nothing in the workspace has changed.
+
+What DVC can still delete (each file stays in DVC's cache; ``dvc checkout`` restores it once
+params.yaml names its cell again): a *valid* change of the matrix under ``dvc exp run``
+removes the workspace copies of the cells that leave it, and so does ``dvc exp run`` or
+``dvc checkout`` run directly after params.yaml was edited by hand.
+"""
+
+import contextlib
+import io
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from pipeline.check import verify
+from pipeline.common import ExternalError
+from pipeline.params import ParamsError, parse_params
+
+PARAMS = "params.yaml"  # DVC's default params file, the pipeline's
+
+
+def overrides(args: list[str]) -> list[list[str]] | None:
+    """The ``-S`` overrides of params.yaml in the ``dvc exp run`` arguments ``args``: one list per
+    experiment they make (several for a ``--queue`` sweep such as ``-S 'seed=0,1,2'``). None when
+    DVC will not run an experiment from them (``--help``, ``--run-all``, arguments DVC refuses):
+    then DVC itself speaks."""
+    from dvc.cli import DvcParserError, parse_args
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import get_hydra_sweeps, to_hydra_overrides
+
+    if {"-h", "--help"} & set(args):
+        return None
+    logging.disable(logging.CRITICAL)  # DVC logs argument errors; it says them again when it runs
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            ns = parse_args(["exp", "run", *args])  # DVC says what is wrong when it runs
+    except (DvcParserError, SystemExit):
+        return None
+    finally:
+        logging.disable(logging.NOTSET)
+    if getattr(ns, "run_all", False):
+        return None
+    by_path = to_path_overrides(ns.set_param or [])
+    try:
+        sweep = any(o.is_sweep_override() for o in to_hydra_overrides(by_path.get(PARAMS, [])))
+        if sweep and not ns.queue:
+            return None  # DVC refuses a sweep without --queue
+        return [s.get(PARAMS, []) for s in (get_hydra_sweeps(by_path) if sweep else [by_path])]
+    except Exception as e:  # noqa: BLE001 - hydra's parse errors (DVC stops on them too, before any checkout)
+        text = str(e).strip()
+        raise ParamsError(f"invalid -S override in {' '.join(by_path.get(PARAMS, []))!r}: "
+                          f"{text.splitlines()[0] if text else type(e).__name__}") from None
+
+
+def apply(params: Path, override: list[str]) -> dict:
+    """The params that ``dvc exp run -S <override>`` would write into ``params`` (read from a copy)."""
+    from dvc.exceptions import DvcException
+    from dvc.utils.hydra import apply_overrides
+
+    with tempfile.TemporaryDirectory() as d:
+        copy = Path(d) / PARAMS
+        shutil.copyfile(params, copy)
+        if override:
+            try:
+                apply_overrides(copy, override)
+            except DvcException as e:
+                cause = e.__cause__
+                raise ParamsError(f"-S {' -S '.join(override)}: {e}"
+                                  + (f" ({str(cause).strip().splitlines()[0]})" if cause and str(cause).strip()
+                                     else "")) from None
+        try:
+            return yaml.safe_load(copy.read_text())
+        except yaml.YAMLError as e:
+            raise ParamsError(f"{params} is not valid YAML: {e}") from None
+
+
+def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
+    runs = overrides(args)
+    if runs is not None:
+        if not Path(PARAMS).is_file():
+            raise ParamsError(f"params file {PARAMS} does not exist")
+        for override in runs:
+            source = PARAMS + (f" with -S {' -S '.join(override)}" if override else "")
+            verify(parse_params(apply(Path(PARAMS), override), source), dvc_yaml)
+        print(f"exp-run: {len(runs)} set{'s' if len(runs) > 1 else ''} of params passed the check stage's checks; "
+              f"running dvc exp run {' '.join(args)}", flush=True)
+    try:
+        return subprocess.run([sys.executable, "-m", "dvc", "exp", "run", *args]).returncode
+    except OSError as e:
+        raise ExternalError(f"cannot run dvc: {e}") from None

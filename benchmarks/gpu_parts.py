@@ -7,7 +7,8 @@ Needs only torch, numpy and annotated-types (and diffusers for ``peer``): no typ
 DVC or MLflow, so it runs on a bare GPU machine with the system Python.
 
   train    ``ddpm.training.train`` on the default config (the U-Net of params.yaml, batch 128,
-           the power EMA and two post-hoc profiles, clipping, warm-up), per compile mode: seconds
+           the power EMA and two post-hoc profiles, clipping, warm-up), per compile mode (none,
+           cudagraphs, reduce-overhead, step-graph, default): seconds
            of the first steps (compile, capture), steady img/s, peak memory, the path that ran;
            torch.profiler's host and GPU milliseconds and kernel launches per step (eager and the
            fastest mode), and the EMA update alone (3 × ``AveragedModel`` against ``Averages``)
@@ -33,12 +34,12 @@ from benchmarks.bench import MODEL_CONFIGS, PEAK_FLOPS, build_ours, model_flops
 # per size: the model config, batch sizes, timed seconds per measurement, the modes measured
 SIZES = {
     "gpu": {"model": "fashion-mnist", "batch_size": 128, "sample_batch": 1000, "sample_steps": 10, "images": 8192,
-            "seconds": 3.0, "train_modes": ["none", "cudagraphs", "reduce-overhead", "default"],
+            "seconds": 3.0, "train_modes": ["none", "cudagraphs", "reduce-overhead", "step-graph", "default"],
             "sample_modes": ["autocast", "none", "cudagraphs", "reduce-overhead"], "profile_steps": 10,
             "warmup_steps": 10, "timed_first": 20,
             "peer_modes": {"train": ["none", "reduce-overhead"], "sample": ["cudagraphs", "reduce-overhead"]}},
     "ci": {"model": "tiny", "batch_size": 4, "sample_batch": 4, "sample_steps": 2, "images": 64,
-           "seconds": 0.2, "train_modes": ["none", "cudagraphs"], "sample_modes": ["autocast", "none", "cudagraphs"],
+           "seconds": 0.2, "train_modes": ["none", "cudagraphs", "step-graph"], "sample_modes": ["autocast", "none", "cudagraphs"],
            "profile_steps": 2, "warmup_steps": 1, "timed_first": 2, "peer_modes": {"train": ["none"], "sample": ["none"]}},
 }
 

@@ -21,6 +21,11 @@
                                    inference the network's call is captured once per input shape
                                    (``torch.cuda.CUDAGraph``), for training through
                                    ``torch.compile(backend="cudagraphs")`` (forward and backward)
+                   step-graph      training: the forward compiled (``default``) and the whole step
+                                   (forward, backward, clipping, AdamW with a tensor learning rate,
+                                   every average of the weights) captured as one CUDA graph
+                                   (``CapturedStep``), one launch per step; not yet measured on a GPU,
+                                   so ``auto`` never picks it. Inference: as reduce-overhead
                    auto            see ``AUTO``
 
 CUDA graphs need a CUDA device and one process: on a CPU the graph modes run without graphs
@@ -56,8 +61,8 @@ PRECISIONS = ("auto", "fp32", "tf32", "bf16")
 # what a network's own forward can run in (``network``): tf32 is process-wide (``set_matmul_precision``)
 NETWORK_PRECISIONS = tuple(p for p in PRECISIONS if p != "tf32")
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "cudagraphs")
-GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs")  # the modes that replay CUDA graphs
+COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "cudagraphs", "step-graph")
+GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs", "step-graph")  # the modes that replay CUDA graphs
 COMPILER_MODES = ("default", "reduce-overhead", "max-autotune")  # the modes that run inductor
 ROLES = ("train", "inference")
 
@@ -119,7 +124,12 @@ def resolve(device, precision: str = "auto", memory_format: str = "auto", compil
                     auto.compile if compile == "auto" else compile)
     if path.precision == "tf32" and kind != "cuda":
         raise InputError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
-    if path.compile in GRAPH_MODES and kind != "cuda":
+    if path.compile == "step-graph" and role == "inference":
+        path = replace(path, compile="reduce-overhead", note="step-graph captures training steps; inference runs "
+                                                             "as reduce-overhead")
+    if path.compile == "step-graph" and kind != "cuda":
+        path = replace(path, note=f"CUDA graphs need a CUDA device, so on {kind} the step runs uncaptured and eager")
+    elif path.compile in GRAPH_MODES and kind != "cuda":
         instead = {"reduce-overhead": "default", "max-autotune": "default", "cudagraphs": "none"}[path.compile]
         path = replace(path, compile=instead, note=f"CUDA graphs need a CUDA device, so {path.compile} runs as "
                                                    f"{instead} on {kind}")
@@ -174,6 +184,8 @@ def compile_model(model: torch.nn.Module, compile: str = "none"):
         return model
     if compile == "cudagraphs":
         return _mark_step(torch.compile(model, backend="cudagraphs", dynamic=False))
+    if compile == "step-graph":  # fused kernels, launched from the step's own graph (CapturedStep)
+        return torch.compile(model, dynamic=False)
     compiled = torch.compile(model, mode=None if compile == "default" else compile, dynamic=False)
     return _mark_step(compiled) if compile in GRAPH_MODES else compiled
 
@@ -244,6 +256,51 @@ class Fallback:
             self.path = f"{self.plain_path} (fell back from {self.path}: {first_line(e)})"
             warnings.warn(f"fast path failed, continuing on the plain path: {self.path}", FastPathWarning, stacklevel=2)
             return out
+
+
+# ------------------------------------------------------------------ a whole training step as one graph
+class CapturedStep:
+    """``update(*batch)``, a whole training step (forward, backward, clipping, the optimiser, the
+    averages), run ``warmup`` times on a side stream, then captured once as a CUDA graph and replayed
+    for every later call with the batch's tensors copied into the graph's static inputs: one launch
+    per step, no Python in the way (PyTorch's "whole network capture").
+
+    ``update`` must read no tensor value on the host and take its per-step values from tensors (the
+    learning rate as a tensor, the averages' β from their counts on the device), since the graph
+    replays exactly what was captured. ``zero_grad`` drops the gradients before the warm-up calls and
+    the capture; after it they belong to the graph, which overwrites them at every replay. The
+    outputs are the graph's static tensors: copy what is kept beyond the next call. ``capture=False``
+    (the CPU, tests) runs ``update`` every time instead, after ``zero_grad``."""
+
+    def __init__(self, update: Callable, zero_grad: Callable[[], None], warmup: int = 3, capture: bool = True):
+        self.update, self.zero_grad, self.warmup, self.capture = update, zero_grad, warmup, capture
+        self.calls, self.graph, self.static, self.out = 0, None, None, None
+
+    def __call__(self, *batch):
+        if not self.capture or self.calls < self.warmup:
+            self.calls += 1
+            self.zero_grad()
+            if not self.capture:
+                return self.update(*batch)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                out = self.update(*batch)
+            torch.cuda.current_stream().wait_stream(side)
+            return out
+        if self.graph is None:
+            self.static = [b.clone() if isinstance(b, torch.Tensor) else b for b in batch]
+            self.zero_grad()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.out = self.update(*self.static)
+            self.graph = graph
+        else:
+            for s, b in zip(self.static, batch):
+                if isinstance(s, torch.Tensor):
+                    s.copy_(b)
+        self.graph.replay()
+        return self.out
 
 
 # ------------------------------------------------------------------ inference

@@ -170,6 +170,12 @@ class Averages:
                     group[0].append(a), group[1].append(c), group[2].append(k)
                 else:
                     self.copies.append((a, c))
+        # per average and dtype: (averaged tensors, model tensors), for update_on_device
+        self.by_average: list[dict[torch.dtype, tuple[list, list]]] = [{} for _ in pairs]
+        for dtype, (averaged, current, owner) in self.groups.items():
+            for a, c, k in zip(averaged, current, owner):
+                mine = self.by_average[k].setdefault(dtype, ([], []))
+                mine[0].append(a), mine[1].append(c)
 
     def weights(self) -> list[float]:
         """1 − β of the next update of each average, in float64 on the host (``decay`` on a CPU tensor)."""
@@ -187,6 +193,28 @@ class Averages:
         if self.n_averaged:
             torch._foreach_add_(self.n_averaged, 1)
         self.counts = [n + 1 for n in self.counts]
+
+    @torch.no_grad()
+    def update_on_device(self) -> None:
+        """The same update with β computed on the device from each average's ``n_averaged`` (``decay``,
+        float64; 0 at the first update) and applied as θ̂ ← β θ̂ + (1 − β) θ: no host value at all, so
+        it can be captured in a CUDA graph and replayed (the host counts are not kept: ``resync``).
+        Equal to ``update`` up to float rounding (a product and a sum instead of a lerp)."""
+        for k, cfg in enumerate(self.configs):
+            n = self.n_averaged[k]
+            beta = torch.where(n == 0, torch.zeros((), dtype=torch.float64, device=n.device), decay(cfg, n))
+            for dtype, (averaged, current) in self.by_average[k].items():
+                b = beta.to(dtype)
+                torch._foreach_mul_(averaged, b)
+                torch._foreach_add_(averaged, torch._foreach_mul(current, 1 - b))
+        for a, c in self.copies:
+            a.copy_(c)
+        if self.n_averaged:
+            torch._foreach_add_(self.n_averaged, 1)
+
+    def resync(self) -> None:
+        """Read the update counts back from the averages (after ``update_on_device``: one host sync)."""
+        self.counts = [int(n) for n in self.n_averaged]
 
 
 def averaged_weights(averaged: AveragedModel) -> dict[str, torch.Tensor]:

@@ -41,8 +41,8 @@ from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, Fallback, compile_model, make_adamw,
-                               network, prepare_model, resolve, to_memory_format)
+from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, CapturedStep, Fallback, compile_model,
+                               make_adamw, network, prepare_model, resolve, to_memory_format)
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
 from ddpm.ema import MAX_SIGMA_REL, Averages, EMAConfig, PowerEMA, averaged_model
@@ -143,9 +143,8 @@ def train(
     device = diffusion.device
     images = images.to(device)
     labels = None if labels is None else labels.to(device)
-    g, T, n = state.generator, diffusion.num_timesteps, images.shape[0]
-    sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(T)
-    mine = world.shard(cfg.batch_size)
+    sampler = timestep_sampler if timestep_sampler is not None else UniformSampler(diffusion.num_timesteps)
+    world.shard(cfg.batch_size)  # the batch must split over the ranks
     model = distributed.wrap(state.model.train(), world)
     fast = resolve(device, cfg.precision, cfg.memory_format, cfg.compile, distributed=world.is_distributed,
                    work=max(cfg.steps - state.step, 0) * cfg.batch_size)
@@ -162,6 +161,9 @@ def train(
         return terms, loss_value
 
     plain = network(model, fast.precision, device)
+    if fast.compile == "step-graph":
+        return _train_step_graph(state, diffusion, images, cfg, world, fast, objective, plain, averages, sampler,
+                                 labels, cond_drop, progress, on_log, on_checkpoint, on_snapshot)
     compiled = None
     if fast.compile != "none":
         key = (fast.compile, id(model))
@@ -173,21 +175,9 @@ def train(
                     reset=lambda: state.optimizer.zero_grad(set_to_none=True))
     snapshots = set(cfg.snapshot_steps)
     while state.step < cfg.steps:
-        # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4);
-        #     every rank draws the global batch and keeps its shard
-        idx = torch.randint(n, (cfg.batch_size,), generator=g, device=device)
-        x0 = to_model_range(images[idx[mine]])
-        if cfg.augment == "hflip":
-            flip = torch.rand(cfg.batch_size, generator=g, device=device)[mine] < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t, weights = sampler.sample(cfg.batch_size, g, device)
-        t, weights = t[mine], (None if weights is None else weights[mine])
-        noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
-        y = None
-        if labels is not None:  # class labels, each replaced by the null class with probability cond_drop
-            y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
+        # (1) a batch x_0 ~ q(x_0), t ~ U{0..T-1}, ε ~ N(0, I)   (Algorithm 1, lines 2-4)
+        x0, t, noise, y, weights = _batch(state, images, labels, cond_drop, sampler, cfg, world, fast, device)
         # (2) gradient step on the objective   (Algorithm 1, line 5)
-        x0, noise = to_memory_format(x0, fast.memory_format), to_memory_format(noise, fast.memory_format)
         state.optimizer.zero_grad(set_to_none=True)
         terms, loss_value = step(x0, t, noise, y, weights)
         state.path = step.path
@@ -201,25 +191,112 @@ def train(
         state.optimizer.step()
         state.scheduler.step()
         averages.update()
-        state.step += 1
-        state.pending.append(loss_value.detach())
-        if progress is not None:
-            progress(1)
-        if state.step % cfg.log_every == 0 or state.step == cfg.steps:
-            losses = _checked_losses(state, world)  # the only host sync, every log_every steps
-            state.losses.append((state.step, losses.mean().item()))
-            state.pending.clear()
-            if on_log is not None:
-                on_log(state)
-        if on_snapshot is not None and state.step in snapshots:
-            _checked_losses(state, world)
-            on_snapshot(state)
-        if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
-            _checked_losses(state, world)
-            bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
-            if bad.item():
-                raise DivergedError(f"the weights became non-finite by step {state.step}")
-            on_checkpoint(state)
+        _after_step(state, loss_value.detach(), cfg, world, snapshots, progress, on_log, on_checkpoint, on_snapshot)
+    return state
+
+
+def _batch(state: TrainState, images, labels, cond_drop: float, sampler, cfg: TrainConfig, world: World, fast,
+           device):
+    """(x_0, t, ε, labels or None, importance weights or None) of the next step, from the state's generator:
+    every rank draws the global batch and keeps its shard."""
+    g, n, mine = state.generator, images.shape[0], world.shard(cfg.batch_size)
+    idx = torch.randint(n, (cfg.batch_size,), generator=g, device=device)
+    x0 = to_model_range(images[idx[mine]])
+    if cfg.augment == "hflip":
+        flip = torch.rand(cfg.batch_size, generator=g, device=device)[mine] < 0.5
+        x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+    t, weights = sampler.sample(cfg.batch_size, g, device)
+    t, weights = t[mine], (None if weights is None else weights[mine])
+    noise = torch.randn((cfg.batch_size, *x0.shape[1:]), generator=g, device=device)[mine]
+    y = None
+    if labels is not None:  # class labels, each replaced by the null class with probability cond_drop
+        y = drop_labels(labels[idx], cond_drop, state.model.num_classes, g)[mine]
+    return (to_memory_format(x0, fast.memory_format), t, to_memory_format(noise, fast.memory_format), y, weights)
+
+
+def _after_step(state: TrainState, loss_value: torch.Tensor, cfg: TrainConfig, world: World, snapshots: set,
+                progress, on_log, on_checkpoint, on_snapshot) -> None:
+    """Count the step; every ``log_every`` steps the losses (the only host sync), the snapshots and the
+    checkpoint when due, each after the losses so far were checked finite."""
+    state.step += 1
+    state.pending.append(loss_value)
+    if progress is not None:
+        progress(1)
+    if state.step % cfg.log_every == 0 or state.step == cfg.steps:
+        losses = _checked_losses(state, world)  # the only host sync, every log_every steps
+        state.losses.append((state.step, losses.mean().item()))
+        state.pending.clear()
+        if on_log is not None:
+            on_log(state)
+    if on_snapshot is not None and state.step in snapshots:
+        _checked_losses(state, world)
+        on_snapshot(state)
+    if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+        _checked_losses(state, world)
+        bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
+        if bad.item():
+            raise DivergedError(f"the weights became non-finite by step {state.step}")
+        on_checkpoint(state)
+
+
+def _train_step_graph(state: TrainState, diffusion: Diffusion, images, cfg: TrainConfig, world: World, fast,
+                      objective, plain, averages: Averages, sampler, labels, cond_drop, progress, on_log,
+                      on_checkpoint, on_snapshot) -> TrainState:
+    """``train``'s loop with ``compile: step-graph``: the update (forward, backward, clipping, AdamW, the
+    averages on the device) captured once as a CUDA graph and replayed every step (``CapturedStep``);
+    the batch is drawn and the bookkeeping done as in the plain loop. AdamW takes its learning rate as
+    a tensor (the scheduler fills it in place) and is capturable; without CUDA the same step runs
+    uncaptured and eager. A capture that fails falls back to the plain eager step (``Fallback``)."""
+    device = diffusion.device
+    cuda = torch.device(device).type == "cuda"
+    for group in state.optimizer.param_groups:  # the graph must read the learning rate, not bake it in
+        if not isinstance(group["lr"], torch.Tensor):
+            group["lr"] = torch.tensor(float(group["lr"]), device=device)
+        group["capturable"] = cuda
+    params = list(state.model.parameters())
+    forward = network(compile_model(state.model, "step-graph"), fast.precision, device) if cuda else plain
+
+    def clip_norm() -> torch.Tensor:
+        if cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip, foreach=True)
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+    def update(x0, t, noise, y, weights):
+        terms, loss_value = objective(forward, x0, t, noise, y, weights)
+        norm = clip_norm()
+        state.optimizer.step()
+        averages.update_on_device()
+        return terms, loss_value, norm
+
+    def plain_update(x0, t, noise, y, weights):
+        state.optimizer.zero_grad(set_to_none=True)
+        terms, loss_value = objective(plain, x0, t, noise, y, weights)
+        norm = clip_norm()
+        state.optimizer.step()
+        averages.update()
+        return terms, loss_value, norm
+
+    def reset() -> None:  # before the plain retry of a failed capture: nothing of it ran
+        state.optimizer.zero_grad(set_to_none=True)
+        averages.resync()
+
+    zero_grad = lambda: state.optimizer.zero_grad(set_to_none=True)  # noqa: E731
+    step = Fallback(CapturedStep(update, zero_grad, capture=cuda), plain_update, fast.describe(),
+                    replace(fast, compile="none", note="").describe(), reset=reset)
+    snapshots = set(cfg.snapshot_steps)
+    while state.step < cfg.steps:
+        x0, t, noise, y, weights = _batch(state, images, labels, cond_drop, sampler, cfg, world, fast, device)
+        terms, loss_value, norm = step(x0, t, noise, y, weights)
+        state.path = step.path
+        if weights is not None:
+            sampler.update(t, terms["vlb"])
+        if (state.step + 1) % cfg.log_every == 0 or state.step + 1 == cfg.steps:
+            state.grad_norm = norm.clone()
+        state.scheduler.step()
+        # the graph's outputs are overwritten by the next replay: keep a copy of the loss
+        _after_step(state, loss_value.detach().clone(), cfg, world, snapshots, progress, on_log, on_checkpoint,
+                    on_snapshot)
+    averages.resync()
     return state
 
 

@@ -252,12 +252,15 @@ def one_line_warnings() -> None:
     from ddpm.acceleration import FastPathWarning
 
     default = warnings.formatwarning
+    if getattr(default, "one_line", False):  # set already (commands run in-process one after another)
+        return
 
     def format(message, category, *args, **kwargs):
         if issubclass(category, FastPathWarning):
             return f"warning: {message}\n"
         return default(message, category, *args, **kwargs)
 
+    format.one_line = True
     warnings.formatwarning = format
 
 

@@ -101,6 +101,10 @@ def test_graph_modes_without_cuda_or_under_ddp_say_what_runs():
     assert "DDP" in resolve("cuda", compile="reduce-overhead", distributed=True).note
     assert resolve("cuda", compile="cudagraphs", distributed=True, role="inference").compile == "cudagraphs"
     assert resolve("cpu", role="inference") == FastPath("fp32", "contiguous", "none")
+    assert "uncaptured and eager" in resolve("cpu", compile="step-graph").note
+    assert resolve("cuda", compile="step-graph", role="inference").compile == "reduce-overhead"
+    assert resolve("cuda", compile="step-graph", distributed=True).compile == "default"
+    assert resolve("cuda", compile="step-graph") == FastPath("bf16", "channels_last", "step-graph")
 
 
 def test_auto_compiles_only_where_it_pays():
@@ -214,3 +218,31 @@ def test_dispatch_counts_stay_bounded():
         assert count_train(m.unet, m.image_size, m.channels, precision=precision)["ops_per_step"] < train_bound
     s = count_sample(m.unet, m.image_size, m.channels, precision="bf16")
     assert s["ops_per_step"] < 800 and s["casts_per_step"] <= 20, s
+
+
+def test_step_graph_runs_the_same_training_uncaptured_on_cpu():
+    """compile: step-graph's loop (tensor learning rate filled by the scheduler, the averages updated
+    from their counts on the device, the graph's outputs copied) run uncaptured on the CPU: the same
+    losses as the plain loop, the raw weights and the averages equal to float rounding (a float32 tensor
+    learning rate, a product and a sum for the averages' lerp), the counts kept."""
+    images = torch.randint(0, 256, (16, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    d = Diffusion.from_schedule("linear", 20)
+    runs = {}
+    for mode in ("none", "step-graph"):
+        cfg = TrainConfig(steps=5, batch_size=4, warmup_steps=3, log_every=2, compile=mode, ema_snapshot_every=2,
+                          grad_clip=0.5)
+        runs[mode] = train(init_state(micro_unet(), cfg, 0, "cpu"), d, images, cfg)
+    plain, graph = runs["none"], runs["step-graph"]
+    assert graph.path == ("fp32, contiguous, compile step-graph (CUDA graphs need a CUDA device, so on cpu the step "
+                          "runs uncaptured and eager)")
+    assert graph.losses == plain.losses
+    assert isinstance(graph.optimizer.param_groups[0]["lr"], torch.Tensor)
+    assert graph.optimizer.param_groups[0]["lr"].item() == pytest.approx(plain.optimizer.param_groups[0]["lr"])
+    for a, b in zip(plain.model.parameters(), graph.model.parameters()):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert not all(torch.equal(a, b) for a, b in zip(micro_unet().parameters(), graph.model.parameters()))
+    for pa, pb in zip([plain.ema, *plain.profiles], [graph.ema, *graph.profiles]):
+        assert int(pa.n_averaged) == int(pb.n_averaged) == 5
+        for a, b in zip(pa.module.parameters(), pb.module.parameters()):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert float(graph.grad_norm) == pytest.approx(float(plain.grad_norm), rel=1e-6)

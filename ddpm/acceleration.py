@@ -64,7 +64,7 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "cudagraphs", "step-graph")
 GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs", "step-graph")  # the modes that replay CUDA graphs
 COMPILER_MODES = ("default", "reduce-overhead", "max-autotune")  # the modes that run inductor
-ROLES = ("train", "inference")
+ROLES = ("train", "inference", "likelihood")  # likelihood: the variational bound (nll), kept in float32
 
 
 @dataclass(frozen=True)
@@ -84,9 +84,13 @@ class FastPath:
 # compile as well (reduce-overhead) where ``compile_pays``: measured on an H200, compiling fuses
 # GroupNorm, SiLU and the casts (training 1.3×, sampling 2.8× the graphed eager kernels) but costs
 # a minute or so once per process and configuration (README, Performance).
+# The bound in bits/dim keeps float32 on CUDA too: on the CPU preset's U-Net (600 steps, 16 test
+# images, the same noise) bf16 weights moved it by +0.005 bits/dim (3.6805 → 3.6859), about the
+# spread of the baseline over seeds; sampling is not that sensitive.
 AUTO = {"cuda": {"train": FastPath("bf16", "channels_last", "cudagraphs"),
-                 "inference": FastPath("bf16", "channels_last", "cudagraphs")},
-        "cpu": {"train": FastPath("fp32", "contiguous", "none"), "inference": FastPath("fp32", "contiguous", "none")}}
+                 "inference": FastPath("bf16", "channels_last", "cudagraphs"),
+                 "likelihood": FastPath("fp32", "channels_last", "cudagraphs")},
+        "cpu": {role: FastPath("fp32", "contiguous", "none") for role in ROLES}}
 
 # Measured on an H200 (torch 2.11, CUDA 13, 2026-12-04; benchmarks/results/h200-2026-12-04): per role,
 # (rate, seconds to the first result in a fresh process with inductor's cache cold) of the default
@@ -117,14 +121,14 @@ def resolve(device, precision: str = "auto", memory_format: str = "auto", compil
             raise InputError(f"unknown {name} {value!r}; choose one of {', '.join(allowed)}")
     kind = torch.device(device).type
     auto = AUTO.get(kind, AUTO["cpu"])[role]
-    if compile == "auto" and auto.compile == "cudagraphs" and compile_pays(work, device, role):
+    if compile == "auto" and auto.compile == "cudagraphs" and role in MEASURED and compile_pays(work, device, role):
         auto = replace(auto, compile="reduce-overhead")
     path = FastPath(auto.precision if precision == "auto" else precision,
                     auto.memory_format if memory_format == "auto" else memory_format,
                     auto.compile if compile == "auto" else compile)
     if path.precision == "tf32" and kind != "cuda":
         raise InputError(f"precision 'tf32' needs a CUDA device (got {device}); use fp32 or bf16 on CPU")
-    if path.compile == "step-graph" and role == "inference":
+    if path.compile == "step-graph" and role != "train":
         path = replace(path, compile="reduce-overhead", note="step-graph captures training steps; inference runs "
                                                              "as reduce-overhead")
     if path.compile == "step-graph" and kind != "cuda":
@@ -384,12 +388,12 @@ class Denoiser:
 
 
 def make_denoiser(model: torch.nn.Module, device, *, precision: str = "auto", memory_format: str = "auto",
-                  compile: str = "auto", work: float | None = None) -> Denoiser:
+                  compile: str = "auto", work: float | None = None, role: str = "inference") -> Denoiser:
     """``model`` (moved to ``device``, in eval mode) as the ``denoiser(x, t[, labels])`` a sampler calls,
-    on the fast path of the choices (role inference; ``work``: the image-evaluations it will make, for
-    ``auto``'s compile decision): weights cast once, inputs in the memory format, compiled
+    on the fast path of the choices for ``role`` (inference, or likelihood: float32 under ``auto``; ``work``:
+    the image-evaluations it will make, for ``auto``'s compile decision): weights cast once, inputs in the memory format, compiled
     or graphed, falling back to the plain eager call if that fails (``Fallback``)."""
-    path = resolve(device, precision, memory_format, compile, role="inference", work=work)
+    path = resolve(device, precision, memory_format, compile, role=role, work=work)
     set_matmul_precision(path.precision, device)
     model = model.to(device)
     if path.memory_format == "channels_last":

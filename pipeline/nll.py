@@ -36,7 +36,7 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     n = min(p.num_images, split.images.shape[0])
     diffusion = spec.build_diffusion(dev)
     denoiser = make_denoiser(net, dev, precision=p.precision, memory_format=p.memory_format, compile=p.compile,
-                             work=n * spec.timesteps)
+                             work=n * spec.timesteps, role="likelihood")
     model = with_label(denoiser, spec.num_classes) if spec.num_classes else denoiser  # p(x): the null class
     g = torch.Generator(device=dev).manual_seed(p.seed)
     totals, priors, decoders, terms = [], [], [], []

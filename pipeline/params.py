@@ -140,7 +140,7 @@ class NllParams(Strict):
     clip: Literal["static", "none"] = "static"  # x̂0 clamped to [-1, 1] inside the bound, or not
     seed: Seed = 2  # the noise of x_t ~ q(x_t | x_0) at every t
     weights: Literal[WEIGHTS] = "ema"  # type: ignore[valid-type]
-    precision: Literal[NETWORK_PRECISIONS] = "auto"  # type: ignore[valid-type]  # of the U-Net; auto: bf16 on CUDA, fp32 on CPU
+    precision: Literal[NETWORK_PRECISIONS] = "auto"  # type: ignore[valid-type]  # of the U-Net; auto: fp32 (the bound)
     memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
     compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: CUDA graphs on CUDA, none on CPU
 

@@ -105,6 +105,8 @@ def test_graph_modes_without_cuda_or_under_ddp_say_what_runs():
     assert resolve("cuda", compile="step-graph", role="inference").compile == "reduce-overhead"
     assert resolve("cuda", compile="step-graph", distributed=True).compile == "default"
     assert resolve("cuda", compile="step-graph") == FastPath("bf16", "channels_last", "step-graph")
+    # the bound keeps float32 under auto, with CUDA graphs; never compiled by auto (no measured rates)
+    assert resolve("cuda", role="likelihood", work=10**9) == FastPath("fp32", "channels_last", "cudagraphs")
 
 
 def test_auto_compiles_only_where_it_pays():

@@ -33,7 +33,6 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.gpu_check import child_env, copy_repository
 from ddpm.errors import InputError
 
 # next to no work in every stage; the sample matrix has the CPU preset's shape
@@ -53,6 +52,30 @@ with open({log!r}, "a") as f:
                         "cpu": ru.ru_utime + ru.ru_stime}}) + "\\n")
 sys.exit(rc)
 """
+
+
+def child_env(**extra) -> dict:
+    """The stage processes' environment: this Python's bin first on PATH, a fixed git identity for the
+    copy's commits, DVC's analytics off, no MLflow server (the copy logs to its own mlflow.db)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "overhead", "GIT_AUTHOR_EMAIL": "overhead@localhost",
+           "GIT_COMMITTER_NAME": "overhead", "GIT_COMMITTER_EMAIL": "overhead@localhost", **extra}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def copy_repository(dest: Path, repo: Path) -> None:
+    """``repo``'s tracked (and not ignored) files, without tests, into a fresh git repository."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=repo,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (repo / f).is_file() and not f.startswith(("tests/", "gpu-check/", "benchmarks/results/")):
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(repo / f, dest / f)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "overhead"]):
+        subprocess.run(cmd, cwd=dest, env=child_env(), check=True, capture_output=True)
 
 
 def _children_cpu() -> float:

@@ -118,3 +118,17 @@ def test_cpu_mfu_against_the_measured_matmul_rates():
     ours = r["models"]["ours"]
     assert positive(ours["train"]["mfu_by_process_cpu_time"]) and positive(ours["sample"]["ddim"]["mfu_by_process_cpu_time"])
     assert r["settings"]["precision"] == "bf16"
+
+
+def test_every_benchmark_module_imports():
+    """The commands import their module only when they run: an import that breaks (a helper moved
+    away from another module) would show only then. Import them all here."""
+    import importlib
+    import pkgutil
+
+    import benchmarks
+
+    names = [m.name for m in pkgutil.iter_modules(benchmarks.__path__) if m.name != "__main__"]
+    assert {"bench", "gpu_check", "gpu_parts", "overhead", "proxies", "cli"} <= set(names)
+    for name in names:
+        importlib.import_module(f"benchmarks.{name}")

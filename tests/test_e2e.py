@@ -15,6 +15,10 @@ import yaml
 
 from helpers import REPO, tiny_params
 
+# the whole module is one chain on one repository (each test continues from the previous one's
+# state): `make test-fast` leaves it out; under xdist conftest keeps it on one worker, started first
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
 
 def sh(cmd, cwd, env):
     r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
@@ -32,6 +36,8 @@ def repo(tmp_path_factory, idx_dir):
             (root / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, root / f)
     p = tiny_params(idx_dir)
+    # T = 100: the nll stage costs T network passes per batch (33 s of every run of it at T = 1000)
+    p["timesteps"] = 100
     p["sample"].update(samplers=["ddpm", "ddim"], steps=[3])
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",

@@ -58,10 +58,10 @@ gpu-check: setup
 	bash benchmarks/gpu_check.sh
 
 # one xdist worker per core, at most 4 (the suite is sized for 2 cores: CI's); TEST_WORKERS=0 runs
-# in one process. --dist loadgroup keeps each module's shared fixture on one worker, and
-# --no-loadscope-reorder keeps conftest's order (the end-to-end chains first).
+# in one process. --dist loadfile runs each test file whole on one worker (its module fixtures
+# built once), --no-loadscope-reorder keeps conftest's order (the end-to-end chains first).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
-PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: setup
 	python -m pytest $(PYTEST_PARALLEL) --durations=25 $(PYTEST_ARGS)

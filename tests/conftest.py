@@ -3,24 +3,25 @@
 
 How the suite runs (``make test`` = CI; ``make test-fast`` = the loop while editing):
 
-- ``make test`` runs every test on pytest-xdist workers (``-n 2 --dist loadgroup``, one per
+- ``make test`` runs every test on pytest-xdist workers (``-n 2 --dist loadfile``, one per
   core) and prints the 25 slowest. ``make test-fast`` leaves out the tests marked ``slow``.
 - Markers (registered in pyproject.toml): ``slow`` for a test that runs stage subprocesses,
   DVC, torchrun or an MLflow server, or trains for hundreds of steps (seconds to minutes
   each); ``e2e`` for the ones that run the whole pipeline through ``dvc repro``/``dvc exp
   run`` (also ``slow``). Mark a new test ``slow`` when it needs more than ~3 s or a
   subprocess; everything else is in the fast loop.
-- Each xdist worker is its own process, so a ``scope="module"`` or ``"session"`` fixture is
-  built once per worker that runs a test needing it. ``pytest_collection_modifyitems`` below
-  keeps every test that uses a module-scoped fixture (other than the cheap ones in
-  ``CHEAP_SHARED``) on the worker of its module (an ``xdist_group`` named after the module),
-  so an expensive module fixture (a trained workspace, a reproduced DVC repository, a
-  running MLflow server) is built once per run. A new test file gets this by using a
-  module-scoped fixture; no marker is needed. Tests that run in order on one shared state
-  (tests/test_e2e.py) rely on it too.
-- Collection order is the order work is handed out: the ``e2e`` tests first, then the other
-  ``slow`` ones, then the rest, so that the longest chains start at once and the many short
-  tests fill in around them (with ``--no-loadscope-reorder``, which the Makefile passes).
+- ``--dist loadfile``: every test file runs whole on one worker, in file order. So a
+  ``scope="module"`` fixture (a trained workspace, a reproduced DVC repository, a running
+  MLflow server) is built once per run, and tests that continue from each other's state
+  (tests/test_e2e.py) see it. To share something expensive, give it a module-scoped fixture
+  in its file (or a ``scope="session"`` one here, which each worker that needs it builds
+  once). (``--dist loadgroup`` would spread a file's independent tests further, but
+  pytest-xdist 3.8's groups do not reach pytest 9.2's node ids: every test was scheduled
+  alone.)
+- Work is handed out in collection order, which ``pytest_collection_modifyitems`` below
+  sorts: the files with ``e2e`` tests first, then those with other ``slow`` tests, then
+  the rest (with ``--no-loadscope-reorder``, which the Makefile passes), so that the
+  longest chains start at once and the short files fill in around them.
 - Tests must not share a port, a server or a folder across workers: use ``tmp_path`` /
   ``tmp_path_factory`` (one base folder per worker) and free ports (``test_tracking.closed_port``).
   Several processes creating one fresh ``mlflow.db`` at once can crash: give each test its own.
@@ -45,30 +46,20 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscri
     os.environ.setdefault("MKL_NUM_THREADS", "1")
     torch.set_num_threads(1)
 
-# module-scoped fixtures cheap enough to build on every worker (no reason to keep a module together):
-# the thread setting, and the float64 Diffusion tables of the math modules (milliseconds)
-CHEAP_SHARED = {"one_thread", "d"}
 
-
-def _order(item) -> int:
-    if item.get_closest_marker("e2e"):
-        return 0
-    if item.get_closest_marker("slow"):
-        return 1
-    return 2
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        if info is None or item.get_closest_marker("xdist_group"):
-            continue
-        shared = [name for name, defs in info.name2fixturedefs.items()
-                  if name not in CHEAP_SHARED and defs and defs[-1].scope in ("module", "class", "package")]
-        if shared:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::")[0]))
-    items.sort(key=_order)  # stable: within a class, collection order
+    """Files with e2e tests first, then files with slow tests (most slow tests first), then the
+    rest; a file's tests stay together and in their order (--dist loadfile hands out files in
+    this order)."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    rank: dict[str, tuple[int, int, int]] = {}
+    for i, item in enumerate(items):
+        e2e, slow = item.get_closest_marker("e2e") is not None, item.get_closest_marker("slow") is not None
+        level, slow_tests, first = rank.get(file_of(item), (2, 0, i))
+        rank[file_of(item)] = (min(level, 0 if e2e else 1 if slow else 2), slow_tests - slow, first)
+    items.sort(key=lambda item: rank[file_of(item)])
 
 
 # ----------------------------------------------------------------------------- the "figures" summary

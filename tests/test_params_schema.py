@@ -4,8 +4,8 @@ in every group. The bad values are derived from the schema (``Params.model_json_
 so a field added later is tried too, and a number without an explicit lower bound fails
 the test. Each bad input must stop the `check` stage and every stage that reads the key
 with one ``error:`` line naming the key, before any work: no file of the workspace changes.
-The bad inputs are tried in chunks, one test per group of params (``train.*``, ``model.*``, ...),
-so that the chunks spread over the xdist workers."""
+The bad inputs are tried in chunks, one test per group of params (``train.*``, ``model.*``, ...):
+a failure names its group, and the rest of the groups still run."""
 
 import copy
 import hashlib

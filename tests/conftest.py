@@ -13,9 +13,10 @@ How the suite runs (``make test`` = CI; ``make test-fast`` = the loop while edit
 - ``--dist loadfile``: every test file runs whole on one worker, in file order. So a
   ``scope="module"`` fixture (a trained workspace, a reproduced DVC repository, a running
   MLflow server) is built once per run, and tests that continue from each other's state
-  (tests/test_e2e.py) see it. To share something expensive, give it a module-scoped fixture
-  in its file (or a ``scope="session"`` one here, which each worker that needs it builds
-  once). (``--dist loadgroup`` would spread a file's independent tests further, but
+  would see it (none do now: each end-to-end test copies ``reproduced``). To share something
+  expensive within a file, give it a module-scoped fixture; across files, a
+  ``scope="session"`` fixture here (each worker that needs it builds it once) or, for one
+  copy per run, ``helpers.build_once``. (``--dist loadgroup`` would spread a file's independent tests further, but
   pytest-xdist 3.8's groups do not reach pytest 9.2's node ids: every test was scheduled
   alone.)
 - Work is handed out in collection order, which ``pytest_collection_modifyitems`` below

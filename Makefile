@@ -2,7 +2,9 @@
 #                         experiment (params.yaml), without one the CPU preset (it says so)
 # make repro PRESET=full  the full experiment, `dvc repro` on params.yaml (hours on a CPU)
 # make repro PRESET=cpu   the CPU preset (minutes on 2 cores) as a DVC experiment
-# make test               set up and run the test suite
+# make test               set up and run the whole test suite (what CI runs), on TEST_WORKERS
+#                         pytest-xdist workers, with the 25 slowest tests at the end
+# make test-fast          the math, library and CLI tests (not marked slow): the loop while editing
 # make gpu-check          every GPU figure in one run (≤ 8 min; .venv's Python, else the system python3: no install)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -21,7 +23,7 @@ CPU_PRESET := -S prediction=v -S model.ch=16 -S model.num_res_blocks=1 -S 'model
 PRESET ?= auto
 DVC ?= dvc
 
-.PHONY: setup repro test gpu-check clean-venv
+.PHONY: setup repro test test-fast gpu-check clean-venv
 
 setup: $(STAMP)
 
@@ -56,8 +58,17 @@ gpu-check:
 	@py=$$([ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3); \
 	echo "+ $$py -m benchmarks gpu-check --out gpu-check"; $$py -m benchmarks gpu-check --out gpu-check
 
+# one xdist worker per core, at most 4 (the suite is sized for 2 cores: CI's); TEST_WORKERS=0 runs
+# in one process. --dist loadfile runs each test file whole on one worker (its module fixtures
+# built once), --no-loadscope-reorder keeps conftest's order (the end-to-end chains first).
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup
-	python -m pytest
+	python -m pytest $(PYTEST_PARALLEL) --durations=25 $(PYTEST_ARGS)
+
+test-fast: setup
+	python -m pytest $(PYTEST_PARALLEL) -m "not slow" --durations=10 $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,5 +1,37 @@
-"""Shared fixtures: tiny data sets written in the real file formats, tiny params (built by
-``helpers``)."""
+"""Shared fixtures (tiny data sets written in the real file formats, tiny params, built by
+``helpers``) and the plumbing that lets the suite run in parallel.
+
+How the suite runs (``make test`` = CI; ``make test-fast`` = the loop while editing):
+
+- ``make test`` runs every test on pytest-xdist workers (``-n 2 --dist loadfile``, one per
+  core) and prints the 25 slowest. ``make test-fast`` leaves out the tests marked ``slow``.
+- Markers (registered in pyproject.toml): ``slow`` for a test that runs stage subprocesses,
+  DVC, torchrun or an MLflow server, or trains for hundreds of steps (seconds to minutes
+  each); ``e2e`` for the ones that run the whole pipeline through ``dvc repro``/``dvc exp
+  run`` (also ``slow``). Mark a new test ``slow`` when it needs more than ~3 s or a
+  subprocess; everything else is in the fast loop.
+- ``--dist loadfile``: every test file runs whole on one worker, in file order. So a
+  ``scope="module"`` fixture (a trained workspace, a reproduced DVC repository, a running
+  MLflow server) is built once per run, and tests that continue from each other's state
+  would see it (none do now: each end-to-end test copies ``reproduced``). To share something
+  expensive within a file, give it a module-scoped fixture; across files, a
+  ``scope="session"`` fixture here (each worker that needs it builds it once) or, for one
+  copy per run, ``helpers.build_once``. (``--dist loadgroup`` would spread a file's independent tests further, but
+  pytest-xdist 3.8's groups do not reach pytest 9.2's node ids: every test was scheduled
+  alone.)
+- Work is handed out in collection order, which ``pytest_collection_modifyitems`` below
+  sorts: the longest files (``FIRST``), the other files with ``e2e`` tests, those with other
+  ``slow`` tests, then the rest (with ``--no-loadscope-reorder``, which the Makefile
+  passes), so that the longest chains start at once and the short files fill in around them.
+- Built once per test run for all workers: ``helpers.build_once`` (a file lock in the run's
+  shared temporary folder). The session fixture ``reproduced`` uses it: a tiny DVC
+  repository after `dvc repro`, which tests copy (``helpers.copy_repository``) to run DVC in.
+- Tests must not share a port, a server or a folder across workers: use ``tmp_path`` /
+  ``tmp_path_factory`` (one base folder per worker) and free ports (``test_tracking.closed_port``).
+  Several processes creating one fresh ``mlflow.db`` at once can crash: give each test its own.
+- On a worker, torch uses one intra-op thread and stage subprocesses inherit
+  ``OMP_NUM_THREADS=1``: two workers on two cores, not four threads fighting for them.
+"""
 
 import os
 from pathlib import Path
@@ -7,20 +39,57 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import make_idx_dir, tiny_params
+from helpers import build_once, build_reproduced, make_idx_dir, tiny_params
 
 # train logs live to MLflow unless told not to; a fresh sqlite database per test workspace costs
 # seconds, so the tests that are not about MLflow train without it (test_live and test_e2e turn it on)
 os.environ["PIPELINE_LIVE_MLFLOW"] = "0"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscription
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+
+
+# The longest files, measured (README, Tests), handed out first and in this order: test_e2e
+# builds the ``reproduced`` repository while another worker runs test_performance's gpu-check,
+# so that test_e2e_sweeps, which copies it too, rarely waits for it.
+FIRST = ("tests/test_e2e.py", "tests/test_performance.py", "tests/test_e2e_sweeps.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """FIRST, then files with e2e tests, then files with slow tests (most slow tests first),
+    then the rest; a file's tests stay together and in their order (--dist loadfile hands out
+    files in this order)."""
+    def file_of(item) -> str:
+        return item.nodeid.split("::")[0]
+
+    rank: dict[str, tuple[int, int, int]] = {}
+    for i, item in enumerate(items):
+        e2e, slow = item.get_closest_marker("e2e") is not None, item.get_closest_marker("slow") is not None
+        level, slow_tests, first = rank.get(file_of(item), (3, 0, i))
+        rank[file_of(item)] = (min(level, 1 if e2e else 2 if slow else 3), slow_tests - slow, first)
+    for path, (level, slow_tests, first) in rank.items():
+        if path in FIRST:
+            rank[path] = (0, FIRST.index(path), first)
+    items.sort(key=lambda item: rank[file_of(item)])
+
+
+# ----------------------------------------------------------------------------- the "figures" summary
+@pytest.fixture
+def figure(request):
+    """``figure("text")`` adds a line to the "figures" section of the test summary (counts a
+    test measured, e.g. how many bad inputs it tried). Carried in the test's report, so it
+    reaches the summary from an xdist worker too."""
+    return lambda line: request.node.user_properties.append(("figure", line))
+
+
 FIGURES: list[str] = []
 
 
-@pytest.fixture(scope="session")
-def figure():
-    """``figure("text")`` adds a line to the "figures" section of the test summary (counts a
-    test measured, e.g. how many bad inputs it tried)."""
-    return FIGURES.append
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        FIGURES.extend(value for key, value in report.user_properties if key == "figure")
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -30,6 +99,7 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
+# ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op torch thread for a module of tiny tensors: faster than several, and far
@@ -51,3 +121,12 @@ def params_file(tmp_path, idx_dir) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params(idx_dir)))
     return path
+
+
+@pytest.fixture(scope="session")
+def reproduced(tmp_path_factory) -> Path:
+    """A tiny DVC repository after `dvc repro` (``helpers.build_reproduced``: the repository's
+    files, ``e2e_params``, committed as "baseline", MLflow in its mlflow.db), built once per
+    test run for all xdist workers. Read-only: a test that runs DVC in it takes its own copy,
+    ``helpers.copy_repository(reproduced, tmp_path / "repo")`` (a fraction of a second)."""
+    return build_once(tmp_path_factory, "reproduced", build_reproduced) / "repo"

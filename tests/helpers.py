@@ -1,8 +1,14 @@
 """Helpers the tests import by name: the repository root, tiny data sets written in the real
-file formats, tiny params (the fixtures that use them are in conftest.py)."""
+file formats, tiny params, something built once per test run for every xdist worker
+(``build_once``), and a reproduced tiny DVC repository with a way to copy it
+(``build_reproduced``, ``copy_repository``). The fixtures that use them are in conftest.py."""
 
 import gzip
+import os
+import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -55,3 +61,103 @@ def tiny_params(data_root: Path) -> dict:
     p["nll"].update(num_images=2, batch_size=2)  # the bound costs T network passes per batch
     p["denoise"].update(num_images=32, batch_size=32)
     return p
+
+
+# ----------------------------------------------------------------------------- built once per test run
+def shared_dir(tmp_path_factory) -> Path:
+    """The folder every xdist worker of this test run shares: the run's base temporary folder
+    (``pytest-N``; a worker's own ``tmp_path_factory`` folder is ``pytest-N/popen-gwK``)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def build_once(tmp_path_factory, name: str, build) -> Path:
+    """``shared_dir/name``, made by ``build(path)`` the first time any worker of this test run
+    asks for it; the others wait on a lock, then get the same folder. Treat it as read-only
+    (copy it to change it): tests on other workers read it at the same time."""
+    from filelock import FileLock
+
+    root = shared_dir(tmp_path_factory) / name
+    done = root.with_name(f"{name}.done")
+    with FileLock(str(root.with_name(f"{name}.lock"))):
+        if not done.exists():
+            if root.exists():  # an earlier attempt that failed half-way
+                shutil.rmtree(root)
+            root.mkdir(parents=True)
+            build(root)
+            done.touch()
+    return root
+
+
+# ----------------------------------------------------------------------------- a reproduced DVC repository
+def git_env() -> dict:
+    """The environment for git, DVC and the stages: this venv first on PATH, a git identity,
+    live MLflow logging on, the default tracking URI (the repository's mlflow.db)."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "DVC_NO_ANALYTICS": "1", "PIPELINE_LIVE_MLFLOW": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def sh(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    """Run ``cmd``; its stdout, or a failed assertion with the end of its output."""
+    r = subprocess.run(cmd, cwd=cwd, env=env or git_env(), capture_output=True, text=True)
+    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def e2e_params(data_root: Path) -> dict:
+    """The end-to-end tests' params: ``tiny_params`` with T = 100 (the nll stage costs T
+    network passes per batch) and a 2 × 1 sample matrix (ddpm and ddim at 3 steps)."""
+    p = tiny_params(data_root)
+    p["timesteps"] = 100
+    p["sample"].update(samplers=["ddpm", "ddim"], steps=[3])
+    return p
+
+
+def build_reproduced(root: Path) -> None:
+    """``root/repo``: the repository's files (not tests/) in a fresh git repository with
+    ``e2e_params`` (synthetic IDX data in ``root/idx``), after `dvc repro` and a commit of the
+    result ("baseline"). MLflow (live in train, then the log stage) in its mlflow.db."""
+    idx = make_idx_dir(root / "idx")
+    repo = root / "repo"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.split()
+    for f in files:
+        if (REPO / f).is_file() and not f.startswith("tests/"):
+            (repo / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, repo / f)
+    (repo / "params.yaml").write_text(yaml.safe_dump(e2e_params(idx), sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "tiny"], repo)
+    (root / "repro.out").write_text(sh(["dvc", "repro"], repo))
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "commit", "-qm", "baseline"], repo)
+
+
+MLFLOW_FILES = ("mlflow.db", "mlflow.db-wal", "mlflow.db-shm")
+
+
+def copy_repository(src: Path, dest: Path) -> Path:
+    """A working copy of the repository ``src`` at ``dest``: git, DVC's cache, every output and
+    the MLflow database with its artifacts, the database's absolute paths (artifact locations)
+    rewritten from ``src`` to ``dest`` so that the copy logs into itself. DVC's temporary
+    folder (.dvc/tmp: locks, its index of this path) is not copied."""
+    import sqlite3
+
+    def ignore(folder, names):
+        return ["tmp"] if Path(folder) == src / ".dvc" else []
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    if (dest / "mlflow.db").is_file():
+        with sqlite3.connect(dest / "mlflow.db") as con:
+            tables = [r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for _, column, kind, *_ in con.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if kind.upper() in ("TEXT", "VARCHAR") or kind.upper().startswith("VARCHAR"):
+                        con.execute(f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                                    f'WHERE "{column}" LIKE ?', (str(src), str(dest), f"%{src}%"))
+        con.close()
+    return dest

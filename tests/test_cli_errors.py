@@ -50,6 +50,7 @@ def test_params_file_missing(tmp_path):
     ("lr", "fast", "train.lr"),  # wrong type
     ("bogus", 1, "train.bogus"),  # unknown key
     ("augment", "vflip", "train.augment"),  # bad choice
+    ("steps", 0, "train.steps"),  # out of range (test_e2e: `dvc exp run -S train.steps=0` fails in check)
 ])
 def test_bad_train_param(tmp_path, key, value, naming):
     workspace(tmp_path, **{key: value})
@@ -293,6 +294,7 @@ def test_check_stage(tmp_path, idx_dir):
 
 
 # --------------------------------------------------------------------------- from any directory
+@pytest.mark.slow
 def test_console_script_and_python_m_from_a_subdirectory(tmp_path, idx_dir):
     """Installed as `make` installs it (pip install --no-deps --no-build-isolation -e .), into a
     throwaway environment that borrows the project's packages."""

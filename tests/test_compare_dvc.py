@@ -14,6 +14,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 
+pytestmark = pytest.mark.slow  # `dvc repro` and `dvc exp run` subprocesses
+
 # the stage: metrics/fid.json in the shape the report stage writes, its FID a function of the params
 SCORE = """import json, yaml
 p = yaml.safe_load(open("params.yaml"))

@@ -16,6 +16,7 @@ TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "
 SAMPLE = ("sample", "--sampler", "ddpm", "--steps", "3", "--device", "cpu", "--checkpoint", "models/single.pt")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process(tmp_path):
     root = workspace(tmp_path, steps=6, batch_size=8, checkpoint_every=0, augment="hflip")
     single = cli(root, "train", "--device", "cpu", "--out", "models/single.pt", "--metrics", "metrics/single.json")
@@ -48,6 +49,7 @@ def test_global_batch_shards():
     assert len({derive_seed(s, i) for s in range(3) for i in range(3)}) == 9
 
 
+@pytest.mark.slow
 def test_class_conditional_ddp_matches_one_process(tmp_path):
     """conditioning: class under DDP: the null-label drops come from the shared generator with the global
     batch, so 2 ranks train the same weights; guided sampling (labels per global image) shards exactly."""

@@ -1,52 +1,33 @@
 """End to end: `dvc repro` and `dvc exp run -S schedule=cosine` on a tiny config in a
-temporary copy of the repository; both experiments in `dvc exp show` and MLflow. A post-hoc
-EMA length (`-S ema.sigma_rel=...`) and the raw weights (`-S sample.weights=raw`) never retrain."""
+temporary copy of the repository; both experiments in `dvc exp show` and MLflow; a bad `-S`
+loses nothing; `dvc push` / `dvc pull` into a fresh clone. (A sampling change, a post-hoc EMA
+length and the raw weights never retrain: tests/test_e2e_sweeps.py.)
+
+The `dvc repro` is the session fixture ``reproduced`` (conftest.py), run once per test run;
+each test here works in its own copy of it (``repo``), so each can run alone."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from helpers import copy_repository, git_env, sh
 
-from helpers import REPO, tiny_params
-
-
-def sh(cmd, cwd, env):
-    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r.stdout
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory, idx_dir):
-    root = tmp_path_factory.mktemp("e2e") / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
-        if (REPO / f).is_file() and not f.startswith("tests/"):
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
-    p = tiny_params(idx_dir)
-    p["sample"].update(samplers=["ddpm", "ddim"], steps=[3])
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "DVC_NO_ANALYTICS": "1", "MLFLOW_TRACKING_URI": "", "PIPELINE_LIVE_MLFLOW": "1"}
-    env.pop("MLFLOW_TRACKING_URI")
-    sh(["git", "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "tiny"], root, env)
-    return root, env
+@pytest.fixture
+def repo(reproduced, tmp_path):
+    return copy_repository(reproduced, tmp_path / "repo"), git_env()
 
 
-def test_repro_then_ablation(repo):
+def test_repro_then_ablation(repo, reproduced):
     root, env = repo
-    sh(["dvc", "repro"], root, env)
+    # `dvc repro` (the fixture, committed as the baseline) ran every stage, each matrix cell once
+    ran = re.findall(r"Running stage '([^']+)'", (reproduced.parent / "repro.out").read_text())
+    assert len(ran) == len(set(ran)) and {"check", "prepare", "classifier", "train", "ema", "sample@ddpm-3",
+                                          "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "nll", "report", "log"} <= set(ran)
     fid = json.loads((root / "metrics/fid.json").read_text())
     assert {s: sorted(v) for s, v in fid["fid"].items()} == {"ddpm": ["3"], "ddim": ["3"]}
     assert (root / "reports/report.md").is_file() and (root / "mlflow.db").is_file()
@@ -54,8 +35,6 @@ def test_repro_then_ablation(repo):
     status = sh(["dvc", "status", "--json"], root, env)
     assert set(json.loads(status)) <= {"check", "log"}
 
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "baseline"], root, env)
     out = sh(["dvc", "exp", "run", "-S", "schedule=cosine"], root, env)
     # a sampling-only change would not retrain; a schedule change must
     assert "Running stage 'train'" in out and "Running stage 'prepare'" not in out
@@ -92,42 +71,6 @@ def test_repro_then_ablation(repo):
     assert json.loads((root / "metrics/fid.json").read_text())["fid"]["ddim"]["3"] == fids[schedules.index("linear")]
 
 
-def test_sampling_change_does_not_retrain(repo):
-    root, env = repo
-    p = yaml.safe_load((root / "params.yaml").read_text())
-    p["sample"]["num_samples"] = 12
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    # the check stage reads all of params.yaml, but its output does not change: only the
-    # sampling stages, fid_floor (the real-data floor uses as many images) and the always-run
-    # check and log are out of date; never fid_ref, whose reference does not depend on sampling
-    changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
-    assert changed == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
-    out = sh(["dvc", "repro"], root, env)
-    ran = set(re.findall(r"Running stage '([^']+)'", out))
-    assert ran == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "report",
-                   "log"}, out
-
-    # another sampling seed: the same stages out of date, fid_ref still not
-    params = (root / "params.yaml").read_text()
-    p["sample"]["seed"] += 1
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    try:
-        changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
-        assert changed == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
-    finally:
-        (root / "params.yaml").write_text(params)
-
-    # a sampler edit: the sampling stages only (each stage depends on exactly what it imports)
-    samplers = root / "ddpm/samplers.py"
-    source = samplers.read_text()
-    samplers.write_text(source + "# an edit\n")
-    try:
-        changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
-        assert changed == {"check", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
-    finally:
-        samplers.write_text(source)
-
-
 def outputs(root: Path) -> dict[str, bytes]:
     """Every file the stages wrote (the folders of dvc.yaml's outputs)."""
     folders = ("data/prepared", "data/reference", "models", "metrics", "plots", "logs", "reports", "samples")
@@ -152,33 +95,6 @@ def test_bad_value_under_dvc_loses_nothing(repo, override):
         assert outputs(root) == before  # every earlier output still there, unchanged
     finally:
         (root / "params.yaml").write_text(params)
-
-
-def stages_run(out: str) -> set[str]:
-    return set(re.findall(r"Running stage '([^']+)'", out))
-
-
-def test_ema_sweep_and_raw_weights_never_retrain(repo, tmp_path):
-    root, env = repo
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "sampling"], root, env)
-    # post-hoc EMA: a new sigma_rel re-runs ema and what reads its checkpoint, never train
-    ran = stages_run(sh(["dvc", "exp", "run", "-S", "ema.sigma_rel=0.07"], root, env))
-    cells = {"sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3"}
-    assert ran == {"check", "ema", *cells, "nll", "denoise", "report", "log"}, ran
-    ema = json.loads((root / "metrics/ema.json").read_text())
-    assert ema["source"] == "posthoc" and ema["sigma_rel"] == 0.07 and ema["snapshots"] == 6  # 3 steps × 2 profiles
-    assert (root / "plots/fid_vs_sigma_rel.csv").read_text().splitlines()[1].startswith("ddpm,3,0.07,")
-    # the raw weights: a sampling-time choice
-    ran = stages_run(sh(["dvc", "exp", "run", "-S", "sample.weights=raw"], root, env))
-    assert ran == {"check", *cells, "report", "log"}, ran
-    assert json.loads((root / "samples/ddim-3/info.json").read_text())["weights"] == "raw"
-
-    # FID against sigma_rel across the experiments, from the real `dvc exp show --json`
-    figure = tmp_path / "fid_vs_sigma_rel.png"
-    out = sh([sys.executable, "-m", "pipeline", "compare", "--sigma-rel-figure", str(figure)], root, env)
-    assert "## FID vs EMA length σ_rel (3 sampling steps" in out and figure.stat().st_size > 0
-    assert "| 0.07 (posthoc) |" in out and "| 0.1 (train) |" in out and "| raw weights |" in out
 
 
 def test_push_then_pull_restores_a_clone(repo, tmp_path):

@@ -220,18 +220,21 @@ def denoised(tmp_path_factory):
             "fixed": denoise_workspace(root / "fixed", {"kind": "fixed", "decay": 0.999})}
 
 
+@pytest.mark.slow
 def test_short_training_beats_an_untrained_network(denoised):
     m = denoised["power"]
     assert m["untrained"] > 0.9  # an untrained ε-network outputs about 0: MSE ≈ E[ε²] = 1
     assert m["raw"] < 0.25 * m["untrained"] and m["ema"] < 0.25 * m["untrained"]
 
 
+@pytest.mark.slow
 def test_ema_denoises_held_out_images_as_well_as_the_raw_weights(denoised):
     m = denoised["power"]
     assert m["raw"] < 0.25 * m["untrained"]  # trained: this cannot pass on noise
     assert m["ema"] <= 1.02 * m["raw"], m
 
 
+@pytest.mark.slow
 def test_the_old_fixed_decay_fails_that_check_on_the_same_run(denoised):
     power, fixed = denoised["power"], denoised["fixed"]
     assert fixed["raw"] == power["raw"] and fixed["untrained"] == power["untrained"]  # the EMA does not change training

@@ -187,6 +187,7 @@ def test_a_real_error_is_not_hidden_by_the_fall_back(monkeypatch):
 
 
 # ---------------------------------------------------------------- torch.compile on the CPU
+@pytest.mark.slow
 def test_compiled_training_and_sampling_on_cpu_match_eager():
     """reduce-overhead on the CPU compiles without graphs (and says so); its losses and samples agree
     with the eager path's to float32 rounding of a differently fused computation."""
@@ -210,6 +211,7 @@ def test_compiled_training_and_sampling_on_cpu_match_eager():
 
 
 # ---------------------------------------------------------------- proxies
+@pytest.mark.slow
 def test_dispatch_counts_stay_bounded():
     """Generous bounds on the CPU proxies of the GPU's launch overhead (measured on the default config:
     1,598 ops per fp32 training step, 1,926 at bf16 (3,079 / 3,407 before the multi-tensor EMA);

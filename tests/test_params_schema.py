@@ -3,8 +3,11 @@ of the wrong type, missing (null, or absent where the key is required), plus an 
 in every group. The bad values are derived from the schema (``Params.model_json_schema()``),
 so a field added later is tried too, and a number without an explicit lower bound fails
 the test. Each bad input must stop the `check` stage and every stage that reads the key
-with one ``error:`` line naming the key, before any work: no file of the workspace changes."""
+with one ``error:`` line naming the key, before any work: no file of the workspace changes.
+The bad inputs are tried in chunks, one test per group of params (``train.*``, ``model.*``, ...):
+a failure names its group, and the rest of the groups still run."""
 
+import copy
 import hashlib
 import math
 import shlex
@@ -104,7 +107,7 @@ def fields(node: dict, value, path: str = ""):
 
 
 def with_value(raw: dict, key: str, new, delete: bool = False) -> dict:
-    out = yaml.safe_load(yaml.safe_dump(raw))
+    out = copy.deepcopy(raw)
     *parents, last = key.split(".")
     target = out
     for part in parents:
@@ -116,10 +119,26 @@ def with_value(raw: dict, key: str, new, delete: bool = False) -> dict:
     return out
 
 
-def bad_inputs(raw: dict):
-    """(key, what is wrong, the whole params with that one fault)."""
-    yield "(top level)", "unknown key", {**raw, "no_such_key": 1}
+TOP = "(top level)"
+# the groups of params: the top-level fields that hold fields of their own (train, model, samplers, ...)
+GROUPS = sorted(name for name, sub in SCHEMA["properties"].items()
+                if any(o.get("type") == "object" or "properties" in o
+                       for o in [resolve(sub), *map(resolve, resolve(sub).get("anyOf", []))]))
+
+
+def group_of(key: str) -> str:
+    """The chunk a key's bad inputs are tried in: its group, or the top level."""
+    first = key.split(".")[0]
+    return first if first in GROUPS else TOP
+
+
+def bad_inputs(raw: dict, group: str | None = None):
+    """(key, what is wrong, the whole params with that one fault), of ``group`` only when given."""
+    if group in (None, TOP):
+        yield TOP, "unknown key", {**raw, "no_such_key": 1}
     for key, schema, current, nullable, required in fields(SCHEMA, raw):
+        if group is not None and group_of(key) != group:
+            continue
         if required:
             yield key, "absent", with_value(raw, key, None, delete=True)
         for what, bad in bad_values(key, schema, current, nullable):
@@ -154,7 +173,21 @@ def snapshot(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != "params.yaml"}
 
 
-def test_every_bad_value_of_every_param_fails_before_any_work(tmp_path, idx_dir, figure):
+def test_bad_values_cover_every_group_and_key(tmp_path, figure):
+    """What the chunks below try, together: every key of the schema, each in exactly one chunk."""
+    raw = yaml.safe_load(workspace(tmp_path).joinpath("params.yaml").read_text())
+    every = [(key, what) for key, what, _ in bad_inputs(raw)]
+    chunks = [(key, what) for group in [TOP, *GROUPS] for key, what, _ in bad_inputs(raw, group)]
+    assert sorted(chunks) == sorted(every)
+    keys = {key for key, _ in every}
+    assert {"train", "model", "sample", "samplers", "data"} <= set(GROUPS)
+    assert len(every) > 200 and {"train.steps", "train.lr", "model.ch_mult", "samplers.ddim.eta"} <= keys
+    figure(f"params schema: {len(every)} bad inputs tried over {len(keys)} keys (in {len(GROUPS) + 1} chunks), "
+           "each one `error:` line naming the key, before any work, nothing touched")
+
+
+@pytest.mark.parametrize("group", [TOP, *GROUPS])
+def test_every_bad_value_of_every_param_fails_before_any_work(tmp_path, idx_dir, group):
     root = workspace(tmp_path)
     (root / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
     raw = yaml.safe_load((root / "params.yaml").read_text())
@@ -170,8 +203,8 @@ def test_every_bad_value_of_every_param_fails_before_any_work(tmp_path, idx_dir,
     assert good.exit_code == 0, good.output  # the good params pass
     before = snapshot(root)
 
-    tried, keys = 0, set()
-    for key, what, params in bad_inputs(raw):
+    tried = 0
+    for key, what, params in bad_inputs(raw, group):
         (root / "params.yaml").write_text(yaml.safe_dump(params))
         for stage in ["check", *readers(key)]:
             result = cli(root, *commands[stage][0])
@@ -182,10 +215,7 @@ def test_every_bad_value_of_every_param_fails_before_any_work(tmp_path, idx_dir,
             assert key.removeprefix("(top level)") in lines[0] or "no_such_key" in lines[0], context
         assert snapshot(root) == before, f"{key} {what}: a file of the workspace changed"
         tried += 1
-        keys.add(key)
-    figure(f"params schema: {tried} bad inputs tried over {len(keys)} keys, each one `error:` line "
-           "naming the key, before any work, nothing touched")
-    assert tried > 200 and {"train.steps", "train.lr", "model.ch_mult", "samplers.ddim.eta"} <= keys
+    assert tried > 0, group
 
 
 def test_a_number_without_bounds_is_caught(monkeypatch):

@@ -68,6 +68,8 @@ def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
     assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.e2e
 def test_gpu_check_in_ci_size(tmp_path, idx_dir):
     """`make gpu-check`'s driver at CI size on the CPU, through the typer command: every part runs and
     lands in the JSON and the one table (train per compile mode with the profiler's host/GPU split,

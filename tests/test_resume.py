@@ -28,6 +28,7 @@ def state_files(root) -> list:
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     steps = 40
     ref, crash = workspace(tmp_path / "ref", steps=steps, checkpoint_every=4, log_every=3), \

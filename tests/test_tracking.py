@@ -62,6 +62,26 @@ def mlflow_env(monkeypatch):
         monkeypatch.delenv(var)
 
 
+def test_http_defaults_are_read_by_mlflow(mlflow_env):
+    """MLflow reads its HTTP retry settings as integers: a default it cannot parse (a backoff
+    factor of "0.5") made every HTTP request raise ValueError before it reached the server."""
+    from mlflow.environment_variables import (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+                                              MLFLOW_HTTP_REQUEST_TIMEOUT)
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.rest_utils import MlflowHostCreds, http_request
+
+    from pipeline.tracking import http_defaults
+
+    http_defaults()
+    values = [v.get() for v in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+                                MLFLOW_HTTP_REQUEST_TIMEOUT)]
+    assert all(isinstance(v, int) and v >= 0 for v in values), values
+    assert values[0] <= 2 and values[2] <= 30  # gives up within seconds, not MLflow's minutes
+    # a request to nothing fails as a connection failure, after the retries
+    with pytest.raises(MlflowException, match="127.0.0.1"):
+        http_request(MlflowHostCreds(f"http://127.0.0.1:{closed_port()}"), "/health", "GET")
+
+
 def test_dead_server_then_sync_logs_once(tmp_path, mlflow_env):
     root = finished_workspace(tmp_path)
     dead = f"http://127.0.0.1:{closed_port()}"
@@ -107,6 +127,7 @@ def test_dead_server_then_sync_logs_once(tmp_path, mlflow_env):
     assert len(parent_runs(live)) == 2
 
 
+@pytest.mark.slow
 def test_parallel_first_use_of_a_fresh_database(tmp_path):
     root = finished_workspace(tmp_path)
     names = ["exp-a", "exp-a", "exp-b"]  # two stages logging the same run, one another run

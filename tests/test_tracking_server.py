@@ -17,6 +17,9 @@ import yaml
 from test_tracking import FINGERPRINT, closed_port, finished_workspace
 from tiny import cli, errors, python, subprocess_env
 
+# a real `mlflow server` subprocess and `log` subprocesses: out of `make test-fast`
+pytestmark = pytest.mark.slow
+
 CHILDREN = {"train", "classifier", "sample/ddpm-2", "sample/ddpm-3", "sample/ddim-2", "sample/ddim-3"}
 
 

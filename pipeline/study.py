@@ -275,7 +275,10 @@ def plan(path: Path, root: Path = Path(".")) -> Study:
         raise StudyError(f"{path}: experiment names {bad} must be letters, digits and '_' (they name DVC experiments)")
     if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
         raise StudyError(f"{path}: seeds {spec.seeds} must be distinct and ≥ 0")
-    base = merge(preset_overrides(spec.base.preset, root) if spec.base.preset else [], spec.base.set)
+    try:
+        base = merge(preset_overrides(spec.base.preset, root) if spec.base.preset else [], spec.base.set)
+    except StudyError as e:
+        raise StudyError(f"{path}: base: {e}") from None
     for where, overrides in [("base", base)] + [(f"experiment {e}", o) for e, o in spec.experiments.items()]:
         for o in overrides:
             if "=" not in o or _key(o).startswith(("+", "~")) or not _key(o):

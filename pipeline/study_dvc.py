@@ -140,7 +140,8 @@ class Follower:
         self.state = dict.fromkeys(entries, "queued")
         self.offset = dict.fromkeys(entries, 0)
         self.ran: dict[str, list[str]] = {n: [] for n in entries}
-        self.cached: dict[str, list[str]] = {n: [] for n in entries}
+        self.cached: dict[str, list[str]] = {n: [] for n in entries}  # restored from DVC's run-cache
+        self.unchanged: dict[str, list[str]] = {n: [] for n in entries}  # up to date in the baseline commit
         self.began: dict[str, float] = {}
         self.took: dict[str, float] = {}
         self.errors: dict[str, list[str]] = {}  # its error lines: the stage's own (error: ...), DVC's (ERROR: ...)
@@ -170,6 +171,9 @@ class Follower:
             elif m := CACHED.search(line):
                 self.cached[name].append(m[1])
                 self.say(f"{name}: stage {m[1]} restored from the run-cache")
+            elif m := UNCHANGED.search(line):
+                self.unchanged[name].append(m[1])
+                self.say(f"{name}: stage {m[1]} unchanged from the baseline commit")
             elif ESTIMATE.match(line):
                 self.say(f"{name}: {line}")
             elif ERROR.match(line):
@@ -199,7 +203,8 @@ class Follower:
 
     def stage_counts(self, name: str) -> str:
         ran = [s for s in self.ran[name] if s not in ("check", "log")]  # check and log run every time
-        return f"{len(ran)} stages ran, {len(self.cached[name])} restored from the run-cache"
+        return (f"{len(ran)} stages ran, {len(self.cached[name])} restored from the run-cache"
+                + (f", {len(self.unchanged[name])} unchanged" if self.unchanged[name] else ""))
 
     def finished(self) -> bool:
         return all(s in ("success", "failed") for s in self.state.values())
@@ -228,8 +233,9 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
     ensure_database(tracking_uri, experiment)  # once, before parallel stages would create it at once
     for i, r in enumerate(todo, 1):
         queue(r)
-        print(f"  queued {r.name} ({i}/{len(todo)}): -S {' -S '.join(study.experiments[r.experiment]) or '(the base)'}"
-              f", seed {r.seed}", flush=True)
+        own = study.experiments[r.experiment]
+        print(f"  queued {r.name} ({i}/{len(todo)}): {'-S ' + ' -S '.join(own) if own else 'the base'}, seed {r.seed}",
+              flush=True)
     names = [r.name for r in todo + adopted]
     entries = {n: rev for n, rev in pending().items() if n in names}
     missing = [n for n in names if n not in entries]

@@ -364,13 +364,14 @@ MLFLOW_EXPERIMENT = typer.Option("ddpm", envvar="MLFLOW_EXPERIMENT_NAME", help="
 def study_run(study: Path = STUDY_FILE,
               jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="queue workers running experiments at once"),
               poll: float = typer.Option(10.0, min=0.1, help="seconds between looks at the queue"),
+              dry: bool = typer.Option(False, "--dry", help="say what is done and what would be queued; queue nothing"),
               tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
     """Queue every experiment × seed of the study that no experiment has done yet (the same params and
     code) with `dvc exp run --queue`, run the queue with -j workers and follow it. Every run's params pass
     the check stage's checks first; a bad study file is one line and queues nothing."""
     from pipeline import study as command
 
-    command.run_main(study, jobs, poll, tracking_uri, experiment)
+    command.run_main(study, jobs, poll, tracking_uri, experiment, dry)
 
 
 @study_app.command(name="report")

@@ -34,6 +34,7 @@ The metrics a claim can name, and where ``compare``'s reader has them, are ``CEL
 import json
 import math
 import re
+import shlex
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -366,21 +367,36 @@ def match(study: Study, exp_show: list, same_code) -> dict[str, tuple[str, str, 
     return found
 
 
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
+def baselines(exp_show: list) -> dict[str, str]:
+    """Experiment rev → the commit it was run on, from dvc exp show's nesting (commits hold their experiments)."""
+    out = {}
+    for commit in exp_show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                out[rev.get("rev")] = commit.get("rev")
+    return out
+
+
 def row(name: str, rev: str, data: dict) -> dict | None:
     """One run's row, as ``compare``'s reader has it (None when it has no FID metrics)."""
     rows = compare.experiment_rows([{"name": name, "rev": rev, "data": data}], [])
     return rows[0] if rows else None
 
 
-def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str) -> None:
+def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str,
+             dry: bool = False) -> None:
     from pipeline import study_dvc
 
     study = load(study_path)
     done = match(study, study_dvc.exp_show(), study_dvc.same_code_check())
     pending = study_dvc.pending()
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
-    print(f"study {study.name}: {len(study.runs)} runs ({len(study.experiments)} experiments × "
-          f"{len(study.seeds)} seeds): {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
+    print(f"study {study.name}: {plural(len(study.runs), 'run')} ({plural(len(study.experiments), 'experiment')} × "
+          f"{plural(len(study.seeds), 'seed')}): {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
           f"running, {len(todo)} to queue", flush=True)
     for r in study.runs:
         if r.name in done:
@@ -388,6 +404,11 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
             print(f"  {r.name}: done (DVC experiment {name}, {rev[:7]})")
     if not todo and not any(r.name in pending for r in study.runs):
         print(f"study {study.name}: nothing to run")
+        return
+    if dry:
+        for r in todo:
+            print(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
+                  + shlex.join(a for o in r.overrides for a in ("-S", o)))
         return
     study_dvc.run(study, todo, [r for r in study.runs if r.name in pending], jobs, poll, tracking_uri, experiment)
 
@@ -402,8 +423,11 @@ def report_main(study_path: Path, out_dir: Path, readme: Path | None, tracking_u
     check_writable(*study_report.outputs(study.name, out_dir))
     exp_show = study_dvc.exp_show()
     done = match(study, exp_show, study_dvc.same_code_check())
+    if not done:
+        raise StudyError(f"no run of study {study.name} is done (none has its params and today's code): "
+                         f"python -m pipeline study run {study_path.as_posix()}")
     rows = {name: row(*found) for name, found in done.items()}
-    doc = study_report.document(study, done, rows)
+    doc = study_report.document(study, done, rows, baselines(exp_show))
     paths = study_report.write(doc, out_dir)
     for line in study_report.summary(doc):
         print(line)

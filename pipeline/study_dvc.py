@@ -226,10 +226,13 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
         experiment: str = "ddpm") -> None:
     """Queue ``todo``, start ``jobs`` workers and follow the queue until ``todo`` and ``adopted`` (runs
     already queued or running) are done; raises naming each run that failed."""
+    from pipeline.study import plural
     from pipeline.study_mlflow import ensure_database
 
     if jobs < 1:
         raise InputError(f"--jobs must be at least 1, got {jobs}")
+    # DVC's workers start `dvc`, and the stages `python`, from PATH: this interpreter's environment, as `make` does
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     ensure_database(tracking_uri, experiment)  # once, before parallel stages would create it at once
     for i, r in enumerate(todo, 1):
         queue(r)
@@ -242,11 +245,11 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
     if missing:
         raise ExternalError(f"queued experiments {', '.join(missing)} are not in DVC's queue (dvc queue status)")
     follower = Follower({n: entries[n] for n in names}, echo=lambda s: print(s, flush=True))
-    idle = 0
+    idle = restarts = 0
     try:
         with _repo() as repo:
             repo.experiments.celery_queue.start_workers(jobs)
-        print(f"study {study.name}: {len(names)} runs in DVC's queue, {jobs} worker{'s' * (jobs > 1)} "
+        print(f"study {study.name}: {plural(len(names), 'run')} in DVC's queue, {jobs} worker{'s' * (jobs > 1)} "
               "(dvc queue status; dvc queue logs NAME)", flush=True)
         while not follower.finished():
             time.sleep(poll)
@@ -255,10 +258,15 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
                 states, logs = _states(q)
                 follower.update(states, logs)
                 waiting = any(follower.state[n] == "queued" for n in names)
-                idle = idle + 1 if waiting and "running" not in states.values() else 0
+                running = "running" in states.values()
+                idle = idle + 1 if waiting and not running else 0
+                restarts = 0 if running else restarts
                 if idle >= 3:  # workers stop when idle: start them again for what waits
+                    if restarts >= 5:
+                        raise ExternalError("DVC's queue workers do not start: runs wait in the queue and none "
+                                            "runs (dvc queue status; the worker logs: .dvc/tmp/exps/celery/*.out)")
                     q.start_workers(jobs)
-                    idle = 0
+                    idle, restarts = 0, restarts + 1
     except KeyboardInterrupt:
         left = [n for n in names if follower.state[n] in ("queued", "running")]
         print(f"\nstudy run: stopped following; {len(left)} runs go on in DVC's queue (dvc queue status, "
@@ -269,7 +277,7 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
     whole = [n for n in names if follower.state[n] == "success" and not [s for s in follower.ran[n]
                                                                          if s not in ("check", "log")]]
     some = [n for n in names if follower.cached[n]]
-    print(f"study {study.name}: {len(names) - len(failed)} of {len(names)} runs done in {format_seconds(total)}; "
+    print(f"study {study.name}: {len(names) - len(failed)} of {plural(len(names), 'run')} done in {format_seconds(total)}; "
           f"the run-cache restored stages of {len(some)} of them and every stage of {len(whole)}", flush=True)
     if failed:
         raise ExternalError(f"{len(failed)} of {len(names)} experiments failed: "

@@ -34,13 +34,15 @@ def _stats(values: list[float]) -> dict:
     return {"mean": ms[0] if ms else None, "std": ms[1] if ms else None, "n": len(values), "values": values}
 
 
-def document(study: Study, done: dict, rows: dict, commit: str | None = None, date: str | None = None) -> dict:
-    """Everything the report shows, as plain data (also its JSON)."""
+def document(study: Study, done: dict, rows: dict, baselines: dict | None = None, commit: str | None = None,
+             date: str | None = None) -> dict:
+    """Everything the report shows, as plain data (also its JSON). ``baselines``: experiment rev → its commit."""
     runs = []
     for r in study.runs:
         name, rev, _ = done.get(r.name, (None, None, None))
         row = rows.get(r.name)
         runs.append({"name": r.name, "experiment": r.experiment, "seed": r.seed, "dvc_experiment": name, "rev": rev,
+                     "baseline": (baselines or {}).get(rev, rev),
                      "values": {m: value(row, m) for m in study.metrics(r.experiment)} if row else {}})
     experiments = []
     for e, own in study.experiments.items():
@@ -135,8 +137,11 @@ def verdict_table(doc: dict) -> list[str]:
 def provenance(doc: dict) -> str:
     n_exp = len(doc["experiments"])
     found = len(doc["runs"]) - len(doc["missing"])
+    commits = sorted({r["baseline"][:7] for r in doc["runs"] if r.get("baseline")})
+    when = (f"run and reported on commit {commits[0]}" if commits == [doc["commit"][:7]] else
+            f"run on commit {', '.join(commits)}, reported on commit {doc['commit'][:7]} with the same code")
     return (f"{found} of {len(doc['runs'])} runs ({n_exp} experiments × seeds {', '.join(map(str, doc['seeds']))}) "
-            f"on {base_text(doc)}, code of commit {doc['commit'][:7]}, reported {doc['date']}"
+            f"on {base_text(doc)}, {when}, {doc['date']}"
             + (f"; missing: {', '.join(doc['missing'])}" if doc["missing"] else ""))
 
 

@@ -130,8 +130,11 @@ def test_a_bad_study_file_is_one_line_and_queues_nothing(repo, text, naming):
     assert "queued" not in r.stdout
 
 
-def test_nothing_was_queued_by_the_bad_files(repo):
+def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
     root, env = repo
+    out = study(root, env, "run", "studies/tiny.yaml", "--dry")
+    assert "0 done, 0 queued or running, 4 to queue" in out and out.count("would queue: dvc exp run --queue") == 4, out
+    assert "-n tiny-cosine-1 -S 'sample.samplers=[ddpm,ddim]' -S 'sample.steps=[3]' -S schedule=cosine -S seed=1" in out
     assert "Queued" not in queue_status(root, env) and not experiments(root, env)
 
 
@@ -246,6 +249,20 @@ def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypat
     assert "tiny-cosine-1: stage train restored from the run-cache" in out, out
     assert "2 of 2 runs done" in out and "every stage of 2" in out, out
     assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
+
+
+def test_a_run_that_fails_is_named_with_its_error(repo):
+    """A value the check stage accepts that makes training diverge: the run fails in DVC's queue."""
+    root, env = repo
+    (root / "studies/fails.yaml").write_text("base:\n  set: ['sample.samplers=[ddpm]', 'sample.steps=[3]']\n"
+                                              "experiments:\n  boom: [train.lr=1.0e+30]\nseeds: [0]\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "study", "run", "studies/fails.yaml", "--poll", "1"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr
+    diverged = r"became (non-finite|nan|inf)"
+    assert "fails-boom-0: FAILED (error: " in r.stdout and re.search(diverged, r.stdout), r.stdout
+    assert r.stderr.startswith("error: 1 of 1 experiments failed: fails-boom-0 (error: ") \
+        and re.search(diverged, r.stderr) and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_a_follower_names_the_experiment_that_failed(tmp_path):

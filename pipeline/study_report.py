@@ -9,6 +9,7 @@ section is the claims' ``notes`` in the study file, for the verdict the report r
 import datetime
 import html
 import re
+import shlex
 from pathlib import Path
 
 from pipeline import compare, verdicts
@@ -103,9 +104,15 @@ def difference(c: dict) -> str:
     return f"{signed(m, c['difference'], half)} [{signed(m, c['low'], half)}, {signed(m, c['high'], half)}]"
 
 
+def sets(overrides: list[str]) -> str:
+    """``-S a=1 -S 'b=[1,2]'``, quoted as a shell needs it."""
+    return shlex.join(a for o in overrides for a in ("-S", o))
+
+
 def base_text(doc: dict) -> str:
-    parts = ([f"the {doc['preset']} preset (`{doc['preset'].upper()}_PRESET` in the Makefile)"] if doc["preset"] else [])
-    parts += [f"`-S {' -S '.join(doc['base_set'])}`"] if doc["base_set"] else []
+    parts = ([f"the {doc['preset'].upper()} preset (`{doc['preset'].upper()}_PRESET` in the Makefile)"]
+             if doc["preset"] else [])
+    parts += [f"`{sets(doc['base_set'])}`"] if doc["base_set"] else []
     return " with ".join(parts) or "params.yaml as it is"
 
 
@@ -117,7 +124,7 @@ def mean_table(doc: dict) -> list[str]:
     cols = _columns(doc)
     lines = ["| experiment (-S) | n | " + " | ".join(label(m) for m in cols) + " |", "|---|---:|" + "---:|" * len(cols)]
     for e in doc["experiments"]:
-        own = f"`-S {' -S '.join(e['overrides'])}`" if e["overrides"] else "the base"
+        own = f"`{sets(e['overrides'])}`" if e["overrides"] else "the base"
         cells = []
         for m in cols:
             s = e["stats"].get(m)
@@ -200,12 +207,13 @@ def render_html(doc: dict, figure: Path) -> str:
 
 
 def plot(doc: dict, figure: Path) -> None:
-    """One panel per experiment: FID against sampling steps, a line per sampler, error bars ± std."""
+    """One panel per experiment (each its own FID scale): FID against sampling steps, a line per sampler,
+    error bars ± std."""
     from pipeline.report import _plt, _save
 
     plt = _plt()
     panels = doc["experiments"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.8), dpi=120, sharey=True,
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.8), dpi=120,
                              squeeze=False)
     for ax, e in zip(axes[0], panels):
         by_sampler: dict[str, list] = {}
@@ -263,8 +271,8 @@ def markers(name: str) -> tuple[str, str]:
 
 def render_readme(doc: dict, command: str, report: str) -> str:
     """The README's section of the study: its provenance, the verdicts with their notes, the means."""
-    lines = [f"Computed, not typed: `python -m pipeline study run {doc['path']}` and `{command}` ({provenance(doc)}; "
-             f"the full report with the figure: `{report}`). {METHOD}", ""]
+    lines = [f"Computed, not typed, by `python -m pipeline study run {doc['path']}` and `{command}`: "
+             f"{provenance(doc)}. The full report, with the figure: `{report}`. {METHOD}", ""]
     for c in doc["claims"]:
         lines.append(f"- **{c['says']} ({c['source']}): {c['verdict']}.** `{c['text']}`: difference "
                      f"{difference(c)}, n = {c['n_left']} + {c['n_right']}." + (f" {c['note']}" if c["note"] else ""))

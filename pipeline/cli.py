@@ -351,6 +351,44 @@ def exp_run(ctx: typer.Context):
     sys.exit(command.main(list(ctx.args)))
 
 
+study_app = typer.Typer(no_args_is_help=True, help="A study: experiments × seeds as DVC experiments, and claims about "
+                                                      "them judged over the seeds (see pipeline/study.py). Not a DVC stage.")
+app.add_typer(study_app, name="study")
+STUDY_FILE = typer.Argument(..., help="the study file, e.g. studies/papers.yaml")
+TRACKING_URI = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="default: sqlite:///<repo root>/mlflow.db")
+MLFLOW_EXPERIMENT = typer.Option("ddpm", envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name")
+
+
+@study_app.command(name="run")
+@clear_errors
+def study_run(study: Path = STUDY_FILE,
+              jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="queue workers running experiments at once"),
+              poll: float = typer.Option(10.0, min=0.1, help="seconds between looks at the queue"),
+              dry: bool = typer.Option(False, "--dry", help="say what is done and what would be queued; queue nothing"),
+              tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
+    """Queue every experiment × seed of the study that no experiment has done yet (the same params and
+    code) with `dvc exp run --queue`, run the queue with -j workers and follow it. Every run's params pass
+    the check stage's checks first; a bad study file is one line and queues nothing."""
+    from pipeline import study as command
+
+    command.run_main(study, jobs, poll, tracking_uri, experiment, dry)
+
+
+@study_app.command(name="report")
+@clear_errors
+def study_report(study: Path = STUDY_FILE,
+                 out: Path = typer.Option(Path("reports"), help="folder of study-<name>.{md,html,json} and the figure"),
+                 readme: Path = typer.Option(None, help="also regenerate the study's section of this file "
+                                                        "(between its '<!-- study <name>: begin' and end lines)"),
+                 tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
+    """Mean ± std per experiment and cell, each claim's difference of means with its 95% Welch interval and
+    verdict (holds, reversed, not established), FID vs steps with error bars; logged to MLflow as one
+    parent run holding the experiments' runs."""
+    from pipeline import study as command
+
+    command.report_main(study, out, readme, tracking_uri, experiment)
+
+
 @app.command()
 @clear_errors
 def export(checkpoint: Path = typer.Option(Path("models/model.pt"), help="a checkpoint the train stage wrote"),

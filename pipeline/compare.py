@@ -42,9 +42,10 @@ BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
 COMMITS = {"head": False, "all": True}  # experiments of HEAD, or of every commit (all_commits)
 
 
-def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
+def dvc_exp_show(commits: str = "head", cwd: Path | None = None, revs: list[str] | None = None) -> list:
     """The repository's experiments as ``dvc exp show --json`` gives them (the workspace, HEAD
-    and its experiments for ``commits="head"``, every commit's for ``"all"``), read in-process
+    and its experiments for ``commits="head"``, every commit's for ``"all"``, those of the commits
+    ``revs`` when given: ``dvc exp show --rev ...``), read in-process
     through DVC's Python API: ``Repo.experiments.show``, on which both ``dvc exp show`` and
     ``dvc.api.exp_show`` are built, serialised as the CLI does. (``dvc.api.exp_show`` itself
     flattens this into one table row per experiment whose columns drop the file wherever a
@@ -63,7 +64,7 @@ def dvc_exp_show(commits: str = "head", cwd: Path | None = None) -> list:
 
     try:
         with Repo.open(str(cwd) if cwd is not None else None) as repo:
-            exps = repo.experiments.show(all_commits=COMMITS[commits])
+            exps = repo.experiments.show(all_commits=COMMITS[commits] and not revs, revs=revs or None)
             return json.loads(json.dumps([exp.dumpd() for exp in exps], default=default))
     except DvcException as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__

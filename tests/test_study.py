@@ -1,0 +1,283 @@
+"""`python -m pipeline study run|report` on a real tiny DVC repository: a study of 2 experiments ×
+2 seeds runs through DVC's queue and is reported with its verdicts (checked against the experiments
+as `dvc exp show` has them and against scipy); a second `study run` does nothing, also after a
+commit that changed no code; a run lost after an interruption is all that runs again, restored
+from DVC's run-cache; a bad study file is one line and queues nothing."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from scipy import stats
+from test_e2e import sh
+from tiny import cli
+
+from helpers import REPO, tiny_params
+
+TINY = """
+description: A tiny study of the tests.
+base:
+  set: ['sample.samplers=[ddpm,ddim]', 'sample.steps=[3]']
+seeds: [0, 1]
+experiments:
+  baseline: []
+  cosine: [schedule=cosine]
+claims:
+  ddim:
+    source: Song et al. 2021
+    says: DDIM beats DDPM at 3 steps
+    within: baseline
+    compare: fid.ddim.3 < fid.ddpm.3
+    notes:
+      holds: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
+      reversed: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
+      not established: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
+  cosine:
+    source: Nichol & Dhariwal 2021
+    says: cosine at least as good as linear on bits/dim
+    metric: nll.bits_per_dim
+    compare: cosine <= baseline
+"""
+NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-cosine-0", "tiny-cosine-1"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory, idx_dir):
+    root = tmp_path_factory.mktemp("study") / "repo"
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    for f in tracked:
+        if (REPO / f).is_file() and not f.startswith("tests/"):
+            (root / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, root / f)
+    p = tiny_params(idx_dir)
+    p["timesteps"] = 100  # the bound of the nll stage: T network passes
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    (root / "studies/tiny.yaml").write_text(TINY)
+    (root / "NOTES.md").write_text("# Notes\n\nbefore\n\n<!-- study tiny: begin -->\ntyped by hand\n"
+                                   "<!-- study tiny: end -->\n\nafter\n")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+           "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PYTHONPATH", None)  # the copy's own ddpm and pipeline (the working directory comes first)
+    sh(["git", "init", "-q"], root, env)
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "tiny"], root, env)
+    return root, env
+
+
+def study(root, env, *args, timeout=1500):
+    r = subprocess.run([sys.executable, "-m", "pipeline", "study", *args], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout
+
+
+def queue_status(root, env) -> str:
+    return sh(["dvc", "queue", "status"], root, env)
+
+
+def experiments(root, env) -> dict[str, dict]:
+    """Name → {params, metrics} of every experiment, read from `dvc exp show --json` here, not by the code under test."""
+    show = json.loads(sh(["dvc", "exp", "show", "--json", "-A"], root, env))
+    out = {}
+    for commit in show:
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                out[rev["name"]] = {"params": data["params"]["params.yaml"]["data"],
+                                    "fid": data["metrics"]["metrics/fid.json"]["data"]["fid"],
+                                    "bpd": data["metrics"]["metrics/nll.json"]["data"]["bits_per_dim"]}
+    return out
+
+
+BAD = [
+    ("experiments:\n  baseline: []\n  a: [schedul=cosine]\nseeds: [0]\n",
+     "experiment a: unknown param key 'schedul'"),
+    ("experiments:\n  a: [schedule=cosinus]\nseeds: [0]\n", "experiment a (seed 0): invalid params"),
+    ("experiments:\n  a: []\n  b: [schedule=cosine]\nseeds: [0]\nclaims:\n  c:\n    source: x\n    says: y\n"
+     "    metric: nll.bits_per_dim\n    compare: b <= nope\n", "claim c: experiment 'nope' is not in the study"),
+    ("experiments:\n  a: []\nseeds: [0]\nclaims:\n  c:\n    source: x\n    says: y\n    within: a\n"
+     "    compare: fid.ddim.7 < fid.ddpm.3\n", "claim c: unknown metric 'fid.ddim.7'"),
+    ("experiments:\n  a: []\nseeds: [0]\nclaims:\n  c:\n    source: x\n    says: y\n    within: a\n"
+     "    compare: fid.ddim.2 < nll.bpd\n", "claim c: unknown metric 'nll.bpd'"),
+    ("experiments:\n  a: []\n  b: []\nseeds: [0]\nclaims:\n  c:\n    source: x\n    says: y\n    metric: fid.best\n"
+     "    compare: a < b\n    notes:\n      holds: '{c fid.best}'\n", "note 'holds' names experiment 'c'"),
+    ("experiments:\n  a: [seed=3]\nseeds: [0]\n", "experiment a sets seed"),
+    ("experiments:\n  a: []\nseeds: []\n", "seeds: List should have at least 1 item"),
+    ("base:\n  preset: gpu\nexperiments:\n  a: []\nseeds: [0]\n", "unknown preset 'gpu'"),
+]
+
+
+@pytest.mark.parametrize("text, naming", BAD)
+def test_a_bad_study_file_is_one_line_and_queues_nothing(repo, text, naming):
+    root, env = repo
+    (root / "studies/bad.yaml").write_text(text)
+    try:
+        r = cli(root, "study", "run", "studies/bad.yaml")
+    finally:
+        (root / "studies/bad.yaml").unlink()
+    assert r.exit_code == 1, r.output
+    assert r.stderr.startswith("error: studies/bad.yaml") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert naming in r.stderr, r.stderr
+    assert "queued" not in r.stdout
+
+
+def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
+    root, env = repo
+    out = study(root, env, "run", "studies/tiny.yaml", "--dry")
+    assert "0 done, 0 queued or running, 4 to queue" in out and out.count("would queue: dvc exp run --queue") == 4, out
+    assert "-n tiny-cosine-1 -S 'sample.samplers=[ddpm,ddim]' -S 'sample.steps=[3]' -S schedule=cosine -S seed=1" in out
+    assert "Queued" not in queue_status(root, env) and not experiments(root, env)
+
+
+def test_the_cpu_preset_is_read_from_the_makefile():
+    from pipeline.study import StudyError, preset_overrides
+
+    values = preset_overrides("cpu", REPO)
+    text = (REPO / "Makefile").read_text()
+    assert len(values) == re.search(r"CPU_PRESET :=(.*?)\n\n", text, re.S)[1].count("-S ")
+    assert {"prediction=v", "model.attn_resolutions=[7]", "sample.steps=[10,20]"} <= set(values)
+    with pytest.raises(StudyError, match="unknown preset 'gpu'"):
+        preset_overrides("gpu", REPO)
+
+
+def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
+    root, env = repo
+    out = study(root, env, "run", "studies/tiny.yaml", "-j", "1", "--poll", "1")
+    assert "study tiny: 4 runs (2 experiments × 2 seeds): 0 done, 0 queued or running, 4 to queue" in out, out
+    assert all(f"queued {n}" in out and f"{n}: done in" in out for n in NAMES), out
+    assert "tiny-baseline-1: stage prepare restored from the run-cache" in out  # shared stages: DVC's run-cache
+    assert "tiny-baseline-1: running stage train" in out and "[4/4]" in out
+    assert "study tiny: 4 of 4 runs done in" in out, out
+    exps = experiments(root, env)
+    assert set(exps) == set(NAMES), exps
+    assert [(exps[n]["params"]["schedule"], exps[n]["params"]["seed"]) for n in NAMES] == \
+        [("linear", 0), ("linear", 1), ("cosine", 0), ("cosine", 1)]
+    assert all(exps[n]["params"]["sample"]["samplers"] == ["ddpm", "ddim"] for n in NAMES)
+
+    out = study(root, env, "report", "studies/tiny.yaml", "--readme", "NOTES.md")
+    doc = json.loads((root / "reports/study-tiny.json").read_text())
+    assert doc["missing"] == [] and [r["dvc_experiment"] for r in doc["runs"]] == NAMES
+    ddim = [exps[n]["fid"]["ddim"]["3"] for n in NAMES[:2]]
+    ddpm = [exps[n]["fid"]["ddpm"]["3"] for n in NAMES[:2]]
+    bpd_cos, bpd_lin = [exps[n]["bpd"] for n in NAMES[2:]], [exps[n]["bpd"] for n in NAMES[:2]]
+    for claim, left, right in ((doc["claims"][0], ddim, ddpm), (doc["claims"][1], bpd_cos, bpd_lin)):
+        ci = stats.ttest_ind(left, right, equal_var=False).confidence_interval(0.95)
+        assert claim["difference"] == pytest.approx(sum(left) / 2 - sum(right) / 2, rel=1e-9)
+        assert (claim["low"], claim["high"]) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
+        expected = ("holds" if ci.high < 0 else "reversed" if ci.low > 0 else "not established")
+        assert claim["verdict"] == expected, claim
+        assert f"  {expected:>15}: {claim['text']}" in out, out
+    baseline = next(e for e in doc["experiments"] if e["name"] == "baseline")
+    assert baseline["n"] == 2 and baseline["stats"]["fid.ddim.3"]["values"] == ddim
+
+    md = (root / "reports/study-tiny.md").read_text()
+    assert "## Verdicts" in md and "![FID vs sampling steps per experiment](study-tiny-fid.png)" in md
+    assert f"**{doc['claims'][0]['verdict']}**" in md and "| tiny-cosine-1 | cosine | 1 | tiny-cosine-1 |" in md
+    assert (root / "reports/study-tiny-fid.png").stat().st_size > 1000
+    assert "data:image/png;base64," in (root / "reports/study-tiny.html").read_text()
+    notes = (root / "NOTES.md").read_text()
+    assert notes.startswith("# Notes\n\nbefore\n\n<!-- study tiny: begin -->\n") and notes.endswith(
+        "<!-- study tiny: end -->\n\nafter\n") and "typed by hand" not in notes
+    assert "python -m pipeline study report studies/tiny.yaml --readme NOTES.md" in notes
+    assert f"**DDIM beats DDPM at 3 steps (Song et al. 2021): {doc['claims'][0]['verdict']}.**" in notes
+    assert re.search(r"DDIM \d\.\d+ ± \d\.\d+ against DDPM \d\.\d+ ± \d\.\d+\.", notes), notes  # the note, filled in
+
+    # MLflow: one parent run of the study holding the four experiments' runs of the log stage
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    parents = mlflow.search_runs(experiment_names=["ddpm"], filter_string="tags.`study.name` = 'tiny'",
+                                 output_format="list")
+    assert len(parents) == 1 and parents[0].data.tags["claim.cosine.verdict"] == doc["claims"][1]["verdict"]
+    children = mlflow.search_runs(experiment_names=["ddpm"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert sorted(c.data.tags["dvc.exp_name"] for c in children) == NAMES
+    assert "holding the runs of 4 experiments as children" in out
+    assert "already there" in study(root, env, "report", "studies/tiny.yaml")  # the same report: logged once
+
+
+def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo, monkeypatch):
+    root, env = repo
+    before = queue_status(root, env)
+    out = study(root, env, "run", "studies/tiny.yaml")
+    assert "4 done, 0 queued or running, 0 to queue" in out and "study tiny: nothing to run" in out, out
+    sh(["git", "add", "-A"], root, env)
+    sh(["git", "commit", "-qm", "the report"], root, env)
+    out = study(root, env, "run", "studies/tiny.yaml")
+    assert "4 done, 0 queued or running, 0 to queue" in out and "nothing to run" in out, out
+    assert queue_status(root, env) == before
+
+    # a code edit makes every run stale: none of them is found any more
+    from pipeline import study_dvc
+    from pipeline.study import load, match
+
+    monkeypatch.chdir(root)
+    plan = load(Path("studies/tiny.yaml"))
+    assert len(match(plan, study_dvc.exp_show(), study_dvc.same_code_check())) == 4
+    samplers = root / "ddpm/samplers.py"
+    source = samplers.read_text()
+    samplers.write_text(source + "# an edit\n")
+    try:
+        assert match(plan, study_dvc.exp_show(), study_dvc.same_code_check()) == {}
+    finally:
+        samplers.write_text(source)
+
+
+def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypatch):
+    """One run lost, one left queued (as a killed `study run` leaves it): the next `study run` queues the
+    lost one, follows the queued one, and DVC's run-cache restores every stage of both."""
+    root, env = repo
+    from pipeline.study import load
+
+    monkeypatch.chdir(root)
+    plan = {r.name: r for r in load(Path("studies/tiny.yaml")).runs}
+    sh(["dvc", "exp", "remove", "tiny-baseline-1", "tiny-cosine-1"], root, env)
+    sh(["dvc", "exp", "run", "--queue", "-n", "tiny-baseline-1",
+        *[a for o in plan["tiny-baseline-1"].overrides for a in ("-S", o)]], root, env)
+    out = study(root, env, "run", "studies/tiny.yaml", "--poll", "1")
+    assert "2 done, 1 queued or running, 1 to queue" in out and "queued tiny-cosine-1" in out, out
+    assert "queued tiny-baseline-1" not in out and "tiny-baseline-1: done in" in out, out
+    assert "tiny-cosine-1: stage train restored from the run-cache" in out, out
+    assert "2 of 2 runs done" in out and "every stage of 2" in out, out
+    assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
+
+
+def test_a_run_that_fails_is_named_with_its_error(repo):
+    """A value the check stage accepts that makes training diverge: the run fails in DVC's queue."""
+    root, env = repo
+    (root / "studies/fails.yaml").write_text("base:\n  set: ['sample.samplers=[ddpm]', 'sample.steps=[3]']\n"
+                                              "experiments:\n  boom: [train.lr=1.0e+30]\nseeds: [0]\n")
+    r = subprocess.run([sys.executable, "-m", "pipeline", "study", "run", "studies/fails.yaml", "--poll", "1"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 1, r.stdout + r.stderr
+    diverged = r"became (non-finite|nan|inf)"
+    assert "fails-boom-0: FAILED (error: " in r.stdout and re.search(diverged, r.stdout), r.stdout
+    assert r.stderr.startswith("error: 1 of 1 experiments failed: fails-boom-0 (error: ") \
+        and re.search(diverged, r.stderr) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_follower_names_the_experiment_that_failed(tmp_path):
+    from pipeline.study_dvc import Follower
+
+    log = tmp_path / "a.out"
+    log.write_text("Running stage 'check':\nStage 'prepare' is cached - skipping run, checking out outputs\n"
+                   "Running stage 'train':\nerror: training diverged at step 7 (loss nan)\n"
+                   "ERROR: failed to reproduce 'train': failed to run: python -m pipeline train, exited with 1\n")
+    lines, clock = [], iter(range(0, 1000, 5))
+    f = Follower({"s-a-0": "rev-a", "s-b-0": "rev-b"}, echo=lines.append, clock=lambda: next(clock))
+    f.update({"rev-a": "running", "rev-b": "queued"}, {"rev-a": str(log)})
+    f.update({"rev-a": "failed", "rev-b": "running"}, {"rev-a": str(log)})
+    f.update({"rev-b": "success"}, {})
+    assert any("s-a-0: stage prepare restored from the run-cache" in line for line in lines), lines
+    assert any("s-a-0: FAILED (error: training diverged at step 7 (loss nan)) [1/2]" in line for line in lines), lines
+    assert any("s-b-0: done in" in line and "[2/2]" in line for line in lines), lines
+    assert f.finished() and f.state == {"s-a-0": "failed", "s-b-0": "success"}

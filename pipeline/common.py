@@ -96,6 +96,13 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_metrics(path, obj: dict) -> None:
+    """A DVC metrics file: one block named for what it measures (``{"nll": {"bits_per_dim": …}}``, so
+    that `dvc exp show` names its columns ``nll.bits_per_dim``), keys in the order given, which is
+    the order of those columns."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -129,14 +136,16 @@ def write_image_grid(path, images: torch.Tensor, nrow: int, padding: int = 2) ->
 
 
 def read_losses(path) -> list[tuple[int, float]]:
-    """The loss curve the train stage writes (``step,loss`` CSV); [] when the file does not exist."""
+    """The loss curve the train stage writes (``step,loss,…`` CSV; the warm-up rows that hold only a
+    learning rate skipped); [] when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text().splitlines()[1:]:
         step, loss = line.split(",")[:2]
-        rows.append((int(step), float(loss)))
+        if loss:
+            rows.append((int(step), float(loss)))
     return rows
 
 
@@ -259,6 +268,11 @@ def one_line_warnings() -> None:
         return default(message, category, *args, **kwargs)
 
     warnings.formatwarning = format
+
+
+def experiment_name() -> str:
+    """The DVC experiment a stage runs in (``DVC_EXP_NAME``, set by ``dvc exp run``), else ``workspace``."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def git_revision(cwd=None) -> str:

@@ -166,7 +166,7 @@ def test_ema_sweep_and_raw_weights_never_retrain(repo, tmp_path):
     ran = stages_run(sh(["dvc", "exp", "run", "-S", "ema.sigma_rel=0.07"], root, env))
     cells = {"sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3"}
     assert ran == {"check", "ema", *cells, "nll", "denoise", "report", "log"}, ran
-    ema = json.loads((root / "metrics/ema.json").read_text())
+    ema = json.loads((root / "metrics/ema.json").read_text())["average"]
     assert ema["source"] == "posthoc" and ema["sigma_rel"] == 0.07 and ema["snapshots"] == 6  # 3 steps × 2 profiles
     assert (root / "plots/fid_vs_sigma_rel.csv").read_text().splitlines()[1].startswith("ddpm,3,0.07,")
     # the raw weights: a sampling-time choice

@@ -13,10 +13,11 @@ revision, the date, the key params) and what came out (best FID and the real-dat
 bits/dim from `nll`, the denoising MSE from `denoise`, the extractor's test accuracy, which
 weights the cells sampled), the FID table (rows = sampler, columns = steps, as in the DDIM
 paper's Table 1), KID / precision / recall / Inception Score tables with their units, the
-figures, and per cell the sample grid and the denoising strip. Samplers whose cells scored
-exactly the same at every step count (DDIM with η = 0 and Euler, one ODE step rule written
-twice) are one line of the FID figure, labelled ``ddim = euler``, and so in the CSV's
-``line`` column, which the DVC template colours by.
+figures, and per cell the sample grid and the denoising strip. Samplers whose samples are the
+same images up to rounding at every step count (no pixel more than one grey level apart:
+DDIM with η = 0 and Euler, one ODE step rule written twice) are one line of the FID figure,
+labelled ``ddim ≈ euler``, and so in the CSV's ``line`` column, which the DVC template colours
+by; the header says how many pixels differ.
 
 It also states which weights the cells sampled (``sample.weights``, from each cell's
 ``info.json``) and which average they are (``metrics/ema.json`` of the `ema` stage), and
@@ -65,8 +66,7 @@ TABLES = [("fid", "FID", "{:.2f}", "lower is better",
            "exp(E KL(p(y|x) ‖ p(y))) from the extractor's class probabilities: 1 to the number of classes."),
           ("class_accuracy", "Class accuracy", "{:.3f}", "higher is better",
            "Share of samples the pipeline's classifier assigns to the class they were drawn for, 0 to 1.")]
-# the scores of a cell: two samplers whose cells have all of them equal at every step count drew the same images
-SCORES = ("fid", "kid_mean", "kid_std", "precision", "recall", "f_score", "isc_mean", "isc_std", "class_accuracy")
+ROUNDING = 1  # grey levels: samples no further apart than this, pixel by pixel, are the same images up to rounding
 
 # the guidance sweep's columns: (key in a cell's metrics, title, format)
 SWEEP = [("fid", "FID", "{:.2f}"), ("class_accuracy", "class accuracy", "{:.3f}"),
@@ -89,23 +89,51 @@ def _plt():
     return plt
 
 
-def same_lines(cells: dict, samplers: list[str], steps: list[int]) -> dict[str, str]:
-    """{sampler: the label of its line}: samplers whose cells have every score equal at every step count
-    (``SCORES``: the same images, e.g. DDIM with η = 0 and Euler) share one line, ``"ddim = euler"``."""
-    groups: dict[str, list[str]] = {}
+def same_lines(samples_dir: Path, samplers: list[str], steps: list[int]) -> tuple[dict[str, str], dict[str, float]]:
+    """({sampler: the label of its line}, {label: the largest share of pixels that differ at a step count}):
+    samplers whose samples (``<samples_dir>/<sampler>-<steps>/samples.pt``) are the same images up to
+    rounding at every step count (no pixel more than ROUNDING grey levels apart; DDIM with η = 0 and Euler)
+    share one line, labelled ``"ddim ≈ euler"``. Without the samples files every sampler is a line."""
+    import torch
+
+    loaded: dict = {}
+
+    def images(s: str, k: int):
+        if (s, k) not in loaded:
+            path = samples_dir / f"{s}-{k}" / "samples.pt"
+            loaded[s, k] = torch.load(path, weights_only=True)["images"] if path.is_file() else None
+        return loaded[s, k]
+
+    def apart(a: str, b: str) -> float | None:
+        """The largest share of differing pixels over the step counts; None when not the same up to rounding."""
+        shares = []
+        for k in steps:
+            x, y = images(a, k), images(b, k)
+            if x is None or y is None or x.shape != y.shape or (x.int() - y.int()).abs().max() > ROUNDING:
+                return None
+            shares.append((x != y).float().mean().item())
+        return max(shares)
+
+    groups: list[tuple[list[str], list[float]]] = []
     for s in samplers:
-        scores = [[cells[s, k].get(key) for key in SCORES] for k in steps]
-        groups.setdefault(repr(scores), []).append(s)
-    return {s: " = ".join(members) for members in groups.values() for s in members}
+        for members, shares in groups:
+            if (share := apart(members[0], s)) is not None:
+                members.append(s)
+                shares.append(share)
+                break
+        else:
+            groups.append(([s], []))
+    labels = {s: " ≈ ".join(members) for members, _ in groups for s in members}
+    return labels, {" ≈ ".join(m): max(shares) for m, shares in groups if shares}
 
 
-def plot_fid(cells: dict, samplers: list[str], steps: list[int], figure: Path) -> None:
-    """One line per sampler; samplers with identical cells (``same_lines``) one line labelled with all of them."""
+def plot_fid(cells: dict, samplers: list[str], steps: list[int], figure: Path, lines: dict[str, str]) -> None:
+    """One line per sampler; samplers with the same images (``lines``, from ``same_lines``) one line labelled
+    with all of them."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    lines = same_lines(cells, samplers, steps)
     for label in dict.fromkeys(lines[s] for s in samplers):
-        s = label.split(" = ")[0]
+        s = label.split(" ≈ ")[0]
         ax.plot(steps, [cells[s, k]["fid"] for k in steps], marker="o", label=label)
     ax.set(xscale="log", xlabel="sampling steps", ylabel="FID (lower is better)", title="FID vs sampling steps")
     ax.set_xticks(steps, [str(k) for k in steps])
@@ -195,9 +223,11 @@ def summary(doc: dict) -> list[tuple[str, str]]:
     items.append(("Feature extractor", f"{doc['extractor']}{accuracy}; {doc['num_samples']} samples per cell, "
                                        f"{doc['reference_images']} reference images"))
     items.append(("Weights", doc["weights"]))
-    for label in doc["same"]:
-        items.append(("Identical samplers", f"{label}: every score equal at every step count, so the same "
-                                            "images; one line in the FID figure, labelled so"))
+    for label, share in doc["same"]:
+        items.append(("Same images", f"{label}: at every step count the same images up to rounding (no pixel more "
+                                     f"than {ROUNDING} grey level apart, {share:.4%} of pixels differ at most), so "
+                                     "the same scores but for the last digits; one line in the FID figure, "
+                                     "labelled so"))
     return items
 
 
@@ -353,9 +383,8 @@ def collect_metrics(cells: dict, guided: dict, samplers: list[str], steps: list[
     return {"best": {"fid": cells[best]["fid"], "sampler": best[0], "steps": best[1]}, "fid": fid}
 
 
-def write_fid_csv(path: Path, cells: dict, samplers: list[str], steps: list[int]) -> None:
+def write_fid_csv(path: Path, cells: dict, samplers: list[str], steps: list[int], lines: dict[str, str]) -> None:
     """One row per cell: every score that all cells have, and the line it is drawn on (``same_lines``)."""
-    lines = same_lines(cells, samplers, steps)
     columns = [c for c in ("fid", "kid_mean", "precision", "recall", "isc_mean", "class_accuracy")
                if all(c in v for v in cells.values())]
     write_csv(path, ["sampler", "steps", *columns, "line"],
@@ -368,9 +397,10 @@ def write_sweep_csv(path: Path, sweep: list[dict]) -> None:
 
 
 def plot_figures(cells: dict, samplers: list[str], steps: list[int], sweep: list[dict], conditional: bool,
-                 figure: Path, sweep_figure: Path | None, loss_csv: Path, loss_figure: Path) -> list[tuple]:
+                 figure: Path, sweep_figure: Path | None, loss_csv: Path, loss_figure: Path,
+                 lines: dict[str, str]) -> list[tuple]:
     """Draw FID vs steps, the guidance sweep (or precision vs recall) and the loss curve: [(title, path)]."""
-    plot_fid(cells, samplers, steps, figure)
+    plot_fid(cells, samplers, steps, figure, lines)
     figures = [("FID vs sampling steps", figure)]
     if sweep_figure is not None:
         plot_sweep(sweep, sweep_figure)
@@ -393,11 +423,11 @@ def run_record() -> dict:
 
 
 def identical_note(label: str, infos: dict) -> str:
-    """``label`` (``ddim = euler``), with the reason when it is DDIM with η = 0 and Euler (from the cells'
+    """``label`` (``ddim ≈ euler``), with the reason when it is DDIM with η = 0 and Euler (from the cells'
     info.json, ``infos[sampler, steps]``)."""
     by_sampler = {s: info for (s, _), info in infos.items()}
     kinds = {(by_sampler.get(s) or {}).get("kind"): (by_sampler.get(s) or {}).get("options") or {}
-             for s in label.split(" = ")}
+             for s in label.split(" ≈ ")}
     if set(kinds) == {"ddim", "euler"} and kinds["ddim"].get("eta") == 0:
         return f"{label} (Euler on the probability-flow ODE is DDIM with η = 0)"
     return label
@@ -405,20 +435,19 @@ def identical_note(label: str, infos: dict) -> str:
 
 def report_doc(cells: dict, best: tuple, samplers: list[str], steps: list[int], guidance: list[str], *,
                accuracy: float | None, figures: list, inputs: dict, infos: dict, sweep: list[dict],
-               conditional: bool, samples_dir: Path) -> dict:
+               conditional: bool, samples_dir: Path, same: dict[str, float]) -> dict:
     """What the markdown and the HTML report show (``render_markdown``, ``render_html``)."""
     sweep_table = None
     if conditional:
         sweep_table = (["cell", "guidance", "w", *(title for _, title, _ in SWEEP)],
                        [[r["cell"], r["guidance"], f"{r['w']:g}", *(fmt.format(r[key]) for key, _, fmt in SWEEP)]
                         for r in sweep])
-    lines = same_lines(cells, samplers, steps)
     return {"steps": steps, "extractor": cells[best]["extractor"], "num_samples": cells[best]["num_samples"],
             "reference_images": cells[best].get("reference_images", "?"), "classifier_accuracy": accuracy,
             "best": best, "best_fid": cells[best]["fid"], "figures": figures, "floor": inputs["floor"],
             "nll": inputs["nll"], "denoise": inputs["denoise"], "run": inputs["run"], "params": inputs["params"],
             "weights": describe_weights(list(infos.values()), inputs["ema"]),
-            "same": [identical_note(label, infos) for label in dict.fromkeys(lines.values()) if " = " in label],
+            "same": [(identical_note(label, infos), share) for label, share in same.items()],
             "tables": [(title, note, what, rows) for key, title, fmt, note, what in TABLES
                        if (rows := table(cells, samplers, steps, key, fmt)) is not None],
             "sweep": sweep_table, "classes": cells[best].get("classes") if conditional else None,
@@ -448,7 +477,8 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     accuracy = classifier_accuracy(classifier_metrics, cells[best]["extractor"])  # before anything is written
     inputs = read_inputs(params, floor_metrics, nll_metrics, denoise_metrics, ema_metrics)
     write_metrics(metrics_out, collect_metrics(cells, guided, samplers, steps, guidance, best))
-    write_fid_csv(plot_csv, cells, samplers, steps)
+    lines, same = same_lines(samples_dir, samplers, steps)
+    write_fid_csv(plot_csv, cells, samplers, steps, lines)
     if sigma_plot is not None:
         write_csv(sigma_plot, ["sampler", "steps", "sigma_rel", "fid"],
                   sigma_rel_rows(cells, samplers, steps, inputs["ema"]))
@@ -457,9 +487,10 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     if sweep_csv is not None:
         write_sweep_csv(sweep_csv, sweep)
     conditional = all("class_accuracy" in c for c in cells.values())
-    figures = plot_figures(cells, samplers, steps, sweep, conditional, figure, sweep_figure, loss_csv, loss_figure)
+    figures = plot_figures(cells, samplers, steps, sweep, conditional, figure, sweep_figure, loss_csv, loss_figure,
+                           lines)
     doc = report_doc(cells, best, samplers, steps, guidance, accuracy=accuracy, figures=figures, inputs=inputs,
-                     infos=infos, sweep=sweep, conditional=conditional, samples_dir=samples_dir)
+                     infos=infos, sweep=sweep, conditional=conditional, samples_dir=samples_dir, same=same)
     text = render_markdown(doc, markdown.parent)
     write_atomic(markdown, text)
     write_atomic(html_out, render_html(doc))

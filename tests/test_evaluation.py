@@ -317,7 +317,7 @@ def test_dvc_plot_template_draws_one_line_per_sampler():
     template = json.loads((REPO / ".dvc" / "plots" / "fid_by_sampler.json").read_text())
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     assert stage["plots"][0]["plots/fid_vs_steps.csv"]["template"] == "fid_by_sampler"
-    # one colour per line: a sampler, or samplers with identical cells (the CSV's `line`, ddim = euler); rows
+    # one colour per line: a sampler, or samplers with the same images (the CSV's `line`, ddim ≈ euler); rows
     # of revisions written before that column fall back to their sampler
     assert template["encoding"]["color"]["field"] == "line"
     assert template["transform"] == [{"calculate": "datum.line ? datum.line : datum.sampler", "as": "line"}]

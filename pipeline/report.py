@@ -155,9 +155,14 @@ def sweep_rows(cells: dict, guided: dict, samplers: list[str], steps: list[int],
     return rows
 
 
-def plot_sweep(rows: list[dict], figure: Path) -> None:
+def plot_sweep(rows: list[dict], figure: Path, lines: dict[str, str] | None = None) -> None:
     """FID vs class accuracy (class models) and precision vs recall, one line per cell through its w (each
-    point labelled with its w); without guidance (every w 0) one unlabelled point per cell."""
+    point labelled with its w); without guidance (every w 0) one unlabelled point per cell. The cells of
+    samplers with the same images (``lines``: ``ddim ≈ euler``) are one, labelled ``ddim ≈ euler-20``."""
+    lines = lines or {}
+
+    def drawn(r: dict) -> bool:  # the first sampler of its line stands for the others
+        return lines.get(r["sampler"], r["sampler"]).split(" ≈ ")[0] == r["sampler"]
     plt = _plt()
     panels = [("recall", "precision")]
     if all(r["class_accuracy"] is not None for r in rows):
@@ -167,9 +172,10 @@ def plot_sweep(rows: list[dict], figure: Path) -> None:
     labels = {"fid": "FID (lower is better)", "class_accuracy": "class accuracy (higher is better)",
               "precision": "precision", "recall": "recall"}
     for ax, (x, y) in zip(axes[0], panels):
-        for cell in dict.fromkeys(r["cell"] for r in rows):
+        for cell in dict.fromkeys(r["cell"] for r in rows if drawn(r)):
             mine = [r for r in rows if r["cell"] == cell]
-            ax.plot([r[x] for r in mine], [r[y] for r in mine], marker="o", label=cell)
+            label = f"{lines.get(mine[0]['sampler'], mine[0]['sampler'])}-{mine[0]['steps']}"
+            ax.plot([r[x] for r in mine], [r[y] for r in mine], marker="o", label=label)
             for r in mine if guided else []:
                 ax.annotate(f"w={r['w']:g}" + ("" if r["guidance"] in ("none", f"w{r['w']:g}") else f" {r['guidance']}"),
                             (r[x], r[y]), textcoords="offset points", xytext=(4, 4), fontsize=7)
@@ -403,7 +409,7 @@ def plot_figures(cells: dict, samplers: list[str], steps: list[int], sweep: list
     plot_fid(cells, samplers, steps, figure, lines)
     figures = [("FID vs sampling steps", figure)]
     if sweep_figure is not None:
-        plot_sweep(sweep, sweep_figure)
+        plot_sweep(sweep, sweep_figure, lines)
         title = "Guidance sweep: FID vs class accuracy, precision vs recall" if conditional else "Precision vs recall"
         figures.append((title, sweep_figure))
     losses = read_losses(loss_csv)

@@ -127,11 +127,14 @@ def test_identical_samplers_are_one_line_marked_so(run):
         return real(self, *args, **kwargs)
 
     cells = {(s, k): json.loads((run / f"metrics/cells/{s}-{k}.json").read_text()) for s, k in CELLS}
+    lines = report.same_lines(run / "samples", [s for s, _ in CELLS], [3])[0]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(matplotlib.axes.Axes, "plot", plot)
-        report.plot_fid(cells, [s for s, _ in CELLS], [3], run / "fid.png",
-                        report.same_lines(run / "samples", [s for s, _ in CELLS], [3])[0])
-    assert labels == ["ddim ≈ euler", "ddpm"]
+        report.plot_fid(cells, [s for s, _ in CELLS], [3], run / "fid.png", lines)
+        assert labels == ["ddim ≈ euler", "ddpm"]
+        labels.clear()  # precision vs recall: one point for the two cells too
+        report.plot_sweep(report.sweep_rows(cells, {}, [s for s, _ in CELLS], [3], []), run / "sweep.png", lines)
+    assert labels == ["ddim ≈ euler-3", "ddpm-3"]
 
 
 def test_no_guidance_labels_without_guidance(run, tmp_path):

@@ -20,6 +20,7 @@ from ddpm.training import TrainConfig, init_state
 from pipeline import report
 from pipeline.common import flatten
 from pipeline.compare import experiment_rows
+from pipeline.exp_run import experiment_name
 from pipeline.train import loss_rows, lr_of_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -202,3 +203,14 @@ def test_the_branch_of_a_dvc_experiment(tmp_path, monkeypatch):
     assert git_branch() == "views" and standard_tags("x")["mlflow.source.git.branch"] == "views"
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", "0" * 40)  # no branch there
     assert git_branch() is None
+
+
+def test_an_experiment_is_named_for_what_it_changes():
+    """`dvc exp show` lists params after every metric, out of sight: exp-run names a single experiment
+    by its overrides, so that its first column says what changed."""
+    assert experiment_name(["-S", "ema.sigma_rel=0.05"], [["ema.sigma_rel=0.05"]], set()) == "ema.sigma_rel=0.05"
+    assert experiment_name([], [["schedule=cosine", "seed=1"]], {"schedule=cosine,seed=1"}) == "schedule=cosine,seed=1-2"
+    assert experiment_name([], [["sample.steps=[10, 20]"]], set()) == "sample.steps=10,20"  # what git takes in a ref
+    for args, runs in ((["-n", "mine"], [["seed=1"]]), (["--name=mine"], [["seed=1"]]), ([], [["seed=0"], ["seed=1"]]),
+                       ([], [[]]), ([], None), ([], [["data.root=/srv/a..b"]]), ([], [[f"seed={'1' * 80}"]])):
+        assert experiment_name(args, runs, set()) is None, (args, runs)  # DVC names these

@@ -147,7 +147,8 @@ def classifier(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepa
 def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/train.pt")),
           out: Path = typer.Option(Path("models/model.pt"), help="checkpoint to write"),
           metrics: Path = typer.Option(Path("metrics/train.json")),
-          plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
+          plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss, lr, grad_norm)"),
+          lr_plot: Path = typer.Option(Path("plots/train_lr.csv"), help="learning rate (step, lr) from step 1"),
           timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
           state: Path = typer.Option(Path("checkpoints/train-{fingerprint}.pt"),
                                      help="resumable training state, written every train.checkpoint_every steps "
@@ -175,7 +176,7 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     from pipeline import train as stage
 
     stage.main(params, data, out, metrics, plot, timing, device, state, resume, system_metrics,
-               snapshots, samples, mlflow_run, tracking_uri, experiment, live)
+               snapshots, samples, mlflow_run, tracking_uri, experiment, live, lr_plot)
 
 
 @app.command()

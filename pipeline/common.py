@@ -136,16 +136,14 @@ def write_image_grid(path, images: torch.Tensor, nrow: int, padding: int = 2) ->
 
 
 def read_losses(path) -> list[tuple[int, float]]:
-    """The loss curve the train stage writes (``step,loss,…`` CSV; the warm-up rows that hold only a
-    learning rate skipped); [] when the file does not exist."""
+    """The loss curve the train stage writes (``step,loss`` CSV); [] when the file does not exist."""
     path = Path(path)
     if not path.is_file():
         return []
     rows = []
     for line in path.read_text().splitlines()[1:]:
         step, loss = line.split(",")[:2]
-        if loss:
-            rows.append((int(step), float(loss)))
+        rows.append((int(step), float(loss)))
     return rows
 
 

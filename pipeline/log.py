@@ -101,7 +101,7 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             "nll": _read(root / "metrics/nll.json"), "ema": _read(root / "metrics/ema.json"),
             "denoise": _read(root / "metrics/denoise.json"), "floor": _read(root / "metrics/fid_floor.json"),
             "reference": _read(root / "data/reference/info.json"),
-            "history": _read_history(root / "plots/train_loss.csv"),
+            "history": _read_history(root / "plots/train_loss.csv", root / "plots/train_lr.csv"),
             "previews": sorted((int(f.stem.split("_")[-1]), f)
                                for f in (root / "plots/train_samples").glob("step_*.png")),
             "live": _read(root / "logs/train_mlflow.json"),
@@ -112,13 +112,22 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             "system": system_metrics.read(root / "logs/train_system.json")}
 
 
-def _read_history(path: Path) -> list[dict]:
-    """train's ``step,loss,lr,grad_norm`` rows (lr and grad_norm None where absent)."""
-    if not path.is_file():
-        return []
-    with path.open() as f:
-        return [{"step": int(r["step"]), **{k: float(r[k]) if r.get(k) not in (None, "") else None for k in HISTORY}}
-                for r in csv.DictReader(f)]
+def _read_history(path: Path, lr_path: Path | None = None) -> list[dict]:
+    """train's ``step,loss,lr,grad_norm`` rows (lr and grad_norm None where absent), and the learning rate of
+    the warm-up's steps from ``lr_path`` (``step,lr``) as rows with only ``lr``, by step."""
+    def value(row: dict, key: str):
+        return float(row[key]) if row.get(key) not in (None, "") else None
+
+    rows: dict[int, dict] = {}
+    if path.is_file():
+        with path.open() as f:
+            rows = {int(r["step"]): {"step": int(r["step"]), **{k: value(r, k) for k in HISTORY}}
+                    for r in csv.DictReader(f)}
+    if lr_path is not None and lr_path.is_file():
+        with lr_path.open() as f:
+            for r in csv.DictReader(f):
+                rows.setdefault(int(r["step"]), {"step": int(r["step"]), **dict.fromkeys(HISTORY)})["lr"] = value(r, "lr")
+    return [rows[k] for k in sorted(rows)]
 
 
 def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> str:

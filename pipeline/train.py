@@ -28,10 +28,9 @@ real start time, and receives loss, learning rate and gradient norm every ``trai
 steps (the learning rate also at every step of the warm-up, from step 1, so that its ramp
 shows) and a preview grid of the EMA model (``ddpm.preview``) at step 0 (the initial weights)
 and every ``train.sample_every`` steps as a step-indexed image; the grids are also written to
-``--samples``. The same rows go
-to ``--plot`` (``step,loss,lr,grad_norm``; loss and gradient norm empty on the warm-up steps
-that are not logged). ``--metrics`` holds ``train.final_loss``, ``train.final_step`` and
-``train.parameters``.
+``--samples``. The same values go to ``--plot`` (``step,loss,lr,grad_norm`` per logged step) and
+``--lr-plot`` (``step,lr``: every warm-up step and every logged step). ``--metrics`` holds
+``train.final_loss``, ``train.final_step`` and ``train.parameters``.
 """
 
 import hashlib
@@ -194,6 +193,7 @@ class Outputs:
     checkpoint: Path
     metrics: Path
     plot: Path
+    lr_plot: Path
     timing: Path
     system: Path
     snapshots: Path
@@ -201,8 +201,8 @@ class Outputs:
     mlflow_run: Path
 
     def check_writable(self, state_dir: Path) -> None:
-        check_writable(self.checkpoint, self.metrics, self.plot, self.timing, self.system, self.mlflow_run,
-                       folders=[self.samples, state_dir])
+        check_writable(self.checkpoint, self.metrics, self.plot, self.lr_plot, self.timing, self.system,
+                       self.mlflow_run, folders=[self.samples, state_dir])
 
 
 @dataclass(frozen=True)
@@ -432,11 +432,14 @@ def lr_of_step(scheduler, step: int) -> float:
 
 
 def loss_rows(losses: list[tuple[int, float]], history: list[tuple]) -> list[tuple]:
-    """(step, loss, lr, grad_norm) per logged step and per warm-up step, by step; empty where not
-    recorded (loss and gradient norm on the warm-up steps between logged steps)."""
-    extra = {step: (lr, "" if gn is None else gn) for step, lr, gn in history}
-    loss = dict(losses)
-    return [(step, loss.get(step, ""), *extra.get(step, ("", ""))) for step in sorted(loss.keys() | extra.keys())]
+    """(step, loss, lr, grad_norm) per logged step; lr and grad_norm empty where not recorded."""
+    extra = {step: (lr, gn) for step, lr, gn in history}
+    return [(step, loss, *extra.get(step, ("", ""))) for step, loss in losses]
+
+
+def lr_rows(history: list[tuple]) -> list[tuple]:
+    """(step, lr) of every recorded step, the warm-up's and the logged ones, by step."""
+    return sorted({step: (step, lr) for step, lr, _ in history}.values())
 
 
 def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, first_step: int, dev,
@@ -450,6 +453,7 @@ def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, f
                     ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(job.p.train.ema)},
                     timestep_sampler=rec.sampler.state_dict())
     write_csv(outputs.plot, ["step", "loss", "lr", "grad_norm"], loss_rows(state.losses, rec.history))
+    write_csv(outputs.lr_plot, ["step", "lr"], lr_rows(rec.history))
     replace_folder(job.previews, outputs.samples)
     write_metrics(outputs.metrics, {"train": {"final_loss": round(state.losses[-1][1], 6), "final_step": state.step,
                                            "parameters": n_params}})
@@ -485,9 +489,9 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
          system: Path = Path("logs/train_system.json"), snapshots: Path = Path("models/ema_snapshots"),
          samples: Path = Path("plots/train_samples"),
          mlflow_run: Path = Path("logs/train_mlflow.json"), tracking_uri: str | None = None,
-         experiment: str = "ddpm", live: bool = True) -> None:
+         experiment: str = "ddpm", live: bool = True, lr_plot: Path = Path("plots/train_lr.csv")) -> None:
     started_ms = now_ms()
-    outputs = Outputs(out, metrics, plot, timing, system, snapshots, samples, mlflow_run)
+    outputs = Outputs(out, metrics, plot, lr_plot, timing, system, snapshots, samples, mlflow_run)
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     outputs.check_writable(state_file(state_path, "x").parent)  # before hours of training

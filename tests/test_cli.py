@@ -47,14 +47,15 @@ def test_prepare_classifier_train_outputs(workdir):
     train = json.loads((workdir / "metrics/train.json").read_text())["train"]
     assert train["final_step"] == 6
     lines = (workdir / "plots/train_loss.csv").read_text().splitlines()
-    assert lines[0] == "step,loss,lr,grad_norm" and len(lines) == 1 + 4  # log_every=2, and warm-up step 1
-    rows = [line.split(",") for line in lines[1:]]
-    assert rows[0][0] == "1" and rows[0][1] == rows[0][3] == ""  # warm-up: the rate only
-    steps, lrs, norms = zip(*[(int(r[0]), float(r[2]), float(r[3])) for r in rows[1:]])
-    assert steps == (2, 4, 6) and all(lr > 0 for lr in lrs) and all(n > 0 for n in norms)
-    # warm-up over 2 steps: step 1 at half the lr, step 2 (and on) at the full lr
+    assert lines[0] == "step,loss,lr,grad_norm" and len(lines) == 1 + 3  # log_every=2
+    steps, lrs, norms = zip(*[(int(r[0]), float(r[2]), float(r[3])) for r in (line.split(",") for line in lines[1:])])
+    assert steps == (2, 4, 6) and all(n > 0 for n in norms)
+    # the learning rate from step 1: warm-up over 2 steps, step 1 at half the lr, step 2 on at the full lr
     lr = tiny_params(workdir)["train"]["lr"]
-    assert float(rows[0][2]) == pytest.approx(lr / 2) and lrs == pytest.approx((lr, lr, lr))
+    assert lrs == pytest.approx((lr, lr, lr))
+    rates = [line.split(",") for line in (workdir / "plots/train_lr.csv").read_text().splitlines()[1:]]
+    assert [int(s) for s, _ in rates] == [1, 2, 4, 6]
+    assert [float(r) for _, r in rates] == pytest.approx([lr / 2, lr, lr, lr])
     grids = sorted(f.name for f in (workdir / "plots/train_samples").iterdir())
     assert grids == ["step_0000000.png", "step_0000006.png"]  # sample_every 1000 > 6 steps: first and last
 

@@ -21,7 +21,7 @@ from pipeline import report
 from pipeline.common import flatten
 from pipeline.compare import experiment_rows
 from pipeline.exp_run import experiment_name
-from pipeline.train import loss_rows, lr_of_step
+from pipeline.train import loss_rows, lr_of_step, lr_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -179,9 +179,10 @@ def test_the_learning_rate_of_each_step_from_step_1():
         state.optimizer.step()
         state.scheduler.step()
     assert used == pytest.approx([2.5e-4, 5.0e-4, 7.5e-4, 1.0e-3, 1.0e-3, 1.0e-3])
-    # the CSV rows: the warm-up steps with the rate only, the logged steps with everything
-    rows = loss_rows([(2, 0.9), (4, 0.5)], [(1, 2.5e-4, None), (2, 5.0e-4, 1.5), (3, 7.5e-4, None), (4, 1e-3, 1.2)])
-    assert rows == [(1, "", 2.5e-4, ""), (2, 0.9, 5.0e-4, 1.5), (3, "", 7.5e-4, ""), (4, 0.5, 1e-3, 1.2)]
+    # the CSVs: the loss curve at the logged steps, the learning rate at every recorded step
+    history = [(1, 2.5e-4, None), (2, 5.0e-4, 1.5), (3, 7.5e-4, None), (4, 1e-3, 1.2)]
+    assert loss_rows([(2, 0.9), (4, 0.5)], history) == [(2, 0.9, 5.0e-4, 1.5), (4, 0.5, 1e-3, 1.2)]
+    assert lr_rows(history) == [(1, 2.5e-4), (2, 5.0e-4), (3, 7.5e-4), (4, 1e-3)]
 
 
 def test_the_branch_of_a_dvc_experiment(tmp_path, monkeypatch):

@@ -453,7 +453,7 @@ def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, f
                     ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(job.p.train.ema)},
                     timestep_sampler=rec.sampler.state_dict())
     write_csv(outputs.plot, ["step", "loss", "lr", "grad_norm"], loss_rows(state.losses, rec.history))
-    write_csv(outputs.lr_plot, ["step", "lr"], lr_rows(rec.history))
+    write_csv(outputs.lr_plot, ["step", "lr"], [(step, f"{lr:.6g}") for step, lr in lr_rows(rec.history)])
     replace_folder(job.previews, outputs.samples)
     write_metrics(outputs.metrics, {"train": {"final_loss": round(state.losses[-1][1], 6), "final_step": state.step,
                                            "parameters": n_params}})

@@ -126,7 +126,8 @@ def _read_history(path: Path, lr_path: Path | None = None) -> list[dict]:
     if lr_path is not None and lr_path.is_file():
         with lr_path.open() as f:
             for r in csv.DictReader(f):
-                rows.setdefault(int(r["step"]), {"step": int(r["step"]), **dict.fromkeys(HISTORY)})["lr"] = value(r, "lr")
+                row = rows.setdefault(int(r["step"]), {"step": int(r["step"]), **dict.fromkeys(HISTORY)})
+                row["lr"] = value(r, "lr")
     return [rows[k] for k in sorted(rows)]
 
 

@@ -488,7 +488,8 @@ def main(params_path: Path, cells_dir: Path, metrics_out: Path, plot_csv: Path, 
     if sigma_plot is not None:
         write_csv(sigma_plot, ["sampler", "steps", "sigma_rel", "fid"],
                   sigma_rel_rows(cells, samplers, steps, inputs["ema"]))
-    infos = {(s, k): read_json(i) for s in samplers for k in steps if (i := samples_dir / f"{s}-{k}" / "info.json").is_file()}
+    infos = {(s, k): read_json(i) for s in samplers for k in steps
+             if (i := samples_dir / f"{s}-{k}" / "info.json").is_file()}
     sweep = sweep_rows(cells, guided, samplers, steps, guidance)
     if sweep_csv is not None:
         write_sweep_csv(sweep_csv, sweep)

@@ -19,7 +19,6 @@ dist.integrity``) and BUILD_SHA256 (printed), run it, commit the three files.
 """
 
 import argparse
-import base64
 import hashlib
 import json
 import subprocess
@@ -123,7 +122,8 @@ def main() -> int:
             print(f"{name} {version}: {len(js.encode()):,} bytes, sha256 {digest}")
             if digest != BUILD_SHA256[name]:
                 print(f"  (not the pinned {BUILD_SHA256[name]}: update BUILD_SHA256)")
-            scripts.append(f"<!-- {name} {version} (npm {path}), BSD-3-Clause, sha256 {digest} -->\n<script>{js}</script>")
+            scripts.append(f"<!-- {name} {version} (npm {path}), BSD-3-Clause, sha256 {digest} -->\n"
+                           f"<script>{js}</script>")
         notice = licences(folder)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "plots.html").write_text(PAGE.replace("@SCRIPTS@", "\n".join(scripts)), encoding="utf-8")

@@ -210,7 +210,8 @@ def test_an_experiment_is_named_for_what_it_changes():
     """`dvc exp show` lists params after every metric, out of sight: exp-run names a single experiment
     by its overrides, so that its first column says what changed."""
     assert experiment_name(["-S", "ema.sigma_rel=0.05"], [["ema.sigma_rel=0.05"]], set()) == "ema.sigma_rel=0.05"
-    assert experiment_name([], [["schedule=cosine", "seed=1"]], {"schedule=cosine,seed=1"}) == "schedule=cosine,seed=1-2"
+    taken = {"schedule=cosine,seed=1"}
+    assert experiment_name([], [["schedule=cosine", "seed=1"]], taken) == "schedule=cosine,seed=1-2"
     assert experiment_name([], [["sample.steps=[10, 20]"]], set()) == "sample.steps=10,20"  # what git takes in a ref
     for args, runs in ((["-n", "mine"], [["seed=1"]]), (["--name=mine"], [["seed=1"]]), ([], [["seed=0"], ["seed=1"]]),
                        ([], [[]]), ([], None), ([], [["data.root=/srv/a..b"]]), ([], [[f"seed={'1' * 80}"]])):

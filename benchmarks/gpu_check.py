@@ -95,6 +95,11 @@ def read(path: Path):
         return None
 
 
+def block(path: Path, key: str) -> dict:
+    """The ``key`` block of a stage's metrics file (``{"nll": {...}}``); {} when absent."""
+    return (read(path) or {}).get(key) or {}
+
+
 # --------------------------------------------------------------------------- the experiment
 def set_dotted(d: dict, key: str, value) -> None:
     *parents, last = key.split(".")
@@ -155,8 +160,9 @@ def experiment_part(size: str, overrides: dict, device: str, work: Path, log: Pa
         if name in ("prepare", "train", "ema") and stages[name]["status"] != "ok":
             break  # nothing after them can run
     result = {"stages": stages, "params": {k: params[k] for k in ("train", "sample")}, "cells": {},
-              "train": {**(read(ws / "logs/train_timing.json") or {}), **(read(ws / "metrics/train.json") or {})},
-              "classifier": read(ws / "metrics/classifier.json"), "nll": read(ws / "metrics/nll.json")}
+              "train": {**(read(ws / "logs/train_timing.json") or {}), **block(ws / "metrics/train.json", "train")},
+              "classifier": block(ws / "metrics/classifier.json", "classifier"),
+              "nll": block(ws / "metrics/nll.json", "nll")}
     for s, k in cells:
         info, m = read(ws / f"samples/{s}-{k}/info.json") or {}, read(ws / f"metrics/cells/{s}-{k}.json") or {}
         result["cells"][f"{s}-{k}"] = {key: info.get(key) for key in ("num_samples", "seconds", "images_per_second",
@@ -333,7 +339,7 @@ def table(report: dict) -> str:
         rows += ["", f"train: {_f(t.get('images_per_second'))} img/s over {t.get('steps', '—')} steps, "
                      f"final loss {_f(t.get('final_loss'), '{:.4f}')}, path {t.get('path', '—')}; classifier "
                      f"accuracy {_f(_get(exp, 'classifier', 'test_accuracy'), '{:.3f}')}; bits/dim "
-                     f"{_f(_get(exp, 'nll', 'bits_per_dim'), '{:.3f}')} ({_get(exp, 'nll', 'num_images')} images)", "",
+                     f"{_f(_get(exp, 'nll', 'bits_per_dim'), '{:.3f}')} ({_get(exp, 'nll', 'test_images')} images)", "",
                  "| cell | samples | seconds | img/s | FID | precision | recall | path |", "|---|---|---|---|---|---|---|---|"]
         rows += [f"| {c} | {v.get('num_samples')} | {_f(v.get('seconds'), '{:.2f}')} | {_f(v.get('images_per_second'))} | "
                  f"{_f(v.get('fid'), '{:.2f}')} | {_f(v.get('precision'), '{:.3f}')} | {_f(v.get('recall'), '{:.3f}')} | "

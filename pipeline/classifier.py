@@ -1,5 +1,6 @@
 """Stage `classifier`: train the feature-extractor classifier for offline FID and
-report its test accuracy."""
+report its test accuracy (``metrics/classifier.json``: ``classifier.test_accuracy``,
+``classifier.final_loss``)."""
 
 import time
 from dataclasses import asdict
@@ -10,7 +11,7 @@ import torch
 from ddpm.checkpoint import save_checkpoint
 from ddpm.classifier import Classifier, accuracy, train_classifier
 from ddpm.data import load_split
-from pipeline.common import check_writable, progress, resolve_device, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_json, write_metrics
 from pipeline.params import for_stage, load_params
 
 
@@ -31,7 +32,7 @@ def main(params_path: Path, data_dir: Path, out: Path, metrics: Path, device: st
     config = {"classifier": {"arch": asdict(c.arch), "in_channels": train.images.shape[1],
                              "num_classes": len(train.classes)}, "classes": train.classes}
     save_checkpoint(out, step=c.steps, config=config, model={k: v.cpu() for k, v in model.state_dict().items()})
-    write_json(metrics, {"test_accuracy": round(acc, 6), "final_loss": round(losses[-1][1], 6)})
+    write_metrics(metrics, {"classifier": {"test_accuracy": round(acc, 6), "final_loss": round(losses[-1][1], 6)}})
     write_json(timing, {"started_ms": started_ms, "ended_ms": int(time.time() * 1000),
                         "seconds": round(time.perf_counter() - start, 2)})
     print(f"classifier: test accuracy {acc:.4f} after {c.steps} steps ({time.perf_counter() - start:.0f} s) → {out}")

@@ -147,7 +147,8 @@ def classifier(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepa
 def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/train.pt")),
           out: Path = typer.Option(Path("models/model.pt"), help="checkpoint to write"),
           metrics: Path = typer.Option(Path("metrics/train.json")),
-          plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss)"),
+          plot: Path = typer.Option(Path("plots/train_loss.csv"), help="loss curve (step, loss, lr, grad_norm)"),
+          lr_plot: Path = typer.Option(Path("plots/train_lr.csv"), help="learning rate (step, lr) from step 1"),
           timing: Path = typer.Option(Path("logs/train_timing.json"), help="wall time and throughput"),
           state: Path = typer.Option(Path("checkpoints/train-{fingerprint}.pt"),
                                      help="resumable training state, written every train.checkpoint_every steps "
@@ -175,7 +176,7 @@ def train(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/t
     from pipeline import train as stage
 
     stage.main(params, data, out, metrics, plot, timing, device, state, resume, system_metrics,
-               snapshots, samples, mlflow_run, tracking_uri, experiment, live)
+               snapshots, samples, mlflow_run, tracking_uri, experiment, live, lr_plot)
 
 
 @app.command()
@@ -261,11 +262,13 @@ def nll(params: Path = PARAMS, checkpoint: Path = EMA_CHECKPOINT, data: Path = T
 @clear_errors
 def denoise(params: Path = PARAMS, checkpoint: Path = EMA_CHECKPOINT, data: Path = TEST_SPLIT,
             metrics: Path = typer.Option(Path("metrics/denoise.json"), help="MSE of the raw, EMA and untrained weights"),
+            plot: Path = typer.Option(Path("plots/denoise_by_timestep.csv"),
+                                      help="the MSE of each network per timestep of the grid"),
             device: str = DEVICE):
     """Held-out denoising MSE (ε) of the raw, EMA and untrained weights, side by side (denoise.*)."""
     from pipeline import denoise as stage
 
-    stage.main(params, checkpoint, data, metrics, device)
+    stage.main(params, checkpoint, data, metrics, plot, device)
 
 
 @app.command()
@@ -287,13 +290,16 @@ def report(params: Path = PARAMS, cells: Path = typer.Option(Path("metrics/cells
                                            help="one row per cell and guidance weight w (FID, precision, recall, "
                                                 "class accuracy)"),
            sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png")),
-           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-floor)")):
+           floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-floor)"),
+           nll_metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim for the header (nll)"),
+           denoise_metrics: Path = typer.Option(Path("metrics/denoise.json"),
+                                                help="the denoising MSE for the header (denoise)")):
     """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
     report."""
     from pipeline import report as stage
 
     stage.main(params, cells, metrics, plot, figure, markdown, html, classifier_metrics, loss, loss_figure, samples,
-               ema_metrics, sigma_plot, sweep_plot, sweep_figure, floor)
+               ema_metrics, sigma_plot, sweep_plot, sweep_figure, floor, nll_metrics, denoise_metrics)
 
 
 @app.command()

@@ -96,6 +96,13 @@ def write_json(path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_metrics(path, obj: dict) -> None:
+    """A DVC metrics file: one block named for what it measures (``{"nll": {"bits_per_dim": …}}``, so
+    that `dvc exp show` names its columns ``nll.bits_per_dim``), keys in the order given, which is
+    the order of those columns."""
+    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
 def read_json(path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -262,6 +269,11 @@ def one_line_warnings() -> None:
 
     format.one_line = True
     warnings.formatwarning = format
+
+
+def experiment_name() -> str:
+    """The DVC experiment a stage runs in (``DVC_EXP_NAME``, set by ``dvc exp run``), else ``workspace``."""
+    return os.environ.get("DVC_EXP_NAME") or "workspace"
 
 
 def git_revision(cwd=None) -> str:

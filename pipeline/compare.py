@@ -36,7 +36,10 @@ from ddpm.errors import InputError
 from pipeline.common import ExternalError, flatten, write_atomic
 
 PARAMS_FILE = "params.yaml"
-BPD_FILE, BPD_KEY = "metrics/nll.json", "bits_per_dim"
+# (file, keys): the first key an experiment has; the second is where experiments recorded before the
+# metrics were named by block (nll.bits_per_dim, classifier.test_accuracy) hold it
+BPD = ("metrics/nll.json", ("nll.bits_per_dim", "bits_per_dim"))
+ACCURACY = ("metrics/classifier.json", ("classifier.test_accuracy", "test_accuracy"))
 
 
 COMMITS = {"head": False, "all": True}  # experiments of HEAD, or of every commit (all_commits)
@@ -117,12 +120,19 @@ def _metric(data: dict, file: str, key: str):
     return _get((data.get("metrics") or {}).get(file) or {}, f"data.{key}")
 
 
+def _first(data: dict, where: tuple[str, tuple[str, ...]]):
+    file, keys = where
+    return next((v for key in keys if (v := _metric(data, file, key)) is not None), None)
+
+
 def _cells(data: dict) -> dict:
-    """{"ddim-20": {"fid": …, "precision": …, …}} from metrics/fid.json's {metric: {sampler: {steps: value}}}."""
+    """{"ddim-20": {"fid": …}, "ddim-20-w1": {"fid": …}} from metrics/fid.json's ``fid`` table
+    ({sampler: {steps or steps-guidance: FID}}; experiments recorded before it held only the FID also
+    have precision, recall, … per cell, read the same way)."""
     fid = (((data.get("metrics") or {}).get("metrics/fid.json") or {}).get("data")) or {}
     cells: dict = {}
     for metric, table in fid.items():
-        if metric in ("best", "floor") or not isinstance(table, dict):  # floor: the real-data FID (fid_ref)
+        if metric in ("best", "floor", "guided") or not isinstance(table, dict):  # older files: floor, guided
             continue
         for sampler, by_steps in table.items():
             if not isinstance(by_steps, dict):
@@ -148,8 +158,8 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
         rows.append({"experiment": label, "rev": short, "workspace": in_workspace or rev == WORKSPACE,
                      **{k: _get(params, k) for k in keys},
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
-                     "bits_per_dim": _metric(data, BPD_FILE, BPD_KEY),
-                     "classifier_accuracy": _metric(data, "metrics/classifier.json", "test_accuracy"),
+                     "bits_per_dim": _first(data, BPD),
+                     "classifier_accuracy": _first(data, ACCURACY),
                      "params": flatten(params), "cells": _cells(data)})
     return rows
 

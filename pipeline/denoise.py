@@ -11,8 +11,10 @@ An average that is right is at least as good as the raw weights (``ema_over_raw`
 up to noise); a trained network is far below the untrained one (about 1 for ε-prediction).
 A class-conditional model is scored as the unconditional model p(x), with its null class
 (label ``num_classes``), as `nll` scores it.
-Writes ``metrics/denoise.json``, with the MSE per timestep of the grid. A few seconds on
-the CPU preset's model."""
+Writes ``metrics/denoise.json`` (``denoise.ema_mse``, ``denoise.raw_mse``,
+``denoise.untrained_mse``, ``denoise.ema_over_raw``, …: the columns of `dvc exp show`) and the
+MSE per timestep of the grid as a plot, ``plots/denoise_by_timestep.csv`` (t, and one column
+per network), not as metrics. A few seconds on the CPU preset's model."""
 
 import time
 from pathlib import Path
@@ -24,12 +26,16 @@ from ddpm.errors import InputError
 from ddpm.evaluation import denoising_mse
 from ddpm.model import load_model
 from ddpm.pixels import to_model_range
-from pipeline.common import resolve_device, write_json
+from pipeline.common import check_writable, resolve_device, write_csv, write_metrics
 from pipeline.params import for_stage, load_params
 
 
-def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, device: str) -> None:
+NETWORKS = ("ema", "raw", "untrained")
+
+
+def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: Path, device: str) -> None:
     p = for_stage(load_params(params_path), "denoise").denoise
+    check_writable(metrics, plot)
     split = load_split(data)
     dev = resolve_device(device)
     nets = {}
@@ -50,12 +56,12 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, device:
                                    label=spec.num_classes or None)
                for name, net in nets.items()}
     seconds = time.perf_counter() - start
-    mse = {name: r["mse"] for name, r in results.items()}
-    write_json(metrics, {**{k: round(v, 6) for k, v in mse.items()},
-                         "ema_over_raw": round(mse["ema"] / mse["raw"], 4),
-                         "by_timestep": {name: {str(t): round(v, 6) for t, v in r["by_timestep"].items()}
-                                         for name, r in results.items()},
-                         "num_images": x0.shape[0], "checkpoint_step": ckpt["step"],
-                         "seconds": round(seconds, 2)})
+    mse = {name: results[name]["mse"] for name in NETWORKS}
+    write_metrics(metrics, {"denoise": {**{f"{k}_mse": round(v, 6) for k, v in mse.items()},
+                                     "ema_over_raw": round(mse["ema"] / mse["raw"], 4),
+                                     "test_images": x0.shape[0], "checkpoint_step": ckpt["step"],
+                                     "seconds": round(seconds, 2)}})
+    write_csv(plot, ["t", *(f"{k}_mse" for k in NETWORKS)],
+              [(t, *(f"{results[k]['by_timestep'][t]:.6g}" for k in NETWORKS)) for t in results["ema"]["by_timestep"]])
     print(f"denoise: held-out ε-MSE raw {mse['raw']:.4f}, ema {mse['ema']:.4f} ({mse['ema'] / mse['raw']:.3f}× raw), "
-          f"untrained {mse['untrained']:.4f} on {x0.shape[0]} test images in {seconds:.1f} s → {metrics}")
+          f"untrained {mse['untrained']:.4f} on {x0.shape[0]} test images in {seconds:.1f} s → {metrics}, {plot}")

@@ -7,9 +7,9 @@ of the weights that ``ema.sigma_rel`` names:
   from the snapshots of the power EMAs of ``train.ema_profiles`` (``ddpm.posthoc_ema``).
 
 Writes ``--out`` (train's checkpoint with ``ema`` and ``ema_config`` replaced; the raw
-weights stay) and ``--metrics``: which average it is (``source`` train or posthoc, ``kind``,
-its σ_rel when it is a power EMA) and, for a post-hoc one, the relative error of the
-least-squares fit of its profile. A checkpoint whose raw or averaged weights do not fit its
+weights stay) and ``--metrics``: which average it is (``average.source`` train or posthoc,
+``average.kind``, ``average.sigma_rel`` when it is a power EMA, …) and, for a post-hoc one,
+the relative error of the least-squares fit of its profile (``average.fit_error``). A checkpoint whose raw or averaged weights do not fit its
 stored config (or snapshots that do not) is refused before anything is written, as `sample`
 refuses it. Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
 The snapshots are read one at a time.
@@ -24,7 +24,7 @@ from ddpm.errors import InputError
 from ddpm.files import atomic_save
 from ddpm.model import check_model_checkpoint, weights_mismatch
 from ddpm.posthoc_ema import reconstruct, solve
-from pipeline.common import read_json, write_json
+from pipeline.common import read_json, write_metrics
 from pipeline.params import for_stage, load_params
 
 
@@ -82,5 +82,5 @@ def main(params_path: Path, checkpoint: Path, snapshots: Path, out: Path, metric
         print(f"ema: train's own EMA ({', '.join(f'{k} {v}' for k, v in config.items() if k != 'source')})")
     ckpt["ema_config"] = config
     atomic_save(ckpt, out)
-    write_json(metrics, {**summary, "step": ckpt["step"]})
+    write_metrics(metrics, {"average": {**summary, "step": ckpt["step"]}})
     print(f"ema: → {out}, {metrics}")

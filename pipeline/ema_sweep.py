@@ -2,8 +2,8 @@
 ``python -m pipeline compare --sigma-rel-figure``: a sweep such as
 ``dvc exp run --queue -S 'ema.sigma_rel=0.03,0.05,0.1,0.2'`` makes one experiment per σ_rel.
 
-Every experiment whose cells sampled an average with a σ_rel (``metrics/ema.json``: a
-power EMA, train's own or post-hoc) is a point per sampler; one line per sampler joins them
+Every experiment whose cells sampled an average with a σ_rel (``metrics/ema.json``'s
+``average`` block: a power EMA, train's own or post-hoc) is a point per sampler; one line per sampler joins them
 (at ``steps`` sampling steps). Experiments without one — a fixed-decay or warm-up EMA, or
 ``sample.weights: raw`` — are drawn as horizontal references at their FID.
 """
@@ -14,6 +14,8 @@ from ddpm.errors import InputError
 from pipeline.common import write_atomic
 
 EMA_FILE = "metrics/ema.json"
+# the average's block in it; experiments recorded before the metrics were named by block hold it at the top
+EMA_BLOCKS = ("data.average", "data")
 
 
 def _get(d, dotted: str):
@@ -31,7 +33,8 @@ def sweep(revisions) -> tuple[list[dict], list[dict]]:
     for name, rev, data in revisions:
         metrics = data.get("metrics") or {}
         fid = _get(metrics.get("metrics/fid.json") or {}, "data.fid")
-        ema = _get(metrics.get(EMA_FILE) or {}, "data")
+        ema = next((b for key in EMA_BLOCKS if isinstance(b := _get(metrics.get(EMA_FILE) or {}, key), dict)
+                    and "kind" in b), None)
         if not isinstance(fid, dict) or not isinstance(ema, dict):
             continue
         params = _get((data.get("params") or {}).get("params.yaml") or {}, "data") or {}
@@ -54,7 +57,7 @@ def _fid(entry: dict, sampler: str, steps: int):
 
 def samplers_and_steps(points: list[dict], steps: int | None) -> tuple[list[str], int]:
     samplers = list(dict.fromkeys(s for p in points for s in p["fid"]))
-    counts = sorted({int(k) for p in points for v in p["fid"].values() for k in v})
+    counts = sorted({int(k) for p in points for v in p["fid"].values() for k in v if k.isdigit()})  # not guided
     if not counts:
         raise InputError("no experiment with a σ_rel has FID metrics")
     if steps is None:

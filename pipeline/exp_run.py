@@ -19,6 +19,13 @@ This command applies the ``-S`` overrides as DVC does (DVC's own argument parser
 outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status.
 A refused value is one ``error:`` line, and nothing in the workspace has changed.
 
+The experiment is named for what it changes: a single experiment with ``-S`` overrides and no
+``-n``/``--name`` gets ``-n <overrides>`` (``ema.sigma_rel=0.05``, ``schedule=cosine,seed=1``;
+``-2``, ``-3`` … when HEAD already has an experiment of that name), because ``dvc exp show``
+puts its param columns after all the metrics, out of sight in a terminal: the name, in its
+first column, says which params changed. Sweeps, ``-n``, names that git refuses or longer than
+MAX_NAME characters are left to DVC.
+
 What DVC can still delete (each file stays in DVC's cache; ``dvc checkout`` restores it once
 params.yaml names its cell again): a *valid* change of the matrix under ``dvc exp run``
 removes the workspace copies of the cells that leave it, and so does ``dvc exp run`` or
@@ -28,6 +35,7 @@ removes the workspace copies of the cells that leave it, and so does ``dvc exp r
 import contextlib
 import io
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +49,8 @@ from pipeline.common import ExternalError
 from pipeline.params import ParamsError, parse_params
 
 PARAMS = "params.yaml"  # DVC's default params file, the pipeline's
+MAX_NAME = 60  # characters of an experiment name made from its overrides
+NOT_IN_NAMES = re.compile(r"[^A-Za-z0-9._=,+-]")  # dropped from a name made from overrides ([, ], quotes, …)
 
 
 def overrides(args: list[str]) -> list[list[str]] | None:
@@ -98,6 +108,31 @@ def apply(params: Path, override: list[str]) -> dict:
             raise ParamsError(f"{params} is not valid YAML: {e}") from None
 
 
+def experiment_name(args: list[str], runs: list[list[str]] | None, taken: set[str]) -> str | None:
+    """The name for a single experiment from its ``-S`` overrides (``schedule=cosine,seed=1``), made unique
+    among ``taken`` with ``-2``, ``-3`` …; None when DVC names it (a sweep, no overrides, ``-n`` given, a
+    name git refuses as a ref or longer than MAX_NAME)."""
+    named = any(a in ("-n", "--name") or a.startswith("--name=") for a in args)
+    if named or runs is None or len(runs) != 1 or not runs[0]:
+        return None
+    name = NOT_IN_NAMES.sub("", ",".join(runs[0]))
+    if not name or len(name) > MAX_NAME or subprocess.run(
+            ["git", "check-ref-format", f"refs/exps/x/{name}"], capture_output=True).returncode != 0:
+        return None
+    unique, k = name, 2
+    while unique in taken:
+        unique, k = f"{name}-{k}", k + 1
+    return unique
+
+
+def taken_names() -> set[str]:
+    """The names of HEAD's experiments (DVC refuses a second experiment of one name on one commit)."""
+    from dvc.repo import Repo
+
+    with Repo(".") as repo:
+        return {name for exps in repo.experiments.ls().values() for name, _ in exps if name}
+
+
 def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
     runs = overrides(args)
     if runs is not None:
@@ -106,6 +141,8 @@ def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
         for override in runs:
             source = PARAMS + (f" with -S {' -S '.join(override)}" if override else "")
             verify(parse_params(apply(Path(PARAMS), override), source), dvc_yaml)
+        if name := experiment_name(args, runs, taken_names() if len(runs) == 1 and runs[0] else set()):
+            args = ["-n", name, *args]
         print(f"exp-run: {len(runs)} set{'s' if len(runs) > 1 else ''} of params passed the check stage's checks; "
               f"running dvc exp run {' '.join(args)}", flush=True)
     try:

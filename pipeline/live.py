@@ -1,8 +1,8 @@
 """The MLflow run of `train`, logged while it trains: a background thread does every MLflow
 call, training only hands it what to log, so a slow or dead tracking server never stalls
 training and the UI shows the run as it goes (loss, learning rate and gradient norm every
-``train.log_every`` steps, a preview grid every ``train.sample_every`` steps as a
-step-indexed image, the params and the training data set).
+``train.log_every`` steps, the learning rate of every warm-up step, a preview grid every
+``train.sample_every`` steps as a step-indexed image, the params and the training data set).
 
 The run is created with the stage's real start time and closed with its real end time
 (``FINISHED``, or ``FAILED`` when training failed). A resumed training continues the run
@@ -52,6 +52,10 @@ class LiveRun:
 
     def log_metrics(self, step: int, values: dict[str, float], timestamp_ms: int) -> None:
         self._queue.put(("metrics", (step, values, timestamp_ms)))
+
+    def log_series(self, points: list[tuple[str, float, int]], timestamp_ms: int) -> None:
+        """Many points at once, (key, value, step) each (the learning rate of the warm-up's steps)."""
+        self._queue.put(("series", (points, timestamp_ms)))
 
     def log_image(self, step: int, path, timestamp_ms: int) -> None:
         """The PNG at ``path`` as the step-indexed image ``samples`` of ``step``."""
@@ -149,6 +153,13 @@ class LiveRun:
             if metrics:
                 client.log_batch(self.run_id, metrics=metrics)
                 self.sent["metrics"] += len(metrics)
+        elif kind == "series":
+            points, ts = item
+            metrics = [Metric(k, float(v), ts, step) for k, v, step in points if (k, step) not in self._have]
+            self.skipped += len(points) - len(metrics)
+            for i in range(0, len(metrics), 1000):  # MLflow's limit per batch
+                client.log_batch(self.run_id, metrics=metrics[i:i + 1000])
+            self.sent["metrics"] += len(metrics)
         elif kind == "image":
             step, path, ts = item
             if ("image", step) in self._have:

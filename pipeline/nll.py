@@ -1,7 +1,8 @@
 """Stage `nll`: the negative log-likelihood of the test split in bits/dim, from the full
 variational bound (Ho et al. 2020, eq. 5; ``ddpm.likelihood.nll_bits_per_dim``) of the
 checkpoint's averaged or raw weights (``nll.weights``: ema | raw), on the first
-``nll.num_images`` test images. Writes the DVC metrics file and the mean bound term per
+``nll.num_images`` test images. Writes the DVC metrics file (``nll.bits_per_dim``, its standard
+error, the prior and decoder terms, ``nll.test_images``, …) and the mean bound term per
 timestep as a plot (Nichol & Dhariwal 2021, fig. 2); its row t is the timestep index of
 ``ddpm.diffusion`` (t = 0 the decoder term L_0, t ≥ 1 the KL terms; the prior term L_T is
 in the metrics only). A class-conditional model is scored as the unconditional model p(x)
@@ -20,7 +21,7 @@ from ddpm.guidance import with_label
 from ddpm.likelihood import nll_bits_per_dim
 from ddpm.model import load_model
 from ddpm.pixels import to_model_range
-from pipeline.common import check_writable, progress, resolve_device, write_csv, write_json
+from pipeline.common import check_writable, progress, resolve_device, write_csv, write_metrics
 from pipeline.params import for_stage, load_params
 
 
@@ -55,11 +56,11 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
     total = torch.cat(totals)
     bpd = total.mean().item()
     stderr = total.std().item() / math.sqrt(n) if n > 1 else 0.0
-    write_json(metrics, {"bits_per_dim": round(bpd, 5), "bits_per_dim_stderr": round(stderr, 5),
-                         "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
-                         "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
-                         "num_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
-                         "weights": p.weights, "seconds": round(seconds, 2), "path": denoiser.path})
+    write_metrics(metrics, {"nll": {"bits_per_dim": round(bpd, 5), "bits_per_dim_stderr": round(stderr, 5),
+                                 "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
+                                 "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
+                                 "test_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
+                                 "seconds": round(seconds, 2), "path": denoiser.path}})
     mean_terms = (torch.stack(terms).sum(0) / n).tolist()
     write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "

@@ -381,7 +381,10 @@ STAGE_PARAMS: dict[str, list[str]] = {
                   "sample.seed"],
     "fid": ["fid"],
     "fid_guided": ["fid"],
-    "report": ["sample.samplers", "sample.steps", "sample.guidance"],
+    # the matrix, and the params the report's header shows
+    "report": ["sample.samplers", "sample.steps", "sample.guidance", "data.name", "seed", "schedule", "prediction",
+               "timesteps", "loss", "variance", "conditioning", "model.ch", "model.ch_mult", "model.num_res_blocks",
+               "train.steps", "train.batch_size", "train.lr", "sample.num_samples", "sample.spacing", "fid.extractor"],
     "nll": ["nll"],
     "ema": ["ema"],
     "denoise": ["denoise"],

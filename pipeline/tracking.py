@@ -109,12 +109,26 @@ def standard_tags(source: str) -> dict[str, str]:
     commit = git_revision()
     if commit != "unknown":
         tags["mlflow.source.git.commit"] = commit
-    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
-    if branch and branch != "HEAD":  # not in a detached HEAD (DVC's temporary experiment workspaces)
+    if branch := git_branch():
         tags["mlflow.source.git.branch"] = branch
     if url := _git("remote", "get-url", "origin"):
         tags["mlflow.source.git.repoURL"] = url
     return tags
+
+
+def git_branch() -> str | None:
+    """The branch the code runs from: HEAD's; under ``dvc exp run`` (HEAD detached at the experiment's
+    baseline commit, in the workspace or a temporary copy) the repository's branch at that commit
+    (``DVC_EXP_BASELINE_REV``), the one checked out when several are; None when no branch is there."""
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":
+        return branch
+    commit = os.environ.get("DVC_EXP_BASELINE_REV") or git_revision()
+    root = str(repo_root())
+    names = (_git("-C", root, "for-each-ref", "--points-at", commit, "--format=%(refname:short)", "refs/heads")
+             or "").splitlines()
+    current = _git("-C", root, "symbolic-ref", "--short", "-q", "HEAD")
+    return current if current in names else names[0] if names else None
 
 
 def ui_url(tracking_uri: str, experiment: str, run_id: str | None = None) -> str | None:

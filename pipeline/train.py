@@ -25,8 +25,12 @@ it, and at the end they are published, with ``index.json``, as ``--snapshots``.
 
 Live MLflow (``pipeline.live``): the run is created when training starts, with the stage's
 real start time, and receives loss, learning rate and gradient norm every ``train.log_every``
-steps and a preview grid of the EMA model (``ddpm.preview``) every ``train.sample_every``
-steps as a step-indexed image; the grids are also written to ``--samples``.
+steps (the learning rate also at every step of the warm-up, from step 1, so that its ramp
+shows) and a preview grid of the EMA model (``ddpm.preview``) at step 0 (the initial weights)
+and every ``train.sample_every`` steps as a step-indexed image; the grids are also written to
+``--samples``. The same values go to ``--plot`` (``step,loss,lr,grad_norm`` per logged step) and
+``--lr-plot`` (``step,lr``: every warm-up step and every logged step). ``--metrics`` holds
+``train.final_loss``, ``train.final_step`` and ``train.parameters``.
 """
 
 import hashlib
@@ -54,8 +58,8 @@ from ddpm.pixels import to_uint8
 from ddpm.training import init_state, load_train_state, to_cpu, train, train_state_dict
 from pipeline import system_metrics
 from pipeline.cli import Resume
-from pipeline.common import (check_writable, flatten, progress, repo_root, resolve_device, tensor_sha256, write_csv,
-                             write_image_grid, write_json)
+from pipeline.common import (check_writable, experiment_name, flatten, progress, repo_root, resolve_device,
+                             tensor_sha256, write_csv, write_image_grid, write_json, write_metrics)
 from pipeline.live import LiveRun
 from pipeline.params import View, for_stage, load_params, stage_values
 from pipeline.tracking import (dataset_input, default_tracking_uri, mlflow_params, now_ms, standard_tags,
@@ -189,6 +193,7 @@ class Outputs:
     checkpoint: Path
     metrics: Path
     plot: Path
+    lr_plot: Path
     timing: Path
     system: Path
     snapshots: Path
@@ -196,8 +201,8 @@ class Outputs:
     mlflow_run: Path
 
     def check_writable(self, state_dir: Path) -> None:
-        check_writable(self.checkpoint, self.metrics, self.plot, self.timing, self.system, self.mlflow_run,
-                       folders=[self.samples, state_dir])
+        check_writable(self.checkpoint, self.metrics, self.plot, self.lr_plot, self.timing, self.system,
+                       self.mlflow_run, folders=[self.samples, state_dir])
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,7 @@ def open_live_run(job: Job, params, uri: str, experiment: str, started_ms: int, 
     """The live MLflow run, with the stage's start time: the run of the attempt a resumed training
     continues (when that logged to the same tracking URI), else a new one; params and data set first."""
     resumed = (ckpt or {}).get("mlflow") or {}
-    exp_name = os.environ.get("DVC_EXP_NAME") or "workspace"
+    exp_name = experiment_name()
     run = LiveRun(uri, experiment, run_name="train", start_ms=started_ms,
                   resume_run_id=resumed.get("run_id") if resumed.get("tracking_uri") == uri else None,
                   tags={**standard_tags("python -m pipeline train"), "dvc.exp_name": exp_name,
@@ -328,18 +333,35 @@ class Recorder:
         if not self.world.is_main:
             return
         step, loss = s.losses[-1]
-        lr = s.scheduler.get_last_lr()[0]
         grad_norm = float(s.grad_norm) if s.grad_norm is not None else float("nan")
+        done = {row[0] for row in self.history}
+        warmup = [(k, lr_of_step(s.scheduler, k)) for k in range(1, min(step, self.job.p.train.warmup_steps + 1))
+                  if k not in done]  # the ramp between logged steps
+        self.history += [(k, lr, None) for k, lr in warmup]
+        lr = lr_of_step(s.scheduler, step)
         self.history.append((step, lr, grad_norm))
         if self.run is not None:
-            self.run.log_metrics(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, now_ms())
+            now = now_ms()
+            if warmup:
+                self.run.log_series([("lr", lr, k) for k, lr in warmup], now)
+            self.run.log_metrics(step, {"loss": loss, "lr": lr, "grad_norm": grad_norm}, now)
         every, last = self.job.p.train.sample_every, self.job.p.train.steps
         if every and (step // every > self.preview_step // every or step == last):
-            path = self.job.previews / f"step_{step:07d}.png"
-            preview_grid(s, self.diffusion, self.job.spec, path)
-            self.preview_step = step
-            if self.run is not None:
-                self.run.log_image(step, path, now_ms())
+            self.preview(s, step)
+
+    def preview(self, s, step: int) -> None:
+        """The preview grid of ``step``: a file, and the step-indexed image in MLflow."""
+        path = self.job.previews / f"step_{step:07d}.png"
+        preview_grid(s, self.diffusion, self.job.spec, path)
+        self.preview_step = step
+        if self.run is not None:
+            self.run.log_image(step, path, now_ms())
+
+    def on_start(self, s) -> None:
+        """Before the first step of a fresh run: the preview of step 0 (the initial weights), so that MLflow's
+        image card, which opens at step 0, shows a grid, and the previews start from noise."""
+        if self.world.is_main and s.step == 0 and self.job.p.train.sample_every:
+            self.preview(s, 0)
 
     def checkpoint(self, s) -> None:
         d = train_state_dict(s, self.world, self.sampler)  # collective: every rank's RNG states
@@ -402,10 +424,22 @@ def snapshot_index(job: Job, steps: list[int]) -> dict:
             "fingerprint": job.config["fingerprint"]}
 
 
+def lr_of_step(scheduler, step: int) -> float:
+    """The learning rate of the update that made step ``step`` (counted from 1): the schedule's
+    factor after ``step - 1`` scheduler steps (``ddpm.training`` steps the scheduler after each
+    update, so ``get_last_lr()`` after step k is already the rate of step k + 1)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)
+
+
 def loss_rows(losses: list[tuple[int, float]], history: list[tuple]) -> list[tuple]:
     """(step, loss, lr, grad_norm) per logged step; lr and grad_norm empty where not recorded."""
     extra = {step: (lr, gn) for step, lr, gn in history}
     return [(step, loss, *extra.get(step, ("", ""))) for step, loss in losses]
+
+
+def lr_rows(history: list[tuple]) -> list[tuple]:
+    """(step, lr) of every recorded step, the warm-up's and the logged ones, by step."""
+    return sorted({step: (step, lr) for step, lr, _ in history}.values())
 
 
 def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, first_step: int, dev,
@@ -419,9 +453,10 @@ def write_outputs(rec: Recorder, outputs: Outputs, net, state, seconds: float, f
                     ema=to_cpu(state.ema.state_dict()), ema_config={"source": "train", **asdict(job.p.train.ema)},
                     timestep_sampler=rec.sampler.state_dict())
     write_csv(outputs.plot, ["step", "loss", "lr", "grad_norm"], loss_rows(state.losses, rec.history))
+    write_csv(outputs.lr_plot, ["step", "lr"], [(step, f"{lr:.6g}") for step, lr in lr_rows(rec.history)])
     replace_folder(job.previews, outputs.samples)
-    write_json(outputs.metrics, {"final_loss": round(state.losses[-1][1], 6), "steps": state.step,
-                                 "parameters": n_params})
+    write_metrics(outputs.metrics, {"train": {"final_loss": round(state.losses[-1][1], 6), "final_step": state.step,
+                                           "parameters": n_params}})
     trained, ended_ms = state.step - first_step, now_ms()
     write_json(outputs.timing, {"seconds": round(seconds, 2), "device": str(dev), "path": state.path,
                                 "processes": world.size,
@@ -454,9 +489,9 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
          system: Path = Path("logs/train_system.json"), snapshots: Path = Path("models/ema_snapshots"),
          samples: Path = Path("plots/train_samples"),
          mlflow_run: Path = Path("logs/train_mlflow.json"), tracking_uri: str | None = None,
-         experiment: str = "ddpm", live: bool = True) -> None:
+         experiment: str = "ddpm", live: bool = True, lr_plot: Path = Path("plots/train_lr.csv")) -> None:
     started_ms = now_ms()
-    outputs = Outputs(out, metrics, plot, timing, system, snapshots, samples, mlflow_run)
+    outputs = Outputs(out, metrics, plot, lr_plot, timing, system, snapshots, samples, mlflow_run)
     params = load_params(params_path)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work
     outputs.check_writable(state_file(state_path, "x").parent)  # before hours of training
@@ -473,6 +508,7 @@ def main(params_path: Path, data: Path, out: Path, metrics: Path, plot: Path, ti
             begin(job, world, what, fresh=ckpt is None)
             run = open_live_run(job, params, uri, experiment, started_ms, ckpt) if live else None
         rec = Recorder(job, world, diffusion, sampler, ckpt, written, run, uri)
+        rec.on_start(state)
         seconds = fit(job, state, diffusion, rec, system)
         if world.is_main:
             record = write_outputs(rec, outputs, net, state, seconds, first_step, dev, started_ms)

@@ -42,18 +42,22 @@ def workdir(tmp_path_factory, idx_dir):
 def test_prepare_classifier_train_outputs(workdir):
     info = json.loads((workdir / "data/prepared/info.json").read_text())
     assert info["train"] == {"num_images": 256, "shape": [1, 28, 28]}
-    acc = json.loads((workdir / "metrics/classifier.json").read_text())["test_accuracy"]
+    acc = json.loads((workdir / "metrics/classifier.json").read_text())["classifier"]["test_accuracy"]
     assert 0.0 <= acc <= 1.0
-    train = json.loads((workdir / "metrics/train.json").read_text())
-    assert train["steps"] == 6
+    train = json.loads((workdir / "metrics/train.json").read_text())["train"]
+    assert train["final_step"] == 6
     lines = (workdir / "plots/train_loss.csv").read_text().splitlines()
     assert lines[0] == "step,loss,lr,grad_norm" and len(lines) == 1 + 3  # log_every=2
     steps, lrs, norms = zip(*[(int(r[0]), float(r[2]), float(r[3])) for r in (line.split(",") for line in lines[1:])])
-    assert steps == (2, 4, 6) and all(lr > 0 for lr in lrs) and all(n > 0 for n in norms)
-    # warm-up over 2 steps: the scheduler's rate after step 2 is the full lr
-    assert lrs[-1] == pytest.approx(tiny_params(workdir)["train"]["lr"])
+    assert steps == (2, 4, 6) and all(n > 0 for n in norms)
+    # the learning rate from step 1: warm-up over 2 steps, step 1 at half the lr, step 2 on at the full lr
+    lr = tiny_params(workdir)["train"]["lr"]
+    assert lrs == pytest.approx((lr, lr, lr))
+    rates = [line.split(",") for line in (workdir / "plots/train_lr.csv").read_text().splitlines()[1:]]
+    assert [int(s) for s, _ in rates] == [1, 2, 4, 6]
+    assert [float(r) for _, r in rates] == pytest.approx([lr / 2, lr, lr, lr])
     grids = sorted(f.name for f in (workdir / "plots/train_samples").iterdir())
-    assert grids == ["step_0000006.png"]  # sample_every 1000 > 6 steps: the last step's only
+    assert grids == ["step_0000000.png", "step_0000006.png"]  # sample_every 1000 > 6 steps: first and last
 
 
 def test_sample_outputs(workdir):
@@ -78,7 +82,7 @@ def test_fid_report_and_log(workdir, monkeypatch):
     assert r.exit_code == 0 and (workdir / "data/reference/stats.pt").is_file(), r.output
     r = invoke("fid-floor")  # sample.num_samples real training images against that reference
     assert r.exit_code == 0, r.output
-    floor = json.loads((workdir / "metrics/fid_floor.json").read_text())
+    floor = json.loads((workdir / "metrics/fid_floor.json").read_text())["floor"]
     assert floor["num_images"] == p["sample"]["num_samples"] and floor["fid"] > 0
     for s in p["sample"]["samplers"]:
         for k in p["sample"]["steps"]:
@@ -92,11 +96,12 @@ def test_fid_report_and_log(workdir, monkeypatch):
     assert r.exit_code == 0, r.output
     fid = json.loads((workdir / "metrics/fid.json").read_text())
     assert set(fid["fid"]) == {"ddpm", "ddim"} and set(fid["fid"]["ddim"]) == {"2", "3"}
-    assert fid["floor"]["fid"] == floor["fid"] and "Real-data floor" in (workdir / "reports/report.md").read_text()
+    assert f"**Real-data floor**: FID {floor['fid']:.2f}" in (workdir / "reports/report.md").read_text()
     assert (workdir / "reports/fid_vs_steps.png").stat().st_size > 0
     assert "| ddim |" in (workdir / "reports/report.md").read_text()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{workdir}/mlflow.db")
+    (workdir / "reports/.gitignore").write_text("/report.md\n")  # as DVC writes one beside its outputs
     r = invoke("log")
     assert r.exit_code == 0 and "MLflow run" in r.output, r.output
     r = invoke("log")
@@ -144,6 +149,35 @@ def test_fid_report_and_log(workdir, monkeypatch):
     images = model.predict(pd.DataFrame({"seed": [0, 1, 0]}), params={"sampler": "ddim", "steps": 3})
     assert images.shape == (3, 1, 28, 28) and images.dtype == np.uint8
     assert (images[0] == images[2]).all() and not (images[0] == images[1]).all()  # an image is its seed's
+
+    # what a user looks for: the best cell on the parent, a description, the report that works in MLflow
+    best = fid["best"]
+    assert {k: parent.data.tags[f"best.{k}"] for k in ("sampler", "steps", "fid")} == {
+        k: str(v) for k, v in best.items()}
+    assert f"best FID {best['fid']:.2f} ({best['sampler']}, {best['steps']} steps" in parent.data.tags[
+        "mlflow.note.content"]
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "reports")}
+    assert "reports/report.html" in artifacts and "reports/report.md" not in artifacts
+    assert not [f for f in artifacts if f.split("/")[-1].startswith(".")]
+    assert "pipeline.logging" not in parent.data.tags and parent.data.tags["pipeline.fingerprint"]
+    inputs = {(d.dataset.name, t.value) for d in client.get_run(parent.info.run_id).inputs.dataset_inputs
+              for t in d.tags if t.key == "mlflow.data.context"}
+    assert ("fashion_mnist-test", "evaluation") in inputs, inputs
+    # train's run: curves as metrics, its one-off figures as tags
+    train = client.get_run(train.info.run_id)
+    assert {k for k in train.data.metrics if not k.startswith("system/")} == {"loss", "lr", "grad_norm"}
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "lr")][:2] == [1, 2]  # warm-up from step 1
+    assert float(train.data.tags["train.final_loss"]) == json.loads(
+        (workdir / "metrics/train.json").read_text())["train"]["final_loss"]
+    # the registered version: described, tagged, @best; the logged model holds its FID and its data sets
+    version = client.get_model_version("ddpm", version.version)
+    assert "EMA weights" in version.description and version.tags["best.fid"] == str(best["fid"])
+    assert client.get_model_version_by_alias("ddpm", "best").version == version.version
+    linked = {m.key: m.dataset_name for m in mlflow.get_logged_model(logged.model_id).metrics}
+    assert linked["best.fid"] == "fashion_mnist-test" and linked["train.final_loss"] == "fashion_mnist-train"
+    # every sample run says which model version it sampled
+    cells = [r for r in runs if r.info.run_name.startswith("sample/")]
+    assert {client.get_run(r.info.run_id).data.tags["model.uri"] for r in cells} == {f"models:/ddpm/{version.version}"}
 
 
 def test_bad_param_fails_before_work(workdir, tmp_path):

@@ -30,8 +30,8 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     # lr is 2e-4, so one AdamW step moves a weight by up to ~2e-4; float summation order alone
     # (gradient all-reduce, fused attention) stays below half of one step
     assert diff < 1e-4
-    a, b = (json.loads((root / f"metrics/{n}.json").read_text()) for n in ("single", "ddp"))
-    assert a["steps"] == b["steps"] == 6 and a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-5)
+    a, b = (json.loads((root / f"metrics/{n}.json").read_text())["train"] for n in ("single", "ddp"))
+    assert a["final_step"] == b["final_step"] == 6 and a["final_loss"] == pytest.approx(b["final_loss"], abs=1e-5)
 
     # sharded sampling: batches spread over the ranks, each with its own seed, gathered on rank 0
     assert cli(root, *SAMPLE, "--out", "cells/single").exit_code == 0

@@ -29,10 +29,11 @@ def test_sampling_change_does_not_retrain(repo):
     p["sample"]["num_samples"] = 12
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     # the check stage reads all of params.yaml, but its output does not change: only the
-    # sampling stages, fid_floor (the real-data floor uses as many images) and the always-run
-    # check and log are out of date; never fid_ref, whose reference does not depend on sampling
+    # sampling stages, fid_floor (the real-data floor uses as many images), report (its header
+    # shows sample.num_samples) and the always-run check and log are out of date; never fid_ref,
+    # whose reference does not depend on sampling
     changed = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
-    assert changed == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "log"}, changed
+    assert changed == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "report", "log"}, changed
     out = sh(["dvc", "repro"], root, env)
     ran = set(re.findall(r"Running stage '([^']+)'", out))
     assert ran == {"check", "fid_floor", "sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3", "report",
@@ -69,7 +70,7 @@ def test_ema_sweep_and_raw_weights_never_retrain(repo, tmp_path):
     ran = stages_run(sh(["dvc", "exp", "run", "-S", "ema.sigma_rel=0.07"], root, env))
     cells = {"sample@ddpm-3", "sample@ddim-3", "fid@ddpm-3", "fid@ddim-3"}
     assert ran == {"check", "ema", *cells, "nll", "denoise", "report", "log"}, ran
-    ema = json.loads((root / "metrics/ema.json").read_text())
+    ema = json.loads((root / "metrics/ema.json").read_text())["average"]
     assert ema["source"] == "posthoc" and ema["sigma_rel"] == 0.07 and ema["snapshots"] == 6  # 3 steps × 2 profiles
     assert (root / "plots/fid_vs_sigma_rel.csv").read_text().splitlines()[1].startswith("ddpm,3,0.07,")
     # the raw weights: a sampling-time choice

@@ -207,7 +207,8 @@ def denoise_workspace(root, ema: dict):
     for args in (("train", "--device", "cpu"), ("ema",), ("denoise", "--device", "cpu")):
         result = cli(root, *args)
         assert result.exit_code == 0, result.output
-    return json.loads((root / "metrics/denoise.json").read_text())
+    d = json.loads((root / "metrics/denoise.json").read_text())["denoise"]
+    return {k: d[f"{k}_mse"] for k in ("ema", "raw", "untrained")}
 
 
 @pytest.fixture(scope="module")
@@ -260,7 +261,7 @@ def test_ema_stage_posthoc_and_sampling_weights(tmp_path):
     own, trained = load_checkpoint(root / "models/model_ema.pt"), load_checkpoint(root / "models/model.pt")
     assert all(torch.equal(own["ema"][k], trained["ema"][k]) for k in trained["ema"])
     assert own["ema_config"] == {"source": "train", "kind": "power", "sigma_rel": 0.1}
-    assert json.loads((root / "metrics/ema.json").read_text())["source"] == "train"
+    assert json.loads((root / "metrics/ema.json").read_text())["average"]["source"] == "train"
 
     # post-hoc σ_rel 0.10, which train also tracked directly (train.ema): the same weights up to float16
     set_params(root, ema={"sigma_rel": 0.1})
@@ -311,7 +312,7 @@ def test_fid_against_sigma_rel_across_experiments(tmp_path):
             "params": {"params.yaml": {"data": {"sample": {"weights": weights}}}},
             "metrics": {"metrics/fid.json": {"data": {"fid": {"ddpm": {"10": fid, "20": fid - 1},
                                                                "ddim": {"10": fid + 5, "20": fid + 4}}}},
-                        "metrics/ema.json": {"data": ema}}}}
+                        "metrics/ema.json": {"data": {"average": ema}}}}}
 
     head = rev("a", {"source": "train", "kind": "fixed", "decay": 0.995}, 90.0)
     head["experiments"] = [{"name": n, "revs": [rev(n, {"source": "posthoc", "kind": "power", "sigma_rel": s}, f)]}

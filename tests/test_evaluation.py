@@ -187,7 +187,7 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
         p["sample"]["num_samples"] = n
         params.write_text(yaml.safe_dump(p))
         floor_stage.main(params, test, ref_dir / "stats.pt", classifier, tmp_path / "floor.json", "cpu")
-        floor = json.loads((tmp_path / "floor.json").read_text())
+        floor = json.loads((tmp_path / "floor.json").read_text())["floor"]
         assert floor["num_images"] == n and floor["reference_images"] == 64
         assert (abs(floor["fid"]) < 1e-6) == zero and floor["recall"] > 0.5
 
@@ -268,9 +268,9 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
             {"sampler": s, "steps": k, "num_samples": 24, "reference_images": 128, "extractor": "ddpm-classifier",
              "fid": f, "kid_mean": f / 1000, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "f_score": 0.33,
              "isc_mean": 3.0, "isc_std": 0.1}))
-    (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"test_accuracy": 0.9123}))
+    (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"classifier": {"test_accuracy": 0.9123}}))
     (tmp_path / "metrics" / "floor.json").write_text(json.dumps(
-        {"fid": 0.79, "precision": 0.7, "recall": 0.89, "num_images": 400, "reference_images": 128}))
+        {"floor": {"fid": 0.79, "precision": 0.7, "recall": 0.89, "num_images": 400, "reference_images": 128}}))
     (tmp_path / "loss.csv").write_text("step,loss\n2,0.9\n4,0.5\n6,0.3\n")
     for name in ("ddpm-2", "ddim-3"):
         _png(tmp_path / "samples" / name / "grid.png", 200)
@@ -291,18 +291,18 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     report(tmp_path / "metrics" / "classifier.json")
 
     fid = json.loads((tmp_path / "metrics" / "fid.json").read_text())
-    assert fid["fid"]["ddim"]["3"] == 9.75 and fid["best"] == {"fid": 9.75, "sampler": "ddim", "steps": 3}
-    assert fid["recall"]["ddpm"]["2"] == 0.25
-    csv = (tmp_path / "plots" / "fid.csv").read_text().splitlines()
-    assert csv[0].startswith("sampler,steps,fid") and "ddim,3,9.75" in csv[4]
+    assert fid == {"best": {"fid": 9.75, "sampler": "ddim", "steps": 3},
+                   "fid": {"ddpm": {"2": 31.5, "3": 20.25}, "ddim": {"2": 12.0, "3": 9.75}}}
+    csv = (tmp_path / "plots" / "fid.csv").read_text().splitlines()  # the rest of each cell: a plot
+    assert csv[0] == "sampler,steps,fid,kid_mean,precision,recall,isc_mean,line"
+    assert csv[1] == "ddpm,2,31.5,0.0315,0.5,0.25,3.0,ddpm" and csv[4].startswith("ddim,3,9.75,")
     md = (r / "report.md").read_text()
     # DDIM Table 1 layout: rows = samplers, columns = steps
     assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md and "| ddim | 12.00 | 9.75 |" in md
-    assert "Real-data floor: FID 0.79, precision 0.700, recall 0.890 (400 real" in md
-    assert json.loads((tmp_path / "metrics" / "fid.json").read_text())["floor"]["fid"] == 0.79
+    assert "**Real-data floor**: FID 0.79, precision 0.700, recall 0.890 (400 real" in md
     assert "0.9123" in md and "](../samples/ddim-3/strip.png)" in md and "](train_loss.png)" in md
     html = (r / "report.html").read_text()
-    assert "<li>Real-data floor: FID 0.79" in html
+    assert "<tr><th>Real-data floor</th><td>FID 0.79" in html
     assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
     assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
     assert html.count("data:image/png;base64,") == 3 + 2 + 1  # figures, two grids, one strip
@@ -317,7 +317,10 @@ def test_dvc_plot_template_draws_one_line_per_sampler():
     template = json.loads((REPO / ".dvc" / "plots" / "fid_by_sampler.json").read_text())
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
     assert stage["plots"][0]["plots/fid_vs_steps.csv"]["template"] == "fid_by_sampler"
-    assert template["encoding"]["color"]["field"] == "sampler"
+    # one colour per line: a sampler, or samplers with the same images (the CSV's `line`, ddim ≈ euler); rows
+    # of revisions written before that column fall back to their sampler
+    assert template["encoding"]["color"]["field"] == "line"
+    assert template["transform"] == [{"calculate": "datum.line ? datum.line : datum.sampler", "as": "line"}]
     assert template["encoding"]["strokeDash"]["field"] == "rev"
     assert "<DVC_METRIC_DATA>" in json.dumps(template)
 
@@ -325,9 +328,9 @@ def test_dvc_plot_template_draws_one_line_per_sampler():
 # ----------------------------------------------------------------------------- compare
 def _rev(rev: str, name, schedule: str, prediction: str, fid: float, bpd: float | None = None) -> dict:
     metrics = {"metrics/fid.json": {"data": {"best": {"fid": fid, "sampler": "ddim", "steps": 50}}},
-               "metrics/classifier.json": {"data": {"test_accuracy": 0.91}}}
+               "metrics/classifier.json": {"data": {"classifier": {"test_accuracy": 0.91}}}}
     if bpd is not None:
-        metrics["metrics/nll.json"] = {"data": {"bits_per_dim": bpd}}
+        metrics["metrics/nll.json"] = {"data": {"nll": {"bits_per_dim": bpd}}}
     return {"rev": rev, "name": name, "data": {"rev": rev, "params": {"params.yaml": {"data": {
         "schedule": schedule, "prediction": prediction, "train": {"steps": 800}}}}, "metrics": metrics}}
 
@@ -387,7 +390,7 @@ def _seed_rev(rev: str, seed: int, prediction: str, fids: dict, bpd: float) -> d
     cells = {"fid": {s: {str(k): v for k, v in by.items()} for s, by in fids.items()}}
     best = min(((s, k, v) for s, by in fids.items() for k, v in by.items()), key=lambda x: x[2])
     cells["best"] = {"fid": best[2], "sampler": best[0], "steps": best[1]}
-    metrics = {"metrics/fid.json": {"data": cells}, "metrics/nll.json": {"data": {"bits_per_dim": bpd}}}
+    metrics = {"metrics/fid.json": {"data": cells}, "metrics/nll.json": {"data": {"nll": {"bits_per_dim": bpd}}}}
     return {"rev": rev, "name": f"exp-{rev[0]}", "data": {"rev": rev, "params": {"params.yaml": {"data": {
         "seed": seed, "prediction": prediction, "schedule": "linear", "train": {"steps": 800}}}}, "metrics": metrics}}
 

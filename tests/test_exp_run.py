@@ -109,7 +109,9 @@ def test_exp_run_passes_valid_arguments_to_dvc(repo):
     root, env = repo
     r = run(root, env, sys.executable, "-m", "pipeline", "exp-run", "sample", "-S", "sample.seed=5")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "exp-run: 1 set of params passed the check stage's checks; running dvc exp run sample -S sample.seed=5" \
-        in r.stdout
+    # named for what it changes, so that the first column of `dvc exp show` says it
+    assert "exp-run: 1 set of params passed the check stage's checks; running dvc exp run -n sample.seed=5 sample " \
+        "-S sample.seed=5" in r.stdout
+    assert "Ran experiment(s): sample.seed=5" in r.stdout
     assert set(re.findall(r"Running stage '([^']+)'", r.stdout)) == {"check", "sample@ddpm-3", "sample@ddim-3"}
     assert yaml.safe_load((root / "params.yaml").read_text())["sample"]["seed"] == 5

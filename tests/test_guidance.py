@@ -287,7 +287,10 @@ def test_dvc_sweep_plot_template_draws_one_line_per_cell_through_its_w():
     template = json.loads((REPO / ".dvc" / "plots" / "guidance_sweep.json").read_text())
     assert template["encoding"]["color"]["field"] == "cell"
     assert template["layer"][0]["encoding"]["order"]["field"] == "w"
-    assert template["layer"][1]["encoding"]["text"]["field"] == "guidance"
+    # each point labelled with its setting (the plain cell "w=0"), only where a revision has guidance
+    assert template["layer"][1]["encoding"]["text"]["field"] == "label"
+    assert {"calculate": "datum.guidance == 'none' ? 'w=0' : datum.guidance", "as": "label"} in template["layer"][1][
+        "transform"]
     # the guided cells are the plain matrix plus the guidance axis, named <sampler>-<steps>-<guidance>
     assert stages["sample_guided"]["matrix"]["guidance"] == "${sample.guidance}"
     cell = "samples/${item.sampler}-${item.steps}-${item.guidance}"
@@ -340,8 +343,9 @@ def test_checkpoint_records_the_classes(conditional):
     net, spec, ckpt = load_model(conditional / "models/model.pt")
     assert spec.conditioning == "class" and spec.classes == CLASSES and spec.num_classes == 10
     assert net.label_emb.num_embeddings == 11 and ckpt["config"]["objective"]["cond_drop"] == 0.1
-    # train's preview grid of the conditional model (image i of class i mod 10): the last step's
-    assert [f.name for f in (conditional / "plots/train_samples").iterdir()] == ["step_0000006.png"]
+    # train's preview grids of the conditional model (image i of class i mod 10): the first and the last step's
+    assert sorted(f.name for f in (conditional / "plots/train_samples").iterdir()) == ["step_0000000.png",
+                                                                                    "step_0000006.png"]
 
 
 def test_samples_are_class_balanced_with_their_labels(conditional):
@@ -360,9 +364,11 @@ def test_samples_are_class_balanced_with_their_labels(conditional):
 def test_cells_report_class_accuracy_and_the_sweep(conditional):
     plain, guided = (json.loads((conditional / f"metrics/cells/{c}.json").read_text()) for c in ("ddim-3", "ddim-3-w3"))
     assert 0 <= plain["class_accuracy"] <= 1 and (plain["w"], guided["w"], guided["guidance"]) == (0.0, 3.0, "w3")
-    fid = json.loads((conditional / "metrics/fid.json").read_text())
-    assert fid["class_accuracy"]["ddim"]["3"] == plain["class_accuracy"]
-    assert fid["guided"]["fid"]["ddim"]["3"]["w3"] == guided["fid"]
+    fid = json.loads((conditional / "metrics/fid.json").read_text())  # the FID of each cell: fid.<sampler>.<cell>
+    assert fid["fid"]["ddim"] == {"3": plain["fid"], "3-w3": guided["fid"]}
+    rows = (conditional / "plots/fid_vs_steps.csv").read_text().splitlines()  # the rest: the plots
+    assert rows[0].split(",")[-2:] == ["class_accuracy", "line"]
+    assert float(rows[1].split(",")[-2]) == plain["class_accuracy"]
     sweep = (conditional / "plots/guidance_sweep.csv").read_text().splitlines()
     assert sweep[0] == "cell,sampler,steps,guidance,w,fid,class_accuracy,precision,recall"
     assert [row.split(",")[3:5] for row in sweep[1:]] == [["none", "0.0"], ["w3", "3.0"]]
@@ -374,19 +380,19 @@ def test_cells_report_class_accuracy_and_the_sweep(conditional):
 def test_nll_of_a_class_model_is_the_unconditional_bound(conditional):
     r = cli(conditional, "nll", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    assert json.loads((conditional / "metrics/nll.json").read_text())["bits_per_dim"] > 0
+    assert json.loads((conditional / "metrics/nll.json").read_text())["nll"]["bits_per_dim"] > 0
 
 
 def test_denoise_of_a_class_model_scores_the_unconditional_model(conditional):
     r = cli(conditional, "denoise", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    scores = json.loads((conditional / "metrics/denoise.json").read_text())
+    scores = json.loads((conditional / "metrics/denoise.json").read_text())["denoise"]
     net, spec, _ = load_model(conditional / "models/model_ema.pt", weights="ema")
     d = yaml.safe_load((conditional / "params.yaml").read_text())["denoise"]
     x0 = to_model_range(load_split(conditional / "data/prepared/test.pt").images[:d["num_images"]])
     null = denoising_mse(net, spec.build_diffusion("cpu"), x0, prediction=spec.prediction, variance=spec.variance,
                          num_timesteps=d["timesteps"], seed=d["seed"], batch_size=d["batch_size"], label=10)
-    assert scores["ema"] == round(null["mse"], 6) and 0 < scores["ema"] < scores["untrained"]
+    assert scores["ema_mse"] == round(null["mse"], 6) and 0 < scores["ema_mse"] < scores["untrained_mse"]
 
 
 def test_guidance_of_an_unconditional_model_is_one_clear_line(conditional, tmp_path):

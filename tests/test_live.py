@@ -40,7 +40,7 @@ def test_train_logs_live_and_resumes_its_run(tmp_path, monkeypatch):
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:
                 client, _, runs = the_run(uri)
-                if runs and image_steps(client, runs[0].info.run_id) == {2, 4} \
+                if runs and image_steps(client, runs[0].info.run_id) == {0, 2, 4} \
                         and [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")] == [2, 4]:
                     seen.update(status=runs[0].info.status, grad_norm=[m.step for m in client.get_metric_history(
                         runs[0].info.run_id, "grad_norm")])
@@ -61,9 +61,11 @@ def test_train_logs_live_and_resumes_its_run(tmp_path, monkeypatch):
     client, exp, (run,) = the_run(uri)  # the same run, continued
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
-    for key in ("loss", "lr", "grad_norm"):
+    for key in ("loss", "grad_norm"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6], key
-    assert image_steps(client, run.info.run_id) == {2, 4, 6}
+    # the learning rate from step 1: its warm-up (2 steps) before the first logged step
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "lr")] == [1, 2, 4, 6]
+    assert image_steps(client, run.info.run_id) == {0, 2, 4, 6}  # step 0: the initial weights
     timing = json.loads((root / "logs/train_timing.json").read_text())
     assert run.info.end_time == timing["ended_ms"] and run.info.start_time < timing["started_ms"]  # first attempt's
     assert run.data.tags["mlflow.source.name"] == "python -m pipeline train" and "mlflow.user" in run.data.tags
@@ -73,7 +75,7 @@ def test_train_logs_live_and_resumes_its_run(tmp_path, monkeypatch):
     (data,) = run.inputs.dataset_inputs
     assert data.dataset.digest == record["dataset"]["sha256"][:36] and len(record["dataset"]["sha256"]) == 64
     assert sorted(f.name for f in (root / "plots/train_samples").iterdir()) == [
-        "step_0000002.png", "step_0000004.png", "step_0000006.png"]
+        "step_0000000.png", "step_0000002.png", "step_0000004.png", "step_0000006.png"]
 
 
 def test_a_dead_tracking_server_costs_training_nothing(tmp_path):
@@ -88,5 +90,5 @@ def test_a_dead_tracking_server_costs_training_nothing(tmp_path):
     assert "warning: live MLflow logging incomplete" in result.stdout
     record = json.loads((root / "logs/train_mlflow.json").read_text())
     assert record["run_id"] is None and not record["complete"] and record["error"]
-    assert json.loads((root / "metrics/train.json").read_text())["steps"] == 4
-    assert len(list((root / "plots/train_samples").iterdir())) == 2
+    assert json.loads((root / "metrics/train.json").read_text())["train"]["final_step"] == 4
+    assert len(list((root / "plots/train_samples").iterdir())) == 3  # steps 0, 2, 4

@@ -76,8 +76,8 @@ def test_hybrid_learned_importance_through_the_cli(tmp_path, idx_dir, monkeypatc
     metrics, plot = tmp_path / "nll.json", tmp_path / "nll_terms.csv"
     run("nll", "--checkpoint", str(model), "--data", str(data / "test.pt"), "--metrics", str(metrics),
         "--plot", str(plot), "--device", "cpu")
-    m = json.loads(metrics.read_text())
-    assert m["num_images"] == 6 and m["timesteps"] == 20
+    m = json.loads(metrics.read_text())["nll"]
+    assert m["test_images"] == 6 and m["timesteps"] == 20
     assert math.isfinite(m["bits_per_dim"]) and 0 < m["bits_per_dim"]
     rows = plot.read_text().splitlines()
     assert rows[0] == "t,bits_per_dim" and len(rows) == 21

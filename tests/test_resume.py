@@ -54,7 +54,7 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
 
     for f in ("metrics/train.json", "plots/train_loss.csv"):
         assert (crash / f).read_text() == (ref / f).read_text(), f
-    assert json.loads((crash / "metrics/train.json").read_text())["steps"] == steps
+    assert json.loads((crash / "metrics/train.json").read_text())["train"]["final_step"] == steps
     a, b = weights(ref / "models/model.pt"), weights(crash / "models/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical, EMA included
     assert_same_snapshots(ref, crash, steps=list(range(2, steps + 1, 2)))  # ema_snapshot_every = 2

@@ -19,10 +19,10 @@ FINGERPRINT = "pipeline.fingerprint"
 def finished_workspace(root):
     """A workspace holding what the stages before `log` write (tiny, made up)."""
     workspace(root)
-    files = {"metrics/train.json": {"final_loss": 0.5, "steps": 6, "parameters": 100},
-             "metrics/classifier.json": {"test_accuracy": 0.9, "final_loss": 0.2},
+    files = {"metrics/train.json": {"train": {"final_loss": 0.5, "final_step": 6, "parameters": 100}},
+             "metrics/classifier.json": {"classifier": {"test_accuracy": 0.9, "final_loss": 0.2}},
              "logs/train_timing.json": {"seconds": 1.0, "images_per_second": 48.0},
-             "metrics/fid.json": {"fid": {"ddpm": {"2": 9.0}}, "best": {"fid": 9.0}}}
+             "metrics/fid.json": {"best": {"fid": 9.0, "sampler": "ddpm", "steps": 2}, "fid": {"ddpm": {"2": 9.0}}}}
     for s in ("ddpm", "ddim"):
         for k in (2, 3):
             files[f"metrics/cells/{s}-{k}.json"] = {"fid": 9.0 + k, "kid_mean": 0.1, "extractor": "x", "num_samples": 4}

@@ -60,8 +60,8 @@ def main(params_path: Path, checkpoint: Path, data: Path, metrics: Path, plot: P
                                  "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
                                  "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
                                  "test_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
-                                 "seconds": round(seconds, 2), "path": denoiser.path}})
+                                 "seconds": round(seconds, 2)}})
     mean_terms = (torch.stack(terms).sum(0) / n).tolist()
     write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "
-          f"in {seconds:.0f} s → {metrics}")
+          f"in {seconds:.0f} s ({denoiser.path}) → {metrics}")

@@ -94,7 +94,7 @@ def experiments(root, env) -> dict[str, dict]:
                 data = rev.get("data") or {}
                 out[rev["name"]] = {"params": data["params"]["params.yaml"]["data"],
                                     "fid": data["metrics"]["metrics/fid.json"]["data"]["fid"],
-                                    "bpd": data["metrics"]["metrics/nll.json"]["data"]["bits_per_dim"]}
+                                    "bpd": data["metrics"]["metrics/nll.json"]["data"]["nll"]["bits_per_dim"]}
     return out
 
 

@@ -21,6 +21,8 @@ from test_e2e import outputs, sh
 
 from helpers import REPO, tiny_params
 
+pytestmark = pytest.mark.slow  # a real DVC repository and `dvc exp run` in subprocesses
+
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, idx_dir):

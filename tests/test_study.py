@@ -44,6 +44,13 @@ claims:
     metric: nll.bits_per_dim
     compare: cosine <= baseline
 """
+
+
+def E2E(test):
+    """Marks a test that runs `python -m pipeline study` and DVC (its queue, `dvc exp show`) in subprocesses."""
+    return pytest.mark.slow(pytest.mark.e2e(test))
+
+
 NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-cosine-0", "tiny-cosine-1"]
 
 
@@ -130,6 +137,7 @@ def test_a_bad_study_file_is_one_line_and_queues_nothing(repo, text, naming):
     assert "queued" not in r.stdout
 
 
+@E2E
 def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
     root, env = repo
     out = study(root, env, "run", "studies/tiny.yaml", "--dry")
@@ -149,6 +157,7 @@ def test_the_cpu_preset_is_read_from_the_makefile():
         preset_overrides("gpu", REPO)
 
 
+@E2E
 def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     root, env = repo
     out = study(root, env, "run", "studies/tiny.yaml", "-j", "1", "--poll", "1")
@@ -205,6 +214,7 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     assert "already there" in study(root, env, "report", "studies/tiny.yaml")  # the same report: logged once
 
 
+@E2E
 def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo, monkeypatch):
     root, env = repo
     before = queue_status(root, env)
@@ -232,6 +242,7 @@ def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo
         samplers.write_text(source)
 
 
+@E2E
 def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypatch):
     """One run lost, one left queued (as a killed `study run` leaves it): the next `study run` queues the
     lost one, follows the queued one, and DVC's run-cache restores every stage of both."""
@@ -251,6 +262,7 @@ def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypat
     assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
 
 
+@E2E
 def test_a_run_that_fails_is_named_with_its_error(repo):
     """A value the check stage accepts that makes training diverge: the run fails in DVC's queue."""
     root, env = repo

@@ -90,13 +90,19 @@ def build_once(tmp_path_factory, name: str, build) -> Path:
 
 
 # ----------------------------------------------------------------------------- a reproduced DVC repository
-def git_env() -> dict:
+def git_env(system_metrics: bool = True) -> dict:
     """The environment for git, DVC and the stages: this venv first on PATH, a git identity,
-    live MLflow logging on, the default tracking URI (the repository's mlflow.db)."""
+    live MLflow logging on, the default tracking URI (the repository's mlflow.db).
+
+    ``system_metrics=False`` turns off the recorder of `train` and `sample` (MLflow's monitors:
+    about 2 CPU seconds of each such stage process) for the tests that never read it; the one
+    `dvc repro` of ``reproduced`` keeps it on, so the end-to-end path still writes and logs it."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
            "DVC_NO_ANALYTICS": "1", "PIPELINE_LIVE_MLFLOW": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
+    if not system_metrics:
+        env["MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING"] = "false"
     return env
 
 

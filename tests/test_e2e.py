@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 @pytest.fixture
 def repo(reproduced, tmp_path):
-    return copy_repository(reproduced, tmp_path / "repo"), git_env()
+    return copy_repository(reproduced, tmp_path / "repo"), git_env(system_metrics=False)
 
 
 def test_repro_then_ablation(repo, reproduced):

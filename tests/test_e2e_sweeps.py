@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 @pytest.fixture
 def repo(reproduced, tmp_path):
-    return copy_repository(reproduced, tmp_path / "repo"), git_env()
+    return copy_repository(reproduced, tmp_path / "repo"), git_env(system_metrics=False)
 
 
 def test_sampling_change_does_not_retrain(repo):

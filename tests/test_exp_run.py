@@ -41,7 +41,8 @@ def repo(tmp_path_factory, idx_dir):
     (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1"}
+           "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1",
+           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}  # never read here: see helpers.git_env
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PYTHONPATH", None)  # the copy's own ddpm and pipeline (the working directory comes first)
     sh(["git", "init", "-q"], root, env)

@@ -124,6 +124,20 @@ def params_file(tmp_path, idx_dir) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """A workspace with a trained tiny model (models/model.pt, its snapshots,
+    models/model_ema.pt), made by the `train` and `ema` commands: once per test module, whose
+    tests may write into it (each module has its own)."""
+    from tiny import cli, workspace  # the CLI's imports, only for the modules that use it
+
+    torch.set_num_threads(1)
+    root = workspace(tmp_path_factory.mktemp("trained"), steps=2)
+    assert cli(root, "train", "--device", "cpu").exit_code == 0
+    assert cli(root, "ema").exit_code == 0
+    return root
+
+
 @pytest.fixture(scope="session")
 def reproduced(tmp_path_factory) -> Path:
     """A tiny DVC repository after `dvc repro` (``helpers.build_reproduced``: the repository's

@@ -122,22 +122,38 @@ def e2e_params(data_root: Path) -> dict:
     return p
 
 
-def build_reproduced(root: Path) -> None:
-    """``root/repo``: the repository's files (not tests/) in a fresh git repository with
-    ``e2e_params`` (synthetic IDX data in ``root/idx``), after `dvc repro` and a commit of the
-    result ("baseline"). MLflow (live in train, then the log stage) in its mlflow.db."""
-    idx = make_idx_dir(root / "idx")
-    repo = root / "repo"
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                           capture_output=True, text=True, check=True).stdout.split()
-    for f in files:
+def queue_env() -> dict:
+    """``git_env`` for the repositories whose experiments DVC's queue runs (the study's, exp-run's):
+    no live MLflow, torch on one thread, no system-metrics recorder, and no PYTHONPATH, so that
+    each stage imports the copy's own ddpm and pipeline (its working directory comes first)."""
+    env = {**git_env(system_metrics=False), "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+def new_repository(repo: Path, params: dict, env: dict | None = None, files: dict[str, str] | None = None) -> None:
+    """``repo``: the repository's files (tracked or not ignored; not tests/) with ``params`` as
+    its params.yaml and ``files`` (path → text) added, in a fresh git repository, committed ("tiny")."""
+    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                             capture_output=True, text=True, check=True).stdout.split()
+    for f in tracked:
         if (REPO / f).is_file() and not f.startswith("tests/"):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, repo / f)
-    (repo / "params.yaml").write_text(yaml.safe_dump(e2e_params(idx), sort_keys=False))
-    sh(["git", "init", "-q"], repo)
-    sh(["git", "add", "-A"], repo)
-    sh(["git", "commit", "-qm", "tiny"], repo)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for f, text in (files or {}).items():
+        (repo / f).write_text(text)
+    sh(["git", "init", "-q"], repo, env)
+    sh(["git", "add", "-A"], repo, env)
+    sh(["git", "commit", "-qm", "tiny"], repo, env)
+
+
+def build_reproduced(root: Path) -> None:
+    """``root/repo``: ``new_repository`` with ``e2e_params`` (synthetic IDX data in ``root/idx``),
+    after `dvc repro` and a commit of the result ("baseline"). MLflow (live in train, then the
+    log stage) in its mlflow.db."""
+    repo = root / "repo"
+    new_repository(repo, e2e_params(make_idx_dir(root / "idx")))
     (root / "repro.out").write_text(sh(["dvc", "repro"], repo))
     sh(["git", "add", "-A"], repo)
     sh(["git", "commit", "-qm", "baseline"], repo)

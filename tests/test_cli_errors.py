@@ -13,16 +13,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SENTINEL = b"produced by an earlier run"
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A workspace with a trained tiny model (models/model.pt, its snapshots, models/model_ema.pt)."""
-    torch.set_num_threads(1)
-    root = workspace(tmp_path_factory.mktemp("trained"), steps=2)
-    assert cli(root, "train", "--device", "cpu").exit_code == 0
-    assert cli(root, "ema").exit_code == 0
-    return root
-
-
 def fails(root, args, *, naming: str, keeps: list[str] = ()):
     """Run a command that must fail: one error line naming ``naming``; ``keeps`` unchanged."""
     for f in keeps:

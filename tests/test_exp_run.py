@@ -8,18 +8,15 @@ workspace as it was; what DVC itself still does, and how `dvc checkout` restores
 down here too (the README's failure-and-recovery section says the same)."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 from test_e2e import outputs, sh
 
-from helpers import REPO, tiny_params
+from helpers import e2e_params, new_repository, queue_env
 
 pytestmark = pytest.mark.slow  # a real DVC repository and `dvc exp run` in subprocesses
 
@@ -29,25 +26,8 @@ def repo(tmp_path_factory, idx_dir):
     """A copy of the repository whose cells samples/ddpm-3 and samples/ddim-3 were produced by
     `dvc repro sample` (and committed), with timesteps 100."""
     root = tmp_path_factory.mktemp("exp-run") / "repo"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
-    for f in tracked:
-        if (REPO / f).is_file() and not f.startswith("tests/"):
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
-    p = tiny_params(idx_dir)
-    p["timesteps"] = 100
-    p["sample"].update(samplers=["ddpm", "ddim"], steps=[3])
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1",
-           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}  # never read here: see helpers.git_env
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PYTHONPATH", None)  # the copy's own ddpm and pipeline (the working directory comes first)
-    sh(["git", "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "tiny"], root, env)
+    env = queue_env()
+    new_repository(root, e2e_params(idx_dir), env)
     sh(["dvc", "repro", "sample"], root, env)
     sh(["git", "add", "-A"], root, env)
     sh(["git", "commit", "-qm", "two cells"], root, env)

@@ -5,20 +5,17 @@ commit that changed no code; a run lost after an interruption is all that runs a
 from DVC's run-cache; a bad study file is one line and queues nothing."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 from scipy import stats
 from test_e2e import sh
 from tiny import cli
 
-from helpers import REPO, tiny_params
+from helpers import REPO, new_repository, queue_env, tiny_params
 
 TINY = """
 description: A tiny study of the tests.
@@ -57,27 +54,11 @@ NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-cosine-0", "tiny-cosine-1"]
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, idx_dir):
     root = tmp_path_factory.mktemp("study") / "repo"
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
-    for f in tracked:
-        if (REPO / f).is_file() and not f.startswith("tests/"):
-            (root / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, root / f)
+    env = queue_env()
     p = tiny_params(idx_dir)
     p["timesteps"] = 100  # the bound of the nll stage: T network passes
-    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
-    (root / "studies/tiny.yaml").write_text(TINY)
-    (root / "NOTES.md").write_text("# Notes\n\nbefore\n\n<!-- study tiny: begin -->\ntyped by hand\n"
-                                   "<!-- study tiny: end -->\n\nafter\n")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
-           "PIPELINE_LIVE_MLFLOW": "0", "OMP_NUM_THREADS": "1",
-           "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false"}  # never read here: see helpers.git_env
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("PYTHONPATH", None)  # the copy's own ddpm and pipeline (the working directory comes first)
-    sh(["git", "init", "-q"], root, env)
-    sh(["git", "add", "-A"], root, env)
-    sh(["git", "commit", "-qm", "tiny"], root, env)
+    notes = "# Notes\n\nbefore\n\n<!-- study tiny: begin -->\ntyped by hand\n<!-- study tiny: end -->\n\nafter\n"
+    new_repository(root, p, env, files={"studies/tiny.yaml": TINY, "NOTES.md": notes})
     return root, env
 
 

@@ -192,8 +192,8 @@ def test_server_stopped_mid_log_then_restarted_and_synced(server, tmp_path, figu
     deleted = server.runs(experiment, deleted=True)
     assert deleted and all(r.data.tags.get("pipeline.aborted") for r in deleted)
     assert [r.info.status for r in deleted if "mlflow.parentRunId" not in r.data.tags] == ["FAILED"]
-    figure(f"real MLflow server: 2 runs logged while it was stopped (one cut off mid-log) and started, "
-           f"both complete after `sync`, nothing lost or doubled")
+    figure("real MLflow server: 2 runs logged while it was stopped (one cut off mid-log) and started, "
+           "both complete after `sync`, nothing lost or doubled")
 
 
 def test_two_experiments_log_at_once(server, tmp_path):

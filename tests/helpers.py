@@ -1,7 +1,8 @@
 """Helpers the tests import by name: the repository root, tiny data sets written in the real
 file formats, tiny params, something built once per test run for every xdist worker
-(``build_once``), and a reproduced tiny DVC repository with a way to copy it
-(``build_reproduced``, ``copy_repository``). The fixtures that use them are in conftest.py."""
+(``build_once``), a fresh tiny DVC repository (``new_repository``; ``queue_env`` for the ones
+DVC's queue runs), and a reproduced one with a way to copy it (``build_reproduced``,
+``copy_repository``). The fixtures that use them are in conftest.py."""
 
 import gzip
 import os

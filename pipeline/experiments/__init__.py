@@ -1,0 +1,1 @@
+"""Experiments and studies: DVC experiments compared, run in studies, and the pipeline's own dependencies."""

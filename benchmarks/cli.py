@@ -14,19 +14,28 @@ from pathlib import Path
 
 import typer
 
-from ddpm.acceleration import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
-
-from pipeline.cli import DEBUG, DEBUG_OPTION, DEVICE, VERSION, clear_errors
+from ddpm.config.fast_path import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
+from pipeline.stages._cli import DEBUG, DEVICE, FORCED, keep_freed_memory, one_line
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Benchmarks of the DDPM pipeline (not DVC stages).")
 
-@app.callback()
-def _process(debug: bool = DEBUG_OPTION, _version: bool = VERSION) -> None:
-    """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
-    from pipeline.common import keep_freed_memory
 
-    DEBUG["on"] = debug
+def clear_errors(fn):
+    """The project's errors as one line (``pipeline.stages._cli.one_line``), for a command of this app."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return one_line(fn)(*args, **kwargs)
+
+    return wrapper
+
+
+@app.callback()
+def _process(debug: bool = DEBUG) -> None:
+    """Before any command: the allocator keeps freed memory, as in the pipeline's stages."""
+    FORCED["debug"] = debug
     keep_freed_memory()
 
 
@@ -42,7 +51,7 @@ DEFAULTS = {"batch_size": (128, 8), "sample_batch_size": (512, 8), "warmup": (5,
 
 def config_from_options(*, config: str, device: str, samplers: str, peak_tflops: float | None, **options):
     from benchmarks.bench import BenchConfig
-    from pipeline.common import resolve_device
+    from pipeline.device import resolve_device
 
     dev = resolve_device(device)
     for name, value in options.items():
@@ -73,7 +82,7 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
           out: Path = typer.Option(None, help="also write the JSON here")):
     """Benchmark training and sampling of our U-Net against diffusers' UNet2DModel (JSON)."""
     from benchmarks.bench import run_benchmark
-    from pipeline.common import write_json
+    from pipeline.outputs import write_json
 
     result = run_benchmark(config_from_options(
         config=config, device=device, batch_size=batch_size, sample_batch_size=sample_batch_size,
@@ -115,7 +124,7 @@ def proxies(config: str = typer.Option("fashion-mnist", help="model config: ddpm
     the casts of a sampling step, at fp32 and bf16 (the same on any machine)."""
     from benchmarks.bench import MODEL_CONFIGS
     from benchmarks.proxies import proxies as count
-    from pipeline.common import write_json
+    from pipeline.outputs import write_json
 
     m = MODEL_CONFIGS[config]
     result = {"config": config, **count(m.unet, m.image_size, m.channels)}

@@ -84,10 +84,10 @@ def _children_cpu() -> float:
 
 
 def import_seconds(module: str, repeats: int, cwd: Path, env: dict) -> tuple[float, float]:
-    """Median (wall, CPU) seconds of a fresh ``python -c 'import pipeline.cli, <module>'``."""
+    """Median (wall, CPU) seconds of a fresh ``python -c 'import <module>'``."""
     def run():
         start, cpu = time.perf_counter(), _children_cpu()
-        subprocess.run([sys.executable, "-c", f"import pipeline.cli, {module}"], cwd=cwd, check=True, env=env)
+        subprocess.run([sys.executable, "-c", f"import {module}"], cwd=cwd, check=True, env=env)
         return time.perf_counter() - start, _children_cpu() - cpu
 
     runs = [run() for _ in range(repeats)]
@@ -124,16 +124,17 @@ def main(out: Path | None, repo: Path, repeats: int, sets: dict, work_kind: str 
     r = subprocess.run(["dvc", "exp", "run", *args], cwd=work, env=env, capture_output=True, text=True)
     total, total_cpu = time.perf_counter() - start, _children_cpu() - cpu
     if r.returncode != 0:
-        from pipeline.common import ExternalError
+        from pipeline.errors import ExternalError
 
         raise ExternalError(f"dvc exp run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     stages = [json.loads(line) for line in log.read_text().splitlines()]
-    stages = [s for s in stages if s["args"][:2] == ["-m", "pipeline"]]
+    stages = [s for s in stages if s["args"][0] == "-m" and s["args"][1].startswith("pipeline.stages.")]
     per_kind: dict[str, list[dict]] = {}
-    for s in stages:
-        per_kind.setdefault(s["args"][2], []).append(s)
-    # the import time of each stage command that ran (command fid-ref is module pipeline.fid_ref)
-    imports = {k: import_seconds(f"pipeline.{k.replace('-', '_')}", repeats, work, env) for k in per_kind} if repeats else {}
+    for s in stages:  # by command: module pipeline.stages.fid_ref is command fid-ref
+        per_kind.setdefault(s["args"][1].removeprefix("pipeline.stages.").replace("_", "-"), []).append(s)
+    # the import time of each stage command that ran
+    imports = {k: import_seconds(f"pipeline.stages.{k.replace('-', '_')}", repeats, work, env)
+               for k in per_kind} if repeats else {}
     wall, cpu = sum(s["wall"] for s in stages), sum(s["cpu"] for s in stages)
     result = {
         "repo": str(repo), "work": work_kind, "load_average_at_start": list(load), "load_average_at_end": list(os.getloadavg()),

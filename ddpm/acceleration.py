@@ -55,13 +55,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ddpm.errors import InputError
+from ddpm.config.fast_path import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
+from ddpm.errors import FastPathWarning, InputError
 
-PRECISIONS = ("auto", "fp32", "tf32", "bf16")
-# what a network's own forward can run in (``network``): tf32 is process-wide (``set_matmul_precision``)
-NETWORK_PRECISIONS = tuple(p for p in PRECISIONS if p != "tf32")
-MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
-COMPILE_MODES = ("auto", "none", "default", "reduce-overhead", "max-autotune", "cudagraphs", "step-graph")
 GRAPH_MODES = ("reduce-overhead", "max-autotune", "cudagraphs", "step-graph")  # the modes that replay CUDA graphs
 COMPILER_MODES = ("default", "reduce-overhead", "max-autotune")  # the modes that run inductor
 ROLES = ("train", "inference", "likelihood")  # likelihood: the variational bound (nll), kept in float32
@@ -228,10 +224,6 @@ def make_adamw(params, device, **kwargs) -> torch.optim.AdamW:
 
 
 # ------------------------------------------------------------------ never stopped by a fast path
-class FastPathWarning(RuntimeWarning):
-    """A fast path failed and the run goes on on the plain path."""
-
-
 def first_line(e: BaseException) -> str:
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__

@@ -9,26 +9,12 @@ standard FID. Its test accuracy is reported with it: an extractor that cannot cl
 gives a meaningless FID.
 """
 
-from dataclasses import dataclass
-from typing import Annotated
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from annotated_types import Ge
 
+from ddpm.config.evaluation import ClassifierConfig
 from ddpm.pixels import to_model_range
-
-
-# The FID's feature extractors: this classifier, or torchvision's Inception-v3 in torch-fidelity's
-# FID variant (``ddpm.metrics``).
-EXTRACTORS = ("ddpm-classifier", "inception-v3-compat")
-
-
-@dataclass
-class ClassifierConfig:
-    width: Annotated[int, Ge(1)] = 32  # bounds: metadata the params schema enforces
-    feature_dim: Annotated[int, Ge(1)] = 128
 
 
 def _block(cin, cout, stride):

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ddpm.config.sampling import SPACINGS
 from ddpm.errors import InputError
 from ddpm.schedules import make_betas
 
@@ -144,7 +145,6 @@ def x0_from_posterior_mean(d: Diffusion, xt: torch.Tensor, t: torch.Tensor, mean
 
 
 # ---------------------------------------------------------------- respacing
-SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 
 
 def timestep_subsequence(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:

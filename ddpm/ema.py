@@ -28,67 +28,13 @@ and one multi-tensor add of the counts, with no host synchronisation. The result
 """
 
 import functools
-import math
-from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from annotated_types import Ge, Gt, Le, Lt
 from torch.optim.swa_utils import AveragedModel
 
+from ddpm.config.training import EMA_CHOICES, EMAConfig, FixedEMA, PowerEMA, WarmupEMA, check_sigma_rel
 from ddpm.errors import InputError
-
-MAX_SIGMA_REL = math.sqrt(1 / 12)  # σ_rel of γ = 0, the plain average of all steps; larger needs γ < 0
-
-
-@dataclass(kw_only=True)
-class PowerEMA:
-    """EDM2's power-function EMA of relative width ``sigma_rel`` (0.05–0.15 in EDM2's experiments)."""
-
-    kind: Literal["power"] = "power"
-    sigma_rel: Annotated[float, Gt(0), Lt(MAX_SIGMA_REL)] = 0.10
-
-    def __post_init__(self):
-        check_sigma_rel(self.sigma_rel, "sigma_rel")
-
-
-@dataclass(kw_only=True)
-class WarmupEMA:
-    """diffusers' ``EMAModel(use_ema_warmup=True)`` ramp, with its defaults."""
-
-    kind: Literal["warmup"] = "warmup"
-    decay: Annotated[float, Ge(0), Le(1)] = 0.9999
-    inv_gamma: Annotated[float, Gt(0)] = 1.0
-    power: Annotated[float, Gt(0)] = 2 / 3
-
-    def __post_init__(self):
-        if not 0.0 <= self.decay <= 1.0:
-            raise InputError(f"decay must be in [0, 1], got {self.decay}")
-        if self.inv_gamma <= 0 or self.power <= 0:
-            raise InputError(f"inv_gamma and power must be > 0, got {self.inv_gamma} and {self.power}")
-
-
-@dataclass(kw_only=True)
-class FixedEMA:
-    """A constant decay from the first step (Ho et al. 2020: 0.9999)."""
-
-    kind: Literal["fixed"] = "fixed"
-    decay: Annotated[float, Ge(0), Le(1)] = 0.9999
-
-    def __post_init__(self):
-        if not 0.0 <= self.decay <= 1.0:
-            raise InputError(f"decay must be in [0, 1], got {self.decay}")
-
-
-EMA_CHOICES = (PowerEMA, WarmupEMA, FixedEMA)
-EMAConfig = PowerEMA | WarmupEMA | FixedEMA
-
-
-def check_sigma_rel(sigma_rel: float, name: str = "sigma_rel") -> None:
-    if not 0.0 < sigma_rel < MAX_SIGMA_REL:
-        raise InputError(f"{name} must be in (0, {MAX_SIGMA_REL:.4f}) (γ > 0), got {sigma_rel}")
-
 
 @functools.lru_cache(maxsize=64)
 def sigma_rel_to_gamma(sigma_rel: float) -> float:

@@ -18,3 +18,7 @@ class DivergedError(DDPMError, FloatingPointError):
 class DiskFullError(DDPMError):
     """An output could not be written because its device (or the user's quota) is full; the
     message names the file and the space it needs. Nothing half-written is left behind."""
+
+
+class FastPathWarning(RuntimeWarning):
+    """A fast path failed and the run goes on on the plain path (``ddpm.acceleration.Fallback``)."""

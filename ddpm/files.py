@@ -200,3 +200,21 @@ def load_torch_file(path: str | os.PathLike, error: type[Exception], missing: st
         return parse(torch.load(path, map_location=map_location, weights_only=True))
     except Exception as e:
         raise error(f"{corrupt}: {first_line(e)}") from e
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """SHA-256 of a CPU tensor's bytes, in row-major order."""
+    import hashlib
+
+    return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in blocks of 1 MiB."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -23,44 +23,13 @@ terms in one batched forward pass of 2B. Two refinements, both off by default:
   σ = sqrt((1 − ᾱ) / ᾱ) lies in (σ_lo, σ_hi]; elsewhere w = 0, one forward pass of B.
 """
 
-from dataclasses import dataclass
-
 import torch
 
+from ddpm.config.diffusion import CONDITIONINGS, check_choice
 from ddpm.errors import InputError
 
-CONDITIONINGS = ("none", "class")
-
-
 def check_conditioning(conditioning: str) -> None:
-    if conditioning not in CONDITIONINGS:
-        raise InputError(f"unknown conditioning {conditioning!r}; choose one of {', '.join(CONDITIONINGS)}")
-
-
-@dataclass(frozen=True)
-class Guidance:
-    """Classifier-free guidance: weight ``w`` (0 = none), ``rescale`` φ and the σ ``interval`` (see above)."""
-
-    w: float = 0.0
-    rescale: float = 0.0
-    interval: tuple[float, float] | None = None
-
-    def check(self) -> "Guidance":
-        if not self.w >= 0:
-            raise InputError(f"guidance weight w must be >= 0 (w = 0: no guidance), got {self.w}")
-        if not 0 <= self.rescale <= 1:
-            raise InputError(f"guidance rescale must be in [0, 1], got {self.rescale}")
-        if self.interval is not None:
-            lo, hi = self.interval
-            if not 0 <= lo < hi:
-                raise InputError(f"guidance interval (σ_lo, σ_hi] needs 0 <= σ_lo < σ_hi, got {self.interval}")
-        return self
-
-    def active(self, sigma: float) -> bool:
-        """Whether a step at noise level σ is guided (w > 0 and σ in the interval)."""
-        if self.w == 0:
-            return False
-        return self.interval is None or self.interval[0] < sigma <= self.interval[1]
+    check_choice("conditioning", conditioning, CONDITIONINGS)
 
 
 def drop_labels(labels: torch.Tensor, p: float, null_label: int, generator: torch.Generator | None) -> torch.Tensor:

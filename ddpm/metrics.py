@@ -35,14 +35,17 @@ agree with torch-fidelity to float64 rounding (``tests/test_evaluation.py``).
 import os
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from ddpm.checkpoint import CheckpointError, load_checkpoint
-from ddpm.classifier import EXTRACTORS, Classifier, ClassifierConfig
+from ddpm.classifier import Classifier
+from ddpm.config.evaluation import EXTRACTORS, ClassifierConfig
 from ddpm.errors import DDPMError, InputError
 from ddpm.pixels import to_model_range
+from ddpm.ruler import check_reference
 
 # Seconds a download of the Inception weights may stall before it fails.
 DOWNLOAD_TIMEOUT = 20.0
@@ -304,3 +307,14 @@ def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor
     kw = dict(extractor=extractor, cuda=cuda, batch_size=batch_size, model=model)
     return metrics_from_features(extract_features(samples, **kw), extract_features(reference, **kw),
                                  kid_subset_size=kid_subset_size, isc=isc)
+
+
+def score(images: torch.Tensor, ref: dict, path: Path, *, extractor: str, weights, batch_size: int,
+          kid_subset_size: int, device: torch.device, progress=None) -> dict:
+    """FID, KID, precision, recall, … of ``images`` against the reference statistics ``ref`` (read
+    from ``path``) with ``extractor`` and its ``weights`` file; statistics made for another
+    extractor, weights or resolution are refused before any feature is extracted."""
+    check_reference(ref, path, images, extractor, weights)
+    feats = extract_features(images, extractor=extractor, weights_path=weights, cuda=device.type == "cuda",
+                             batch_size=batch_size, progress=progress)
+    return metrics_from_features(feats, ref, kid_subset_size=kid_subset_size, device=device)

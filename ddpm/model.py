@@ -12,6 +12,7 @@ config describes, so a checkpoint whose config and weights disagree is refused o
 
 from dataclasses import asdict, dataclass, field
 
+from ddpm.config.sampling import WEIGHTS
 from ddpm.checkpoint import CheckpointError, load_checkpoint
 from ddpm.errors import InputError
 from ddpm.files import first_line
@@ -81,7 +82,6 @@ def weights_mismatch(expected: dict, state: dict) -> str | None:
     return ", ".join(parts) or None
 
 
-WEIGHTS = ("ema", "raw")  # which weights of a checkpoint: the average, or the last step's
 
 
 def stored_weights(ckpt: dict, weights: str) -> dict:

@@ -17,36 +17,10 @@ class, ``ddpm.guidance.drop_labels``) as ``model(x_t, t, labels)``.
 
 import torch
 
+from ddpm.config.diffusion import check_objective
 from ddpm.diffusion import Diffusion, q_sample
-from ddpm.errors import InputError
 from ddpm.likelihood import LOG2, vlb_terms
 from ddpm.predictions import split_output, to_prediction, training_target
-from ddpm.timestep_sampling import TIMESTEP_SAMPLINGS
-from ddpm.variance import check_variance
-
-LOSSES = ("simple", "vlb", "hybrid")
-
-
-def check_objective(loss: str, variance: str, timestep_sampling: str = "uniform") -> None:
-    """Reject unknown names and combinations where part of the model would not be trained."""
-    if loss not in LOSSES:
-        raise InputError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
-    check_variance(variance)
-    if timestep_sampling not in TIMESTEP_SAMPLINGS:
-        raise InputError(f"unknown timestep_sampling {timestep_sampling!r}; "
-                         f"choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
-    if variance == "learned" and loss == "simple":
-        raise InputError("variance=learned with loss=simple: L_simple does not depend on the variance, so "
-                         "nothing would train it; use loss=hybrid (Nichol & Dhariwal) or loss=vlb")
-    if loss == "hybrid" and variance != "learned":
-        raise InputError(f"loss=hybrid with variance={variance}: the bound's mean is stop-gradiented, so with a "
-                         "fixed variance its term trains nothing and hybrid equals simple; use variance=learned, "
-                         "or loss=simple / loss=vlb")
-    if timestep_sampling == "importance" and loss == "simple":
-        raise InputError("timestep_sampling=importance with loss=simple: importance sampling weights t by the "
-                         "bound's terms L_t (Nichol & Dhariwal sec. 3.3), which loss=simple does not compute; "
-                         "use loss=vlb or loss=hybrid, or timestep_sampling=uniform")
-
 
 def training_terms(model, d: Diffusion, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
                    prediction: str = "eps", loss: str = "simple", variance: str = "fixed_small",

@@ -23,33 +23,12 @@ from collections.abc import Iterable
 
 import torch
 
-from ddpm.ema import check_sigma_rel, sigma_rel_to_gamma
+from ddpm.config.training import check_sigma_rel
+from ddpm.ema import sigma_rel_to_gamma
 from ddpm.errors import InputError
 
-MAX_SNAPSHOTS = 64  # per tracked profile: bounds the disk they take (see ``snapshot_steps``)
 SNAPSHOT_DTYPE = torch.float16
 _CHUNK = 1 << 16  # steps per block when summing inner products
-
-
-def snapshot_steps(steps: int, every: int) -> list[int]:
-    """The steps after which the profiles are snapshotted: every ``every`` steps and the last."""
-    if every <= 0 or steps <= 0:
-        return []
-    return sorted(set(range(every, steps + 1, every)) | {steps})
-
-
-def check_schedule(steps: int, every: int, sigma_rels) -> None:
-    """Reject σ_rel outside (0, 0.2887), repeated profiles, and more than ``MAX_SNAPSHOTS`` snapshots."""
-    for s in sigma_rels:
-        check_sigma_rel(s, "ema_profiles entries")
-    if len(set(sigma_rels)) != len(sigma_rels):
-        raise InputError(f"ema_profiles must not repeat entries, got {list(sigma_rels)}")
-    if every < 0:
-        raise InputError(f"ema_snapshot_every must be >= 0 (0: no snapshots), got {every}")
-    n = len(snapshot_steps(steps, every))
-    if sigma_rels and n > MAX_SNAPSHOTS:
-        raise InputError(f"ema_snapshot_every {every} gives {n} snapshots over {steps} steps, more than "
-                         f"{MAX_SNAPSHOTS}; raise it to at least {-(-steps // MAX_SNAPSHOTS)}")
 
 
 def power_profile(step: int, gamma: float, length: int) -> torch.Tensor:

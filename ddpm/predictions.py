@@ -27,11 +27,11 @@ import torch
 
 from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, v_from_x0_eps, x0_from_eps,
                             x0_from_posterior_mean, x0_from_v)
+from ddpm.config.diffusion import PREDICTIONS
+from ddpm.config.sampling import CLIPS
 from ddpm.errors import InputError
 from ddpm.variance import check_variance, learned_log_variance
 
-PREDICTIONS = ("eps", "x0", "v", "mean")
-CLIPS = ("static", "dynamic", "none")
 
 
 @dataclass

@@ -51,12 +51,13 @@ from typing import Literal, NamedTuple
 
 import torch
 
-from ddpm.acceleration import NETWORK_PRECISIONS, FastPath, inference_network, network, resolve
+from ddpm.acceleration import FastPath, inference_network, network, resolve
 from ddpm.diffusion import Diffusion, extract, respace, timestep_subsequence
 from ddpm.errors import InputError
-from ddpm.guidance import Guidance, guided_eps
+from ddpm.config.fast_path import NETWORK_PRECISIONS
+from ddpm.guidance import guided_eps
 from ddpm.predictions import PREDICTIONS, Prediction, check_clip, to_prediction
-from ddpm.sampler_options import SAMPLER_OPTIONS, DDIMOptions, DDPMOptions
+from ddpm.config.sampling import SAMPLER_OPTIONS, DDIMOptions, DDPMOptions, Guidance
 from ddpm.variance import fixed_log_variance_table
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -18,9 +18,9 @@ import math
 
 import torch
 
+from ddpm.config.diffusion import SCHEDULES
 from ddpm.errors import InputError
 
-SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")
 MAX_BETA = 0.999
 
 

@@ -17,9 +17,9 @@ history in a checkpoint.
 
 import torch
 
+from ddpm.config.diffusion import TIMESTEP_SAMPLINGS
 from ddpm.errors import InputError
 
-TIMESTEP_SAMPLINGS = ("uniform", "importance")
 
 
 class UniformSampler:

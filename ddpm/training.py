@@ -34,53 +34,22 @@ loss, the variational bound and the tables stay float32.
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Annotated, Literal
 
 import torch
-from annotated_types import Ge, Gt, Lt
 from torch.optim.swa_utils import AveragedModel
 
 from ddpm import distributed
-from ddpm.acceleration import (COMPILE_MODES, MEMORY_FORMATS, PRECISIONS, CapturedStep, Fallback, compile_model,
+from ddpm.acceleration import (CapturedStep, Fallback, compile_model,
                                make_adamw, network, prepare_model, resolve, to_memory_format)
 from ddpm.diffusion import Diffusion
 from ddpm.distributed import SINGLE, World
-from ddpm.ema import MAX_SIGMA_REL, Averages, EMAConfig, PowerEMA, averaged_model
+from ddpm.config.training import PowerEMA, TrainConfig
+from ddpm.ema import Averages, averaged_model
 from ddpm.errors import DivergedError, InputError
 from ddpm.guidance import drop_labels
 from ddpm.objectives import training_terms
 from ddpm.pixels import to_model_range
-from ddpm.posthoc_ema import check_schedule, snapshot_steps
 from ddpm.timestep_sampling import ImportanceSampler, UniformSampler
-
-
-@dataclass
-class TrainConfig:
-    # The bounds are metadata (annotated_types) that the params schema enforces.
-    steps: Annotated[int, Ge(1)] = 20000
-    batch_size: Annotated[int, Ge(1)] = 128
-    lr: Annotated[float, Gt(0)] = 2.0e-4
-    warmup_steps: Annotated[int, Ge(0)] = 1000
-    weight_decay: Annotated[float, Ge(0)] = 0.0
-    grad_clip: Annotated[float, Ge(0)] = 1.0  # max gradient norm; 0 disables
-    ema: EMAConfig = field(default_factory=PowerEMA)  # the average that sampling uses (ddpm.ema)
-    # σ_rel of the post-hoc power EMAs
-    ema_profiles: list[Annotated[float, Gt(0), Lt(MAX_SIGMA_REL)]] = field(default_factory=lambda: [0.05, 0.10])
-    ema_snapshot_every: Annotated[int, Ge(0)] = 1000  # profiles snapshotted every N steps and after the last; 0 never
-    log_every: Annotated[int, Ge(1)] = 100
-    checkpoint_every: Annotated[int, Ge(0)] = 1000  # resumable training state saved every N steps; 0 never
-    augment: Literal["none", "hflip"] = "none"
-    precision: Literal[PRECISIONS] = "auto"  # type: ignore[valid-type]  # auto: bf16 on CUDA, fp32 on CPU; tf32: CUDA only
-    memory_format: Literal[MEMORY_FORMATS] = "auto"  # type: ignore[valid-type]  # auto: channels_last on CUDA
-    compile: Literal[COMPILE_MODES] = "auto"  # type: ignore[valid-type]  # auto: CUDA graphs (compiled where it pays) on CUDA, none on CPU
-
-    def __post_init__(self):
-        check_schedule(self.steps, self.ema_snapshot_every, self.ema_profiles)
-
-    @property
-    def snapshot_steps(self) -> list[int]:
-        """The steps after which the profiles are snapshotted (none without profiles)."""
-        return snapshot_steps(self.steps, self.ema_snapshot_every) if self.ema_profiles else []
 
 
 @dataclass
@@ -110,6 +79,13 @@ def init_state(model: torch.nn.Module, cfg: TrainConfig, seed: int, device) -> T
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     return TrainState(model, ema, optimizer, scheduler, generator, profiles)
+
+
+def learning_rate(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> float:
+    """The learning rate of the update that makes step ``step`` (counted from 1): the schedule's
+    factor after ``step - 1`` scheduler steps (``train`` steps the scheduler after each update,
+    so ``get_last_lr()`` after step k is already the rate of step k + 1)."""
+    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step - 1)
 
 
 def train(

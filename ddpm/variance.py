@@ -17,9 +17,9 @@ All functions take the diffusion ``d`` they are used with: on a respaced diffusi
 import torch
 
 from ddpm.diffusion import Diffusion, extract
+from ddpm.config.diffusion import VARIANCES
 from ddpm.errors import InputError
 
-VARIANCES = ("fixed_small", "fixed_large", "learned")
 
 
 def check_variance(variance: str) -> None:

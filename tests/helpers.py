@@ -184,3 +184,20 @@ def copy_repository(src: Path, dest: Path) -> Path:
                                     f'WHERE "{column}" LIKE ?', (str(src), str(dest), f"%{src}%"))
         con.close()
     return dest
+
+
+def stage_keys() -> dict[str, list[str]]:
+    """Each stage's declared params as its module declares them (``KEYS``, or ``STAGE_KEYS[stage]`` for a
+    module that runs two stages of dvc.yaml), for the stages that read part of params.yaml (not `check`
+    and `log`, which read all of it)."""
+    import importlib
+
+    from pipeline.experiments import deps
+
+    out = {}
+    for stage in deps.stages(REPO):
+        module = importlib.import_module(stage.module)
+        keys = getattr(module, "STAGE_KEYS", {}).get(stage.name, module.KEYS)
+        if keys != ["params.yaml:"]:
+            out[stage.name] = keys
+    return out

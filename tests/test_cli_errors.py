@@ -50,12 +50,19 @@ def test_bad_train_param(tmp_path, key, value, naming):
 
 
 def test_invalid_param_combination(tmp_path):
+    """A combination across sections (sample.steps beyond timesteps) is the check stage's, which runs first and
+    validates the whole file; a stage validates its own sections only (train reads neither sample.steps nor
+    the matrix)."""
+    from helpers import REPO
+
     workspace(tmp_path)
     p = yaml.safe_load((tmp_path / "params.yaml").read_text())
     p["sample"]["steps"] = [2, 5000]  # more than timesteps
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p))
-    result = cli(tmp_path, *TRAIN)
-    assert result.exit_code == 1 and "sample.steps" in result.stderr
+    result = cli(tmp_path, "check", "--dvc-yaml", str(REPO / "dvc.yaml"), "--out", "logs/check.json")
+    assert result.exit_code == 1 and "sample.steps [5000] must lie in [1, timesteps=" in result.stderr
+    assert not (tmp_path / "logs/check.json").exists()
+    assert cli(tmp_path, *TRAIN).exit_code == 0
 
 
 def test_batch_not_divisible_by_processes_is_checked_before_work(tmp_path, monkeypatch):
@@ -179,7 +186,7 @@ def test_report_cell_missing_or_incomplete(tmp_path):
     for s in yaml.safe_load((tmp_path / "params.yaml").read_text())["sample"]["samplers"]:  # every sampler
         for k in (2, 3):
             (cells / f"{s}-{k}.json").write_text(json.dumps({"fid": 1.0, "kid_mean": 0.1, "extractor": "x",
-                                                             "num_samples": 4}))
+                                                             "num_samples": 4, "ruler": {"id": "r"}}))
     (cells / "ddim-3.json").write_text(json.dumps({"fid": 1.0}))
     fails(tmp_path, ("report",), naming="metrics/cells/ddim-3.json lacks kid_mean", keeps=keeps)
     (cells / "ddim-3.json").write_text("{not json")

@@ -47,24 +47,24 @@ def test_bad_device_is_a_usage_error(tmp_path, command):
                                    FloatingPointError("a bug's overflow")])
 def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, error):
     """Only the project's errors become one line: a shape error or CUDA OOM from inside a stage propagates."""
-    import pipeline.prepare
+    from pipeline.stages import prepare
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(pipeline.prepare, "main", fail)
+    monkeypatch.setattr(prepare.base, "load", fail)
     result = cli(tmp_path, "prepare")
     assert result.exit_code != 0 and result.exception is error and errors(result) == []
 
 
 def test_a_project_error_from_inside_a_stage_is_one_line(tmp_path, monkeypatch):
-    import pipeline.prepare
-    from pipeline.params import ParamsError
+    from pipeline.params.base import ParamsError
+    from pipeline.stages import prepare
 
-    def fail(*args):
+    def fail(*args, **kwargs):
         raise ParamsError("data.root: not a folder")
 
-    monkeypatch.setattr(pipeline.prepare, "main", fail)
+    monkeypatch.setattr(prepare.base, "load", fail)
     result = cli(tmp_path, "prepare")
     assert result.exit_code == 1 and errors(result) == ["error: data.root: not a folder"]
     assert isinstance(result.exception, SystemExit)

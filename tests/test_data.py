@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from helpers import make_idx_dir, synthetic_images
-from ddpm.data import DataError, load_cifar10, load_image_folder, load_mnist_like, load_split, save_split
+from ddpm.data import DataError, load_split, save_split
+from ddpm.datasets import load_cifar10, load_image_folder, load_mnist_like
 
 
 @pytest.mark.parametrize("compress", [True, False])

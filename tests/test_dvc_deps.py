@@ -1,127 +1,100 @@
-"""Every stage of dvc.yaml depends on exactly the project files it imports, so that nothing
-goes stale silently and an edit re-runs only the stages that run the edited code (a sampler
-edit never retrains). The stages, their commands and their deps are read from dvc.yaml, and
-each stage's import closure is computed from its command (``python -m pipeline <command>``
-through the dispatch in pipeline/cli.py): a new stage or module needs no change here, only
-its deps in dvc.yaml."""
-
-import ast
-import shlex
-from pathlib import Path
+"""Every stage of dvc.yaml depends on exactly the project files it imports, so that nothing goes
+stale silently and an edit re-runs only the stages that run the edited code (a sampler edit never
+retrains). The stages, their commands and their deps are read from dvc.yaml, and each stage's
+import closure is computed from its command (``python -m pipeline.stages.<stage>``) by
+``pipeline.experiments.deps``: a new stage or module needs no change here, only its deps in
+dvc.yaml (``python -m pipeline deps --write``)."""
 
 import pytest
-import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("ddpm", "pipeline")
-# Folders a stage reads whole, not only the modules it imports: the log stage copies the
-# ddpm package into the MLflow model it logs (code_paths), so any file of it changes that model.
-READ_WHOLE = {"log": ["ddpm"]}
+from helpers import REPO
+from pipeline.experiments import deps
+
+STAGES = {s.name: s for s in deps.stages(REPO)}
 
 
-def module_file(name: str) -> Path | None:
-    """The file of module ``name`` when it is one of the project's (a module or a package)."""
-    parts = name.split(".")
-    if parts[0] not in PACKAGES:
-        return None
-    base = REPO.joinpath(*parts)
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    return None
-
-
-def module_name(path: Path) -> str:
-    rel = path.relative_to(REPO).with_suffix("")
-    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
-    return ".".join(parts)
-
-
-def imported(nodes) -> set[str]:
-    """Module names the import statements among ``nodes`` load (``from a import b`` loads ``a``,
-    and ``a.b`` when ``b`` is a module)."""
-    names = set()
-    for node in nodes:
-        if isinstance(node, ast.Import):
-            names |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names |= {f"{node.module}.{alias.name}" for alias in node.names}
-    return names
-
-
-def command_name(fn: ast.FunctionDef) -> str | None:
-    """The Typer command a function of pipeline/cli.py defines (None when it is no command)."""
-    for dec in fn.decorator_list:
-        if isinstance(dec, ast.Call) and isinstance(dec.func, ast.Attribute) and dec.func.attr == "command":
-            if dec.args and isinstance(dec.args[0], ast.Constant):
-                return dec.args[0].value
-            return fn.name.replace("_", "-")
-    return None
-
-
-def cli_imports(command: str) -> set[str]:
-    """What ``python -m pipeline <command>`` imports from pipeline/cli.py: its module-level imports,
-    those of every function that is not a command (decorators, callbacks), and its command's."""
-    tree = ast.parse((REPO / "pipeline/cli.py").read_text())
-    nodes, found = list(tree.body), False
-    for fn in [n for n in tree.body if isinstance(n, ast.FunctionDef)]:
-        name = command_name(fn)
-        if name is None or name == command:
-            nodes += list(ast.walk(fn))
-            found = found or name == command
-    assert found, f"pipeline/cli.py has no command {command!r}"
-    return imported(n for n in nodes if isinstance(n, (ast.Import, ast.ImportFrom)))
-
-
-def closure(command: str) -> set[str]:
-    """The project files ``python -m pipeline <command>`` imports (package __init__ files included)."""
-    todo = {"pipeline", "pipeline.__main__", *cli_imports(command)}
-    files: set[Path] = {REPO / "pipeline/cli.py"}
-    seen = set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = module_file(name)
-        if path is None:
-            continue
-        parts = name.split(".")
-        todo |= {".".join(parts[:i]) for i in range(1, len(parts))}  # importing a.b runs a/__init__.py
-        if path in files:
-            continue
-        files.add(path)
-        if path != REPO / "pipeline/cli.py":
-            todo |= imported(ast.walk(ast.parse(path.read_text())))
-    return {str(f.relative_to(REPO)) for f in files}
-
-
-def stage_command(cmd: str) -> str:
-    tokens = shlex.split(cmd)
-    i = next(i for i in range(len(tokens) - 1) if tokens[i] == "-m" and tokens[i + 1] == "pipeline")
-    return tokens[i + 2]
-
-
-def stages() -> dict:
-    return yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-
-
-@pytest.mark.parametrize("stage", list(stages()))
+@pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_depends_on_exactly_what_it_imports(stage):
-    spec = stages()[stage]
-    command = stage_command(spec["cmd"])
-    whole = READ_WHOLE.get(stage, [])
-    expected = {f for f in closure(command) if not any(f.startswith(w + "/") for w in whole)} | set(whole)
-    declared = {d for d in spec.get("deps", []) if d.split("/")[0] in PACKAGES}
-    assert declared == expected, (f"stage {stage!r} (python -m pipeline {command}): "
-                                  f"missing {sorted(expected - declared)}, not imported {sorted(declared - expected)}")
+    spec = STAGES[stage]
+    expected = deps.expected(REPO, spec)
+    assert set(spec.declared) == expected, (f"stage {stage!r} (python -m {spec.module}): "
+                                            f"missing {sorted(expected - spec.declared)}, "
+                                            f"not imported {sorted(spec.declared - expected)}")
+
+
+def test_every_stage_runs_its_own_module():
+    """A stage's command is its own module, not the command line that holds every command."""
+    for name, spec in STAGES.items():
+        assert spec.module.startswith("pipeline.stages."), (name, spec.module)
+        assert "pipeline/cli.py" not in deps.closure(REPO, spec.module), name
 
 
 def test_a_sampler_edit_reaches_only_the_sampling_stages():
-    users = {name for name, spec in stages().items()
-             if "ddpm/samplers.py" in spec.get("deps", []) or "ddpm" in spec.get("deps", [])}
-    sampling = {name for name, spec in stages().items() if stage_command(spec["cmd"]) == "sample"}
+    users = {name for name, spec in STAGES.items() if spec.reads("ddpm/samplers.py")}
+    sampling = {name for name, spec in STAGES.items() if spec.module == "pipeline.stages.sample"}
     assert sampling >= {"sample", "sample_guided"} and users == sampling | {"log"}, users
     assert not {"prepare", "classifier", "train"} & users
+
+
+def test_the_closure_follows_imports_inside_functions_and_templates(tmp_path):
+    """Imports inside a function count (they run when it does), and so do the templates a module renders
+    and those they extend."""
+    (tmp_path / "pipeline/rendering/templates").mkdir(parents=True)
+    (tmp_path / "ddpm").mkdir()
+    for f in ("pipeline/__init__.py", "pipeline/rendering/__init__.py", "ddpm/__init__.py", "ddpm/b.py"):
+        (tmp_path / f).write_text("")
+    (tmp_path / "pipeline/a.py").write_text("TEMPLATES = ('x.md.j2',)\ndef f():\n    from ddpm import b\n")
+    (tmp_path / "pipeline/rendering/templates/x.md.j2").write_text('{% extends "base.md.j2" %}')
+    (tmp_path / "pipeline/rendering/templates/base.md.j2").write_text("")
+    assert deps.closure(tmp_path, "pipeline.a") == {
+        "pipeline/__init__.py", "pipeline/a.py", "ddpm/__init__.py", "ddpm/b.py",
+        "pipeline/rendering/templates/x.md.j2", "pipeline/rendering/templates/base.md.j2"}
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the project modules it imports (anywhere in it, as the closures count them)."""
+    import ast
+
+    graph = {}
+    for f in deps.source_files(REPO):
+        if not f.endswith(".py"):
+            continue
+        path = REPO / f
+        name = deps.module_name(REPO, path)
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = {deps.module_name(REPO, p) for m in deps.imported(ast.parse(path.read_text()), package)
+                   if (p := deps.module_file(REPO, m)) is not None}
+        graph[name] = targets - {name}
+    return graph
+
+
+def test_no_import_circles():
+    """No two modules import each other, however indirectly (imports inside functions count)."""
+    graph, circles = import_graph(), []
+
+    def reach(start: str) -> set[str]:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph.get(m, ())
+        return seen
+
+    for module in graph:
+        if module in reach(module):
+            circles.append(module)
+    assert not circles, f"modules on an import circle: {sorted(circles)}"
+
+
+def test_the_library_imports_no_glue():
+    """ddpm is tensors in, tensors out: it never imports the pipeline, YAML, Typer, DVC, MLflow or a benchmark
+    peer (diffusers)."""
+    import ast
+
+    forbidden = ("pipeline", "benchmarks", "yaml", "typer", "click", "dvc", "mlflow", "diffusers")
+    for f in deps.source_files(REPO):
+        if f.startswith("ddpm/") and f.endswith(".py"):
+            names = deps.imported(ast.parse((REPO / f).read_text()), "ddpm")
+            bad = sorted(n for n in names if n.split(".")[0] in forbidden)
+            assert not bad, (f, bad)

@@ -112,3 +112,19 @@ def test_push_then_pull_restores_a_clone(repo, tmp_path):
               "samples/ddim-3/grid.png"):
         assert (clone / f).read_bytes() == (root / f).read_bytes(), f
     assert set(json.loads(sh(["dvc", "status", "--json"], clone, env))) <= {"check", "log"}
+
+
+def test_an_edit_of_the_unet_keeps_the_ruler_and_the_data(repo):
+    """`dvc status` after a one-line edit of ddpm/unet.py: train and what comes after it are stale; the data,
+    the FID classifier, its reference statistics and the real-data floor (the ruler) are up to date. An edit
+    of the report re-runs the report alone (check and log run every time)."""
+    root, env = repo
+    unet = root / "ddpm/unet.py"
+    unet.write_text(unet.read_text() + "# an edit\n")
+    stale = set(json.loads(sh(["dvc", "status", "--json"], root, env)))
+    assert {"train", "ema", "sample@ddpm-3", "nll"} <= stale, stale
+    assert not {"prepare", "classifier", "fid_ref", "fid_floor"} & stale, stale
+    sh(["git", "checkout", "ddpm/unet.py"], root, env)
+    report = root / "pipeline/stages/report.py"
+    report.write_text(report.read_text() + "# an edit\n")
+    assert set(json.loads(sh(["dvc", "status", "--json"], root, env))) == {"check", "report", "log"}

@@ -33,7 +33,7 @@ def test_an_edit_of_a_command_that_is_no_stage_reruns_no_stage(costs):
     from pipeline import cli
 
     modules = [m for name, (m, _) in cli.COMMANDS.items() if name not in cli.STAGES]
-    assert {"pipeline.experiments.study", "pipeline.commands.export", "pipeline.experiments.compare",
+    assert {"pipeline.experiments.study_commands", "pipeline.commands.export", "pipeline.experiments.compare",
             "pipeline.experiments.exp_run"} <= set(modules)
     files = ["pipeline/cli.py", "pipeline/__main__.py"] + [deps.module_file(REPO, m).relative_to(REPO).as_posix()
                                                            for m in modules]

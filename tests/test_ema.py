@@ -14,11 +14,11 @@ from tiny import CLASSES, cli, errors, workspace, write_params
 
 from ddpm.checkpoint import load_checkpoint
 from ddpm.data import Split, save_split
-from ddpm.ema import (MAX_SIGMA_REL, FixedEMA, PowerEMA, WarmupEMA, averaged_model, averaged_weights, decay,
+from ddpm.config.training import MAX_SIGMA_REL, MAX_SNAPSHOTS, check_schedule, snapshot_steps
+from ddpm.ema import (FixedEMA, PowerEMA, WarmupEMA, averaged_model, averaged_weights, decay,
                       sigma_rel_to_gamma)
 from ddpm.model import ModelSpec
-from ddpm.posthoc_ema import (MAX_SNAPSHOTS, check_schedule, posthoc_ema, power_profile, snapshot, snapshot_steps,
-                              solve, solve_coefficients)
+from ddpm.posthoc_ema import (posthoc_ema, power_profile, snapshot, solve, solve_coefficients)
 from ddpm.training import TrainConfig, init_state, train
 from ddpm.unet import UNetConfig
 
@@ -304,8 +304,8 @@ def test_ema_stage_refuses_foreign_or_corrupt_snapshots(tmp_path):
 
 
 def test_fid_against_sigma_rel_across_experiments(tmp_path):
-    from pipeline import ema_sweep
-    from pipeline.compare import _revisions
+    from pipeline.experiments import ema_sweep
+    from pipeline.experiments.compare import _revisions
 
     def rev(name, ema, fid, weights="ema"):
         return {"rev": name * 40 if len(name) == 1 else name, "name": name, "data": {

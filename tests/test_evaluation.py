@@ -18,14 +18,14 @@ from ddpm import metrics as M
 from ddpm.checkpoint import save_checkpoint
 from ddpm.classifier import Classifier, ClassifierConfig, train_classifier
 from ddpm.data import DataError, Split, save_split
-from pipeline import fid as fid_stage
-from pipeline import fid_floor as floor_stage
-from pipeline import fid_ref as ref_stage
-from pipeline import report as report_stage
+from helpers import stage_keys
 from pipeline.cli import app
-from pipeline.compare import experiment_rows, render
-from pipeline.params import STAGE_PARAMS
-from pipeline.strip import StripRecorder
+from pipeline.experiments.compare import experiment_rows, render
+from pipeline.images import StripRecorder
+from pipeline.stages import fid as fid_stage
+from pipeline.stages import fid_floor as floor_stage
+from pipeline.stages import fid_ref as ref_stage
+from pipeline.stages import report as report_stage
 
 
 def write_classifier(path: Path, seed: int, steps: int = 0) -> Path:
@@ -174,10 +174,10 @@ def _stage_files(tmp_path: Path, idx_dir: Path, seed: int) -> tuple[Path, Path, 
 def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, idx_dir, classifier):
     test, samples, params = _stage_files(tmp_path, idx_dir, seed=5)
     ref_dir, cell = tmp_path / "reference", tmp_path / "cell.json"
-    ref_stage.main(params, test, classifier, ref_dir, "cpu")
+    ref_stage.main(params, test, classifier, ref_dir, "cpu", debug=True)
     first = torch.load(ref_dir / "stats.pt", weights_only=True)
     assert first["mu"].shape == (16,) and first["sigma"].shape == (16, 16) and first["num_images"] == 64
-    fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu")
+    fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu", debug=True)
     m = json.loads(cell.read_text())
     assert {"fid", "kid_mean", "precision", "recall", "isc_mean"} <= m.keys() and m["reference_images"] == 64
 
@@ -186,14 +186,14 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     for n, zero in ((64, True), (16, False)):
         p["sample"]["num_samples"] = n
         params.write_text(yaml.safe_dump(p))
-        floor_stage.main(params, test, ref_dir / "stats.pt", classifier, tmp_path / "floor.json", "cpu")
+        floor_stage.main(params, test, ref_dir / "stats.pt", classifier, tmp_path / "floor.json", "cpu", debug=True)
         floor = json.loads((tmp_path / "floor.json").read_text())["floor"]
         assert floor["num_images"] == n and floor["reference_images"] == 64
         assert (abs(floor["fid"]) < 1e-6) == zero and floor["recall"] > 0.5
 
     # another data set: the statistics change with it
     test2, _, _ = _stage_files(tmp_path / "b", idx_dir, seed=6)
-    ref_stage.main(params, test2, classifier, tmp_path / "reference2", "cpu")
+    ref_stage.main(params, test2, classifier, tmp_path / "reference2", "cpu", debug=True)
     second = torch.load(tmp_path / "reference2" / "stats.pt", weights_only=True)
     assert second["key"]["data_sha256"] != first["key"]["data_sha256"]
     assert not torch.allclose(second["mu"], first["mu"])
@@ -201,15 +201,15 @@ def test_reference_statistics_are_recomputed_and_stale_ones_refused(tmp_path, id
     # another extractor (weights) without re-running fid_ref: refused, not silently reused (also by the floor)
     other = write_classifier(tmp_path / "other.pt", seed=2)
     with pytest.raises(DataError, match="another weights_sha256.*fid_ref"):
-        fid_stage.main(params, samples, ref_dir / "stats.pt", other, cell, "cpu")
+        fid_stage.main(params, samples, ref_dir / "stats.pt", other, cell, "cpu", debug=True)
     with pytest.raises(DataError, match="another weights_sha256.*fid_ref"):
-        floor_stage.main(params, test, ref_dir / "stats.pt", other, tmp_path / "floor.json", "cpu")
+        floor_stage.main(params, test, ref_dir / "stats.pt", other, tmp_path / "floor.json", "cpu", debug=True)
     p = yaml.safe_load(params.read_text())
     p["fid"]["extractor"] = "inception-v3-compat"
     p["fid"]["weights_path"] = str(other)  # any existing file: the check comes before loading it
     params.write_text(yaml.safe_dump(p))
     with pytest.raises(DataError, match="another extractor"):
-        fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu")
+        fid_stage.main(params, samples, ref_dir / "stats.pt", classifier, cell, "cpu", debug=True)
 
 
 def test_dvc_recomputes_the_reference_when_its_inputs_change():
@@ -217,17 +217,17 @@ def test_dvc_recomputes_the_reference_when_its_inputs_change():
     ref, floor, fid = stages["fid_ref"], stages["fid_floor"], stages["fid"]
     assert {"data/prepared/test.pt", "models/classifier.pt", "ddpm/metrics.py",
             "ddpm/classifier.py"} <= set(ref["deps"]) and "data/prepared/train.pt" not in ref["deps"]
-    assert ref["params"] == STAGE_PARAMS["fid_ref"] and "fid.extractor" in ref["params"]
+    assert ref["params"] == stage_keys()["fid_ref"] and "fid.extractor" in ref["params"]
     assert not any(k.startswith("sample") for k in ref["params"])  # a sampling change keeps the reference
     assert ref["outs"] == ["data/reference"] and "metrics" not in ref
     # the real-data floor: sample.num_samples training images against the reference, re-run by sampling params
     assert {"data/prepared/train.pt", "data/reference/stats.pt", "models/classifier.pt"} <= set(floor["deps"])
-    assert {"sample.num_samples", "sample.seed"} <= set(floor["params"]) == set(STAGE_PARAMS["fid_floor"])
+    assert {"sample.num_samples", "sample.seed"} <= set(floor["params"]) == set(stage_keys()["fid_floor"])
     assert floor["metrics"] == [{"metrics/fid_floor.json": {"cache": False}}]
     assert "metrics/fid_floor.json" in stages["report"]["deps"]
     assert "data/reference/stats.pt" in fid["deps"] and "data/prepared/test.pt" not in fid["deps"]
     assert "--reference data/reference/stats.pt" in fid["cmd"]
-    assert stages["report"]["params"] == STAGE_PARAMS["report"]
+    assert stages["report"]["params"] == stage_keys()["report"]
 
 
 # ----------------------------------------------------------------------------- strips
@@ -255,6 +255,9 @@ def _png(path: Path, shade: int) -> None:
     Image.new("L", (10, 10), shade).save(path)
 
 
+RULER = {"id": "0123456789ab", "extractor": "ddpm-classifier", "weights_sha256": "1" * 64, "reference_sha256": "2" * 64}
+
+
 def test_report_from_recorded_metrics(tmp_path, idx_dir):
     params = tmp_path / "params.yaml"
     p = tiny_params(idx_dir)
@@ -267,7 +270,7 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
         (cells / f"{s}-{k}.json").write_text(json.dumps(
             {"sampler": s, "steps": k, "num_samples": 24, "reference_images": 128, "extractor": "ddpm-classifier",
              "fid": f, "kid_mean": f / 1000, "kid_std": 0.001, "precision": 0.5, "recall": 0.25, "f_score": 0.33,
-             "isc_mean": 3.0, "isc_std": 0.1}))
+             "isc_mean": 3.0, "isc_std": 0.1, "ruler": RULER}))
     (tmp_path / "metrics" / "classifier.json").write_text(json.dumps({"classifier": {"test_accuracy": 0.9123}}))
     (tmp_path / "metrics" / "floor.json").write_text(json.dumps(
         {"floor": {"fid": 0.79, "precision": 0.7, "recall": 0.89, "num_images": 400, "reference_images": 128}}))
@@ -281,8 +284,9 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
         report_stage.main(params, cells, tmp_path / "metrics" / "fid.json", tmp_path / "plots" / "fid.csv",
                           r / "fid_vs_steps.png", r / "report.md", r / "report.html", classifier_metrics,
                           tmp_path / "loss.csv", r / "train_loss.png", tmp_path / "samples",
-                          sweep_csv=tmp_path / "plots" / "sweep.csv", sweep_figure=r / "sweep.png",
-                          floor_metrics=tmp_path / "metrics" / "floor.json")
+                          tmp_path / "metrics" / "ema.json", tmp_path / "plots" / "sigma.csv",
+                          tmp_path / "plots" / "sweep.csv", r / "sweep.png", tmp_path / "metrics" / "floor.json",
+                          tmp_path / "metrics" / "nll.json", tmp_path / "metrics" / "denoise.json", debug=True)
 
     # the ddpm-classifier extractor's accuracy is required, and checked before anything is written
     with pytest.raises(FileNotFoundError, match="accuracy belongs in the report"):
@@ -291,7 +295,7 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     report(tmp_path / "metrics" / "classifier.json")
 
     fid = json.loads((tmp_path / "metrics" / "fid.json").read_text())
-    assert fid == {"best": {"fid": 9.75, "sampler": "ddim", "steps": 3},
+    assert fid == {"best": {"fid": 9.75, "sampler": "ddim", "steps": 3}, "ruler": RULER["id"],
                    "fid": {"ddpm": {"2": 31.5, "3": 20.25}, "ddim": {"2": 12.0, "3": 9.75}}}
     csv = (tmp_path / "plots" / "fid.csv").read_text().splitlines()  # the rest of each cell: a plot
     assert csv[0] == "sampler,steps,fid,kid_mean,precision,recall,isc_mean,line"
@@ -371,13 +375,32 @@ def test_compare_on_recorded_experiments(tmp_path):
     assert len(json.loads((tmp_path / "compare.json").read_text())) == 4
 
 
+def test_compare_flags_fids_measured_with_different_rulers():
+    """Two experiments whose FIDs come from different rulers (another classifier's weights, say): the table
+    says so, marks the odd one, and the pivot compares only the experiments of one ruler."""
+    show = exp_show_fixture(with_bpd=False)
+    for node, ruler in ((show[1], "aaaaaaaaaaaa"), (show[1]["experiments"][0]["revs"][0], "aaaaaaaaaaaa"),
+                        (show[1]["experiments"][1]["revs"][0], "bbbbbbbbbbbb"), (show[0], "aaaaaaaaaaaa")):
+        node["data"]["metrics"]["metrics/fid.json"]["data"]["ruler"] = ruler
+    rows = experiment_rows(show, ["schedule", "prediction"])
+    assert {r["experiment"]: r["ruler"] for r in rows}["v-exp"] == "bbbbbbbbbbbb"
+    text = render(rows, "schedule", "prediction", [])
+    assert "measured with 2 different rulers" in text and "| bbbbbbbbbbbb † |" in text
+    pivot = text.split("## schedule × prediction")[1]
+    assert "| schedule \\ prediction | eps |" in pivot and "25.000" not in pivot  # v-exp's FID is left out
+    # one ruler: no warning, no column
+    same = experiment_rows(exp_show_fixture(with_bpd=False), ["schedule", "prediction"])
+    assert "different rulers" not in render(same, "schedule", "prediction", []) and "ruler" not in render(
+        same, "schedule", "prediction", [])
+
+
 def test_compare_reports_a_missing_file_in_one_line(tmp_path):
     res = CliRunner().invoke(app, ["compare", "--exp-json", str(tmp_path / "nope.json")])
     assert res.exit_code == 1 and "does not exist" in res.output
 
 
 def test_progress_off_a_terminal_writes_whole_lines(capsys):
-    from pipeline.common import progress
+    from pipeline.progress import progress
 
     with progress(3, "extract") as bar:
         for _ in range(3):

@@ -26,14 +26,16 @@ from ddpm.data import load_split
 from ddpm.diffusion import (Diffusion, eps_from_x0, q_posterior_mean_variance, respace, timestep_subsequence,
                             v_from_x0_eps, x0_from_eps)
 from ddpm.evaluation import denoising_mse
-from ddpm.guidance import Guidance, balanced_labels, drop_labels, guided_eps, with_label
+from ddpm.config.sampling import Guidance
+from ddpm.guidance import balanced_labels, drop_labels, guided_eps, with_label
 from ddpm.model import ModelSpec, load_model
 from ddpm.pixels import to_model_range
 from ddpm.samplers import _denoiser, sample
 from ddpm.training import TrainConfig, init_state, train
 from ddpm.unet import UNet, UNetConfig
 from ddpm.variance import learned_log_variance
-from pipeline.params import ParamsError, parse_params
+from pipeline.params.base import ParamsError
+from pipeline.params.schema import parse_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,7 +12,7 @@ from test_resume import inject
 from tiny import cli, workspace
 
 import ddpm.training
-from pipeline.live import image_steps
+from pipeline.tracking.live import image_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -14,7 +14,9 @@ from helpers import tiny_params
 from ddpm.checkpoint import load_checkpoint
 from ddpm.model import load_model
 from pipeline.cli import app
-from pipeline.params import ParamsError, for_stage, parse_params
+from pipeline.params.base import ParamsError, for_stage
+from pipeline.params.schema import parse_params
+from pipeline.stages import nll as nll_stage
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,7 +38,7 @@ def test_invalid_ablation_params_rejected(idx_dir, changes, match):
 
 
 def test_nll_stage_reads_only_nll(idx_dir):
-    view = for_stage(parse_params(tiny_params(idx_dir)), "nll")
+    view = for_stage(parse_params(tiny_params(idx_dir)), nll_stage.KEYS, "nll")
     assert view.nll.num_images >= 1
     with pytest.raises(AttributeError, match="does not declare"):
         view.timesteps

@@ -3,7 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import STAGE_PARAMS, ParamsError, for_stage, load_params, parse_params
+from helpers import stage_keys
+from pipeline.params.base import ParamsError, for_stage
+from pipeline.params.schema import load_params, parse_params
+from pipeline.stages import sample
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +78,7 @@ def test_missing_file(tmp_path):
 
 def test_stage_view_refuses_undeclared_reads():
     p = load_params(REPO / "params.yaml")
-    v = for_stage(p, "sample", sampler="ddim")
+    v = for_stage(p, sample.KEYS, "sample", sampler="ddim")
     assert v.sample.num_samples == p.sample.num_samples
     assert v.samplers["ddim"].kind == "ddim"
     with pytest.raises(AttributeError, match="does not declare"):
@@ -86,7 +89,7 @@ def test_stage_view_refuses_undeclared_reads():
 
 def test_dvc_yaml_declares_exactly_what_stages_read():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    for name, declared in STAGE_PARAMS.items():
+    for name, declared in stage_keys().items():
         assert stages[name]["params"] == declared, name
     # every stage uses the library (if only through the params schema) and depends on what it imports of it
     # (exactly: tests/test_dvc_deps.py)

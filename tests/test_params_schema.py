@@ -18,7 +18,8 @@ import yaml
 from helpers import REPO
 from tiny import cli, errors, workspace
 
-from pipeline.params import STAGE_PARAMS, Params
+from helpers import stage_keys
+from pipeline.params.schema import Params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -153,10 +154,11 @@ def stage_commands(raw: dict) -> dict[str, tuple[list[str], list[str]]]:
     out = {}
     for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
         args = shlex.split(fill(stage["cmd"]))
-        assert args[:3] == ["python", "-m", "pipeline"], stage["cmd"]
+        assert args[:2] == ["python", "-m"] and args[2].startswith("pipeline.stages."), stage["cmd"]
+        command = args[2].removeprefix("pipeline.stages.").replace("_", "-")  # python -m pipeline <command>
         outs = [fill(next(iter(e)) if isinstance(e, dict) else e)
                 for kind in ("outs", "metrics", "plots") for e in stage.get(kind) or []]
-        out[name] = (args[3:], outs)
+        out[name] = ([command, *args[3:]], outs)
     return out
 
 
@@ -165,7 +167,7 @@ def readers(key: str) -> list[str]:
     def declares(declared: str) -> bool:
         declared = declared.replace("${item.sampler}", key.split(".")[1] if key.startswith("samplers.") else "")
         return key == declared or key.startswith(declared + ".") or declared.startswith(key + ".")
-    return [stage for stage, keys in STAGE_PARAMS.items() if any(declares(k) for k in keys)]
+    return [stage for stage, keys in stage_keys().items() if any(declares(k) for k in keys)]
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -3,7 +3,7 @@ and `make gpu-check` in CI size."""
 
 import pytest
 
-from pipeline.common import Estimate
+from pipeline.progress import Estimate
 
 
 def test_estimate_is_said_once_after_the_first_steps():
@@ -116,7 +116,7 @@ def test_image_grid_is_torchvisions(tmp_path, shape, nrow):
     import torch
     from torchvision.utils import save_image
 
-    from pipeline.common import write_image_grid
+    from pipeline.images import write_image_grid
 
     images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     write_image_grid(tmp_path / "grid.png", images, nrow=nrow)

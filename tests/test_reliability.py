@@ -21,8 +21,10 @@ from test_data import write_cifar
 from tiny import cli, errors, python, subprocess_env, workspace
 
 import ddpm.files
-from ddpm.data import DataError, load_cifar10, load_mnist_like
-from pipeline.params import ParamsError, parse_params
+from ddpm.data import DataError
+from ddpm.datasets import load_cifar10, load_mnist_like
+from pipeline.params.base import ParamsError
+from pipeline.params.schema import parse_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -270,7 +272,7 @@ def test_a_kill_between_sample_writes_leaves_the_old_cell_whole(trained):
     params = (trained / "params.yaml").read_text()
     try:
         set_params(trained, lambda p: p["sample"].update(seed=7))  # other samples
-        kill_at_grid = ("import os, signal, pipeline.common as c\n"
+        kill_at_grid = ("import os, signal, pipeline.images as c\n"
                         "c.write_image_grid = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)\n"
                         "from pipeline.cli import app\napp()\n")
         r = subprocess.run(python("-c", kill_at_grid, *SAMPLE, "--out", "cells/ddim-2"), cwd=trained,

@@ -260,7 +260,8 @@ def test_params_name_every_sampler_kind_and_reject_bad_options():
 
     import yaml
 
-    from pipeline.params import ParamsError, load_params, parse_params
+    from pipeline.params.base import ParamsError
+    from pipeline.params.schema import load_params, parse_params
 
     path = Path(__file__).resolve().parents[1] / "params.yaml"
     p = load_params(path)

@@ -129,7 +129,7 @@ def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
 
 
 def test_the_cpu_preset_is_read_from_the_makefile():
-    from pipeline.study import StudyError, preset_overrides
+    from pipeline.experiments.study import StudyError, preset_overrides
 
     values = preset_overrides("cpu", REPO)
     text = (REPO / "Makefile").read_text()
@@ -208,20 +208,44 @@ def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo
     assert "4 done, 0 queued or running, 0 to queue" in out and "nothing to run" in out, out
     assert queue_status(root, env) == before
 
-    # a code edit makes every run stale: none of them is found any more
-    from pipeline import study_dvc
-    from pipeline.study import load, match
+    # a run is stale when one of its stages would run again: an edit of a command that is no stage leaves
+    # every run done, an edit of the sampler makes every run stale
+    from pipeline.experiments import study_queue
+    from pipeline.experiments.study import load, match
 
     monkeypatch.chdir(root)
     plan = load(Path("studies/tiny.yaml"))
-    assert len(match(plan, study_dvc.exp_show(), study_dvc.same_code_check())) == 4
-    samplers = root / "ddpm/samplers.py"
-    source = samplers.read_text()
-    samplers.write_text(source + "# an edit\n")
+    assert len(match(plan, study_queue.exp_show(), study_queue.current_check())) == 4
+    for path, found in (("pipeline/experiments/compare.py", 4), ("ddpm/samplers.py", 0)):
+        source = (root / path).read_text()
+        (root / path).write_text(source + "# an edit\n")
+        try:
+            assert len(match(plan, study_queue.exp_show(), study_queue.current_check())) == found, path
+        finally:
+            (root / path).write_text(source)
+
+
+@E2E
+def test_a_report_only_edit_reruns_only_the_report_stages(repo):
+    """After an edit of the report stage, the run is stale (its report stage would run again), and running it
+    again re-runs the report (check and log run every time): every stage before it, train included, comes from
+    DVC's run-cache."""
+    root, env = repo
+    (root / "studies/one.yaml").write_text("base:\n  set: ['sample.samplers=[ddpm,ddim]', 'sample.steps=[3]']\n"
+                                           "experiments:\n  baseline: []\nseeds: [0]\n")
+    assert "1 done, 0 queued or running, 0 to queue" in study(root, env, "run", "studies/one.yaml", "--dry")
+    report = root / "pipeline/stages/report.py"
+    source = report.read_text()
+    report.write_text(source + "# an edit of the report alone\n")
     try:
-        assert match(plan, study_dvc.exp_show(), study_dvc.same_code_check()) == {}
+        out = study(root, env, "run", "studies/one.yaml", "--poll", "1")
     finally:
-        samplers.write_text(source)
+        report.write_text(source)
+    assert "0 done, 0 queued or running, 1 to queue" in out, out
+    assert "one-baseline-0: running stage report" in out and "running stage train" not in out, out
+    assert "one-baseline-0: stage train restored from the run-cache" in out, out
+    ran = re.findall(r"one-baseline-0: running stage (\S+)", out)
+    assert set(ran) == {"check", "report", "log"}, ran
 
 
 @E2E
@@ -229,7 +253,7 @@ def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypat
     """One run lost, one left queued (as a killed `study run` leaves it): the next `study run` queues the
     lost one, follows the queued one, and DVC's run-cache restores every stage of both."""
     root, env = repo
-    from pipeline.study import load
+    from pipeline.experiments.study import load
 
     monkeypatch.chdir(root)
     plan = {r.name: r for r in load(Path("studies/tiny.yaml")).runs}
@@ -260,7 +284,7 @@ def test_a_run_that_fails_is_named_with_its_error(repo):
 
 
 def test_a_follower_names_the_experiment_that_failed(tmp_path):
-    from pipeline.study_dvc import Follower
+    from pipeline.experiments.study_queue import Follower
 
     log = tmp_path / "a.out"
     log.write_text("Running stage 'check':\nStage 'prepare' is cached - skipping run, checking out outputs\n"
@@ -275,3 +299,16 @@ def test_a_follower_names_the_experiment_that_failed(tmp_path):
     assert any("s-a-0: FAILED (error: training diverged at step 7 (loss nan)) [1/2]" in line for line in lines), lines
     assert any("s-b-0: done in" in line and "[2/2]" in line for line in lines), lines
     assert f.finished() and f.state == {"s-a-0": "failed", "s-b-0": "success"}
+
+
+def test_a_study_measured_with_two_rulers_is_refused():
+    """The runs of one study whose FIDs come from different rulers: no mean, no verdict, one line naming them."""
+    from types import SimpleNamespace
+
+    from pipeline.experiments.study import StudyError
+    from pipeline.experiments.study_report import check_rulers
+
+    rows = {"s-a-0": {"ruler": "aaaaaaaaaaaa"}, "s-a-1": {"ruler": "aaaaaaaaaaaa"}, "s-b-0": {"ruler": "bbbbbbbbbbbb"}}
+    with pytest.raises(StudyError, match=r"2 different rulers \(aaaaaaaaaaaa: s-a-0, s-a-1; bbbbbbbbbbbb: s-b-0\)"):
+        check_rulers(SimpleNamespace(name="s"), rows)
+    check_rulers(SimpleNamespace(name="s"), {k: v for k, v in rows.items() if k != "s-b-0"})

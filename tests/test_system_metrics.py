@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from pipeline import system_metrics
+from pipeline.tracking import system_metrics
 
 
 @pytest.fixture

@@ -70,7 +70,7 @@ def test_http_defaults_are_read_by_mlflow(mlflow_env):
     from mlflow.exceptions import MlflowException
     from mlflow.utils.rest_utils import MlflowHostCreds, http_request
 
-    from pipeline.tracking import http_defaults
+    from pipeline.tracking.client import http_defaults
 
     http_defaults()
     values = [v.get() for v in (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,

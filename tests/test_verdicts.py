@@ -8,7 +8,7 @@ import statistics
 import pytest
 from scipy import stats
 
-from pipeline.verdicts import HOLDS, NOT_ESTABLISHED, REVERSED, Difference, verdict, welch
+from pipeline.experiments.verdicts import HOLDS, NOT_ESTABLISHED, REVERSED, Difference, verdict, welch
 
 # (left, right, claim, verdict): FID-like numbers per seed
 CASES = [

@@ -17,11 +17,13 @@ import yaml
 from tiny import cli, workspace
 
 from ddpm.training import TrainConfig, init_state
-from pipeline import report
-from pipeline.common import flatten
-from pipeline.compare import experiment_rows
-from pipeline.exp_run import experiment_name
-from pipeline.train import loss_rows, lr_of_step, lr_rows
+from ddpm.training import learning_rate as lr_of_step
+from pipeline.experiments.compare import experiment_rows
+from pipeline.experiments.exp_run import experiment_name
+from pipeline.params.base import flatten
+from pipeline.rendering import figures
+from pipeline.stages import report
+from pipeline.stages.train import loss_rows, lr_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -131,10 +133,10 @@ def test_identical_samplers_are_one_line_marked_so(run):
     lines = report.same_lines(run / "samples", [s for s, _ in CELLS], [3])[0]
     with pytest.MonkeyPatch.context() as m:
         m.setattr(matplotlib.axes.Axes, "plot", plot)
-        report.plot_fid(cells, [s for s, _ in CELLS], [3], run / "fid.png", lines)
+        figures.plot_fid(cells, [s for s, _ in CELLS], [3], run / "fid.png", lines)
         assert labels == ["ddim ≈ euler", "ddpm"]
         labels.clear()  # precision vs recall: one point for the two cells too
-        report.plot_sweep(report.sweep_rows(cells, {}, [s for s, _ in CELLS], [3], []), run / "sweep.png", lines)
+        figures.plot_sweep(report.sweep_rows(cells, {}, [s for s, _ in CELLS], [3], []), run / "sweep.png", lines)
     assert labels == ["ddim ≈ euler-3", "ddpm-3"]
 
 
@@ -144,10 +146,10 @@ def test_no_guidance_labels_without_guidance(run, tmp_path):
     notes = []
     with pytest.MonkeyPatch.context() as m:
         m.setattr(matplotlib.axes.Axes, "annotate", lambda self, text, *a, **k: notes.append(text))
-        report.plot_sweep(rows, tmp_path / "sweep.png")
+        figures.plot_sweep(rows, tmp_path / "sweep.png")
         assert notes == []  # no "w=0" on every point
         guided = [dict(r, guidance="w1", w=1.0) for r in rows]
-        report.plot_sweep(rows + guided, tmp_path / "sweep.png")
+        figures.plot_sweep(rows + guided, tmp_path / "sweep.png")
     assert sorted(notes) == ["w=0"] * 3 + ["w=1"] * 3
     template = json.loads((REPO / ".dvc/plots/guidance_sweep.json").read_text())
     labels = template["layer"][1]["transform"]  # the DVC chart: text only where some w > 0
@@ -187,7 +189,7 @@ def test_the_learning_rate_of_each_step_from_step_1():
 
 def test_the_branch_of_a_dvc_experiment(tmp_path, monkeypatch):
     """`dvc exp run` detaches HEAD at the baseline commit: the branch is the repository's at that commit."""
-    from pipeline.tracking import git_branch, standard_tags
+    from pipeline.tracking.client import git_branch, standard_tags
 
     def git(*args):
         return subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True, text=True).stdout.strip()

@@ -1,1 +1,1 @@
-"""Experiments and studies: DVC experiments compared, run in studies, and the pipeline's own dependencies."""
+"""DVC experiments: compared, run with checked params, in studies; the stages' code dependencies."""

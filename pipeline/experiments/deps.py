@@ -23,6 +23,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import typer
+
 PACKAGES = ("ddpm", "pipeline")
 SOURCE_SUFFIXES = (".py", ".j2")  # code: modules and the rendering templates
 TEMPLATES_DIR = "pipeline/rendering/templates"
@@ -253,3 +255,35 @@ def table(costs: list[Cost], total: int) -> str:
     lines += ["", f"Line-weighted share of stage runs an edit re-runs: **{weighted:.3f}**; "
                   f"mean over the {len(costs)} files: {mean:.3f}."]
     return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- the command
+def main(check: bool = False, fix: bool = False, root: Path = Path(".")) -> None:
+    from pipeline.errors import OutputError
+
+    if fix:
+        changed = write(root)
+        print(f"deps: code dependencies rewritten in dvc.yaml for {', '.join(changed)}" if changed else
+              "deps: dvc.yaml's code dependencies are the stages' imports already")
+    wrong = mismatches(root)
+    if check and wrong:
+        lines = [f"{stage}: missing {missing or '[]'}, not imported {extra or '[]'}"
+                 for stage, (missing, extra) in wrong.items()]
+        raise OutputError("dvc.yaml's code dependencies differ from the stages' imports "
+                          "(python -m pipeline deps --write fixes them): " + "; ".join(lines))
+    costs, total = blast_radius(root)
+    print(table(costs, total), end="")
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def deps(check: bool = typer.Option(False, "--check", help="fail when dvc.yaml's code dependencies are not the "
+                                                            "stages' imports"),
+         fix: bool = typer.Option(False, "--write", help="rewrite dvc.yaml's code dependencies from the imports")):
+    """What an edit re-runs: every code file with the stage runs whose dependencies include it (the blast-radius
+    table), from dvc.yaml and params.yaml. Not a DVC stage."""
+    from pipeline.stages._cli import one_line
+
+    one_line(main)(check, fix)

@@ -1,0 +1,1 @@
+"""The library's named choices and configs, apart from the code that uses them (plain data and checks only)."""

@@ -9,6 +9,7 @@ each test here works in its own copy of it (``repo``), so each can run alone."""
 import json
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,28 @@ def test_an_edit_of_the_unet_keeps_the_ruler_and_the_data(repo):
     report = root / "pipeline/stages/report.py"
     report.write_text(report.read_text() + "# an edit\n")
     assert set(json.loads(sh(["dvc", "status", "--json"], root, env))) == {"check", "report", "log"}
+
+
+def test_a_pinned_ruler_stays_put(repo):
+    """`ruler pin` keeps this workspace's ruler in rulers/<extractor>-<id>/ (DVC-tracked); with fid.ruler naming
+    it, retraining the classifier (another classifier.steps, an edit of its code) recomputes no FID: the
+    classifier and fid_ref stages copy the pinned files, byte for byte, and every FID keeps its ruler."""
+    root, env = repo
+    fid = json.loads((root / "metrics/fid.json").read_text())
+    shown = json.loads(sh([sys.executable, "-m", "pipeline", "ruler"], root, env))
+    assert shown["id"] == fid["ruler"] and shown["extractor"] == "ddpm-classifier"
+    out = sh([sys.executable, "-m", "pipeline", "ruler", "pin"], root, env)
+    folder = f"rulers/ddpm-classifier-{fid['ruler']}"
+    assert f"fid.ruler: {folder}" in out and (root / f"{folder}.dvc").is_file()
+    assert json.loads((root / folder / "ruler.json").read_text())["ruler"] == shown
+    classifier = (root / "models/classifier.pt").read_bytes()
+    out = sh(["dvc", "exp", "run", "-S", f"fid.ruler={folder}", "-S", "classifier.steps=7"], root, env)
+    ran = set(re.findall(r"Running stage '([^']+)'", out))
+    assert {"classifier", "fid_ref"} <= ran and not {s for s in ran if s.startswith(("fid@", "fid_floor", "train"))}, ran
+    assert (root / "models/classifier.pt").read_bytes() == classifier
+    assert json.loads((root / "metrics/fid.json").read_text()) == fid
+    # a pinned folder changed by hand is refused before any work
+    (root / folder / "stats.pt").write_bytes(b"not the statistics")
+    r = subprocess.run(["dvc", "exp", "run", "-S", "classifier.steps=8"], cwd=root, env=env, capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and "stats.pt has changed since it was pinned" in r.stdout + r.stderr

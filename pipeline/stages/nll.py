@@ -33,6 +33,24 @@ KEYS = ["nll"]
 app = stage_app()
 
 
+def bound(model, diffusion, images: torch.Tensor, p, spec, dev) -> dict:
+    """The bound of each of ``images`` (uint8) in batches of ``nll.batch_size``, with a progress bar: the
+    per-image totals, prior and decoder terms [N], and the sum of every term per timestep [T]."""
+    g = torch.Generator(device=dev).manual_seed(p.seed)
+    parts: dict[str, list] = {"total": [], "prior": [], "decoder": [], "terms": []}
+    n = images.shape[0]
+    with progress(n * spec.timesteps, "nll") as bar:
+        for i in range(0, n, p.batch_size):
+            x0 = to_model_range(images[i:i + p.batch_size].to(dev))
+            out = nll_bits_per_dim(model, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
+                                   clip=p.clip, generator=g, progress=lambda k, b=x0.shape[0]: bar(k * b))
+            for key in ("total", "prior", "decoder"):
+                parts[key].append(out[key].cpu())
+            parts["terms"].append(out["terms"].sum(0).cpu())
+    return {"total": torch.cat(parts["total"]), "prior": torch.cat(parts["prior"]),
+            "decoder": torch.cat(parts["decoder"]), "terms": torch.stack(parts["terms"]).sum(0)}
+
+
 @app.command()
 @stage
 def main(params: Path = PARAMS,
@@ -51,34 +69,20 @@ def main(params: Path = PARAMS,
         raise InputError(f"{data}: images of shape {tuple(split.images.shape[1:])} do not fit the model in "
                          f"{checkpoint} ({spec.channels}×{spec.image_size}×{spec.image_size})")
     n = min(p.num_images, split.images.shape[0])
-    diffusion = spec.build_diffusion(dev)
     denoiser = make_denoiser(net, dev, precision=p.precision, memory_format=p.memory_format, compile=p.compile,
                              work=n * spec.timesteps, role="likelihood")
     model = with_label(denoiser, spec.num_classes) if spec.num_classes else denoiser  # p(x): the null class
-    g = torch.Generator(device=dev).manual_seed(p.seed)
-    totals, priors, decoders, terms = [], [], [], []
     start = time.perf_counter()
-    with progress(n * spec.timesteps, "nll") as bar:
-        for i in range(0, n, p.batch_size):
-            x0 = to_model_range(split.images[i:min(i + p.batch_size, n)].to(dev))
-            out = nll_bits_per_dim(model, diffusion, x0, prediction=spec.prediction, variance=spec.variance,
-                                   clip=p.clip, generator=g,
-                                   progress=lambda k, b=x0.shape[0]: bar(k * b))
-            totals.append(out["total"].cpu())
-            priors.append(out["prior"].cpu())
-            decoders.append(out["decoder"].cpu())
-            terms.append(out["terms"].sum(0).cpu())
+    b = bound(model, spec.build_diffusion(dev), split.images[:n], p, spec, dev)
     seconds = time.perf_counter() - start
-    total = torch.cat(totals)
-    bpd = total.mean().item()
-    stderr = total.std().item() / math.sqrt(n) if n > 1 else 0.0
+    bpd = b["total"].mean().item()
+    stderr = b["total"].std().item() / math.sqrt(n) if n > 1 else 0.0
     write_metrics(metrics, {"nll": {"bits_per_dim": round(bpd, 5), "bits_per_dim_stderr": round(stderr, 5),
-                                 "prior_bits_per_dim": round(torch.cat(priors).mean().item(), 7),
-                                 "decoder_bits_per_dim": round(torch.cat(decoders).mean().item(), 5),
+                                 "prior_bits_per_dim": round(b["prior"].mean().item(), 7),
+                                 "decoder_bits_per_dim": round(b["decoder"].mean().item(), 5),
                                  "test_images": n, "timesteps": spec.timesteps, "checkpoint_step": ckpt["step"],
                                  "seconds": round(seconds, 2)}})
-    mean_terms = (torch.stack(terms).sum(0) / n).tolist()
-    write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate(mean_terms)])
+    write_csv(plot, ["t", "bits_per_dim"], [(t, f"{v:.6g}") for t, v in enumerate((b["terms"] / n).tolist())])
     print(f"nll: {bpd:.4f} ± {stderr:.4f} bits/dim on {n} test images ({spec.timesteps} terms) "
           f"in {seconds:.0f} s ({denoiser.path}) → {metrics}")
 

@@ -11,7 +11,7 @@ A study file (``studies/<name>.yaml``) names
 - ``claims``: id → a comparison of one metric between two experiments (``metric: nll.bits_per_dim``,
   ``compare: cosine <= baseline``) or of two cells of one experiment (``within: baseline``,
   ``compare: fid.ddim.10 < fid.ddpm.10``), with the ``source`` it comes from, what it ``says`` in
-  words and optional ``notes`` per verdict: prose for the README that explains a verdict, where
+  words and optional ``notes`` per verdict: prose for the results page that explains a verdict, where
   ``{experiment metric}`` stands for that mean ± std of the report.
 
 Each experiment × seed is one DVC experiment named ``<study>-<experiment>-<seed>``, run with the

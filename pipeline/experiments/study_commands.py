@@ -92,8 +92,9 @@ def run_command(study: Path = STUDY_FILE,
 def report_command(study: Path = STUDY_FILE,
                    out: Path = typer.Option(Path("reports"), help="folder of study-<name>.{md,html,json} and the "
                                                                   "figure"),
-                   readme: Path = typer.Option(None, help="also regenerate the study's section of this file "
-                                                          "(between its '<!-- study <name>: begin' and end lines)"),
+                   readme: Path = typer.Option(None, help="also regenerate the study's section of this Markdown "
+                                                          "file (between its '<!-- study <name>: begin' and end "
+                                                          "lines), e.g. docs/results/study.md"),
                    tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
     """Mean ± std per experiment and cell, each claim's difference of means with its 95% Welch interval and
     verdict (holds, reversed, not established), FID vs steps with error bars; logged to MLflow as one

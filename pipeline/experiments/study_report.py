@@ -2,9 +2,10 @@
 claim's difference of means with its 95% interval and verdict (``pipeline.verdicts``), and the
 FID-vs-steps figure with error bars; written as ``reports/study-<name>.md``, ``.html`` (one file,
 the figure embedded), ``.json`` (every number) and ``study-<name>-fid.png``, and optionally as the
-README's generated section of the study (between its begin and end lines). The prose of that
+generated section of the study in a Markdown page (``--readme``, between its begin and end lines;
+for ``studies/papers.yaml`` the docs' results page ``docs/results/study.md``). The prose of that
 section is the claims' ``notes`` in the study file, for the verdict the report reached, with
-``{experiment metric}`` filled in from the report: the README types no number of its own."""
+``{experiment metric}`` filled in from the report: the page types no number of its own."""
 
 import datetime
 import shlex
@@ -238,7 +239,7 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def render_readme(doc: dict, command: str, report: str) -> str:
-    """The README's section of the study: its provenance, the verdicts with their notes, the means."""
+    """The study's generated section of a page: its provenance, the verdicts with their notes, the means."""
     return render(TEMPLATES[2], **context(doc), command=command, report=report).rstrip("\n")
 
 

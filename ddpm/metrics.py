@@ -279,12 +279,13 @@ def check_features(features: dict[str, torch.Tensor], what: str) -> None:
 
 def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *,
                           kid_subset_size: int = 1000, isc: bool = True, seed: int = 2020,
-                          device=None) -> dict[str, float]:
+                          device=None, label: str = "generated") -> dict[str, float]:
     """FID, KID (mean, std), precision/recall/F-score and Inception Score of ``generated``
     against ``reference`` (dicts from ``extract_features``; ``reference`` may carry
     ``mu``/``sigma``/``prc_radii`` from ``reference_statistics``): FID and IS by torch-fidelity,
     KID and precision/recall as torch-fidelity computes them, on ``device`` (default: the CPU).
 
+    ``label`` names the first set in messages (the real-data floor's are ``real`` images).
     Refused (one line): non-finite features (``NonFiniteError``), a set too small for a metric
     (``ddpm.config.evaluation.too_few``: KID subsets larger than a set, fewer images than the
     Inception Score's splits; ``InputError``), and a metric that comes out NaN or infinite."""
@@ -296,11 +297,11 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
         raise InputError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
                          "(were they made by the same extractor?)")
     with_isc = isc and generated.get("logits") is not None
-    for n, which, needs_isc in ((g.shape[0], "generated", with_isc), (r.shape[0], "reference", False)):
+    for n, which, needs_isc in ((g.shape[0], label, with_isc), (r.shape[0], "reference", False)):
         short = too_few(n, kid_subset_size, needs_isc)
         if short:
             raise InputError(f"too few {which} images for the metrics: {n} ({short})")
-    check_features(generated, "the generated images")
+    check_features(generated, f"the {label} images")
     check_features({k: v for k, v in reference.items() if k in ("features", "mu", "sigma", "prc_radii")},
                    "the reference images")
     s1 = fid_features_to_statistics(g)
@@ -337,11 +338,11 @@ def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor
 
 
 def score(images: torch.Tensor, ref: dict, path: Path, *, extractor: str, weights, batch_size: int,
-          kid_subset_size: int, device: torch.device, progress=None) -> dict:
+          kid_subset_size: int, device: torch.device, progress=None, label: str = "generated") -> dict:
     """FID, KID, precision, recall, … of ``images`` against the reference statistics ``ref`` (read
     from ``path``) with ``extractor`` and its ``weights`` file; statistics made for another
     extractor, weights or resolution are refused before any feature is extracted."""
     check_reference(ref, path, images, extractor, weights)
     feats = extract_features(images, extractor=extractor, weights_path=weights, cuda=device.type == "cuda",
                              batch_size=batch_size, progress=progress)
-    return metrics_from_features(feats, ref, kid_subset_size=kid_subset_size, device=device)
+    return metrics_from_features(feats, ref, kid_subset_size=kid_subset_size, device=device, label=label)

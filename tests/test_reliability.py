@@ -12,6 +12,7 @@ import pickle
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -615,6 +616,88 @@ def test_a_second_sigterm_stops_train_at_once_keeping_the_last_resume_state(tmp_
     stops(root, ("train", "--device", "cpu", "--state", STATE),
           says=f"at step 3 of 8; the last resume state is {STATE} at step 2: the same command resumes from there")
     assert torch.load(root / STATE, weights_only=True)["step"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_real_train_process_marks_its_run_killed_and_leaves_a_resume_state(tmp_path):
+    """The issue's case: SIGTERM to `train` (a preemptible GPU, `timeout`, SLURM, Kubernetes) exited 143 with no
+    message, left the MLflow run RUNNING with no end time, and lost the steps since the last resume state."""
+    import mlflow
+
+    cfg = dict(steps=60, checkpoint_every=4, log_every=2, ema_snapshot_every=4)
+    root, ref = workspace(tmp_path / "stopped", **cfg), workspace(tmp_path / "ref", **cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**subprocess_env(PIPELINE_LIVE_MLFLOW="1"), "MLFLOW_TRACKING_URI": uri}
+    proc = subprocess.Popen(python("-m", "pipeline", "train", "--device", "cpu"), cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((root / "checkpoints").glob("train-*.pt")):  # the first resume state: training runs
+        assert proc.poll() is None and time.monotonic() < deadline, "train ended before its first resume state"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    (line,) = [x for x in err.splitlines() if x.startswith("error")]
+    step = int(line.split("at step ")[1].split()[0])
+    state = state_of(root)
+    assert line == (f"error: stopped by SIGTERM at step {step} of 60; its resume state is {state}: the same "
+                    f"command resumes from step {step}"), err
+    assert 4 <= step < 60 and torch.load(root / state, weights_only=True)["step"] == step
+    client = mlflow.MlflowClient(uri)
+    (killed,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None, killed.info
+    assert f"MLflow run {killed.info.run_id} marked KILLED" in out
+
+    resumed = subprocess.run(python("-m", "pipeline", "train", "--device", "cpu"), cwd=root, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resuming from step {step} of {state}" in resumed.stdout, resumed.stderr
+    (run,) = client.search_runs([client.get_experiment_by_name("ddpm").experiment_id])
+    assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"  # the same run, continued
+    assert cli(ref, "train", "--device", "cpu").exit_code == 0
+    a, b = weights(ref / "models/model.pt"), weights(root / "models/model.pt")
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed run differs from one never stopped"
+
+
+@pytest.mark.slow
+def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
+    """Under torchrun (2 gloo processes) the launcher passes SIGTERM on to every rank; the ranks agree at the
+    next logged step, rank 0 writes the resume state of that step and says so, and none waits for another."""
+    root = workspace(tmp_path, steps=200, checkpoint_every=4, log_every=3, ema_snapshot_every=50)
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline", "train",
+                "--device", "cpu")
+    proc = subprocess.Popen(python(*torchrun), cwd=root, env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list((root / "checkpoints").glob("train-*.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "train ended before its first resume state"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # no rank left waiting for the other
+    (line,) = [x for x in err.splitlines() if x.startswith("error")]
+    step = int(line.split("at step ")[1].split()[0])
+    assert step % 3 == 0 and step < 200 and f"its resume state is {state_of(root)}" in line, err
+    assert torch.load(root / state_of(root), weights_only=True)["step"] == step
+
+
+def test_a_deferred_sigterm_stops_at_once_when_no_safe_point_comes(sigterm_safety_net):
+    from pipeline.stages._cli import Terminated, stop_at_safe_point
+
+    with stop_at_safe_point(grace=0.2) as stop:  # a safe point: the stop is asked for, and nothing is raised
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+        time.sleep(0.4)
+    start = time.monotonic()
+    with pytest.raises(Terminated, match=r"\(no safe point within 0.2 s\)"), stop_at_safe_point(grace=0.2):
+        os.kill(os.getpid(), signal.SIGTERM)
+        while time.monotonic() - start < 5:  # work that never asks: stopped by the grace timer, not by its end
+            time.sleep(0.01)
+    with pytest.raises(Terminated), stop_at_safe_point(grace=60):  # a second SIGTERM: at once
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+    with pytest.raises(SigtermNotHandled):  # the handler before the block is back
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
 
 
 def test_sigterm_stops_sample_leaving_the_old_cell(trained, monkeypatch, sigterm_safety_net):

@@ -156,12 +156,12 @@ class StopRequest:
 
 
 @contextmanager
-def stop_at_safe_point(grace: float = STOP_GRACE):
+def stop_at_safe_point(grace: float | None = None):
     """Within the block the first SIGTERM only sets the ``StopRequest`` it yields; the work asks it at its
     safe points and stops there itself (raising ``Terminated`` once it has saved what it can). A second
     SIGTERM, or ``grace`` seconds without reaching a safe point, raise ``Terminated`` at once, as outside
     the block. Outside the main thread the request is never set (and SIGTERM is left as it was)."""
-    request = StopRequest()
+    request, grace = StopRequest(), STOP_GRACE if grace is None else grace
     if not _in_main_thread():
         yield request
         return
@@ -173,7 +173,7 @@ def stop_at_safe_point(grace: float = STOP_GRACE):
         signal.setitimer(signal.ITIMER_REAL, grace)
 
     def on_alarm(signum, frame):
-        raise Terminated(f"(no safe point within {grace:.0f} s)")
+        raise Terminated(f"(no safe point within {grace:g} s)")
 
     old_term, old_alarm = signal.signal(signal.SIGTERM, on_sigterm), signal.signal(signal.SIGALRM, on_alarm)
     try:
@@ -206,7 +206,8 @@ def one_line(fn, debug: bool = False):
             if debug or debugging():
                 raise
             line, status = stopped(e)
-            typer.echo(f"error: {line}", err=True)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 says it (and where its files are)
+                typer.echo(f"error: {line}", err=True)
             sys.exit(status)
 
     def checked(*args, **kwargs):

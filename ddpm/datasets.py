@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from ddpm.config.data import DATASETS, pixel_limit
+from ddpm.config.data import DATASETS, DECODE_BYTES_PER_PIXEL, pixel_limit
 from ddpm.data import SPLITS, DataError, Split
 from ddpm.files import atomic_write, first_line
 
@@ -325,7 +325,7 @@ def _pil_loader(limit: int, image_size: int):
                 raise DataError(
                     f"image {path} is {width} × {height} = {_pixels(width * height)}, more than the limit of "
                     f"{_pixels(limit)} for an image folder with image_size {image_size} (decoding it takes about "
-                    f"{20 * width * height / 2**30:.1f} GiB); shrink it, or raise data.max_pixels")
+                    f"{DECODE_BYTES_PER_PIXEL * width * height / 2**30:.1f} GiB); shrink it, or raise data.max_pixels")
             return img.convert("RGB")
 
     return load

@@ -914,7 +914,7 @@ def test_an_image_too_large_for_memory_is_refused_before_it_is_decoded(tmp_path)
     set_params(root, lambda p: p["data"].update(name="folder", root=str(imgs), image_size=8))
     fails(root, ("prepare", "--out", "out"), keeps=["out/train.pt"],
           naming=f"image {big} is 7000 × 7000 = 49.0 megapixels, more than the limit of 36.0 megapixels for an image folder "
-                 "with image_size 8 (decoding it takes about 0.9 GiB); shrink it, or raise data.max_pixels")
+                 "with image_size 8 (decoding it takes about 0.6 GiB); shrink it, or raise data.max_pixels")
 
 
 def test_data_max_pixels_sets_the_limit(tmp_path):

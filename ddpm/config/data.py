@@ -10,8 +10,11 @@ def native_size(name: str, image_size: int = 0) -> int | None:
     return image_size or NATIVE_SIZE.get(name)
 
 
-# An image folder's images are decoded whole before they are resized: about 20 bytes per pixel at the peak
-# (a 140 KB PNG of 12000 × 12000 took 2.7 GB), so a size limit is checked on the file's header first.
+# An image folder's images are decoded whole before they are resized, so a size limit is checked on the file's
+# header first. Decoding (the image, its RGB copy, its tensor, the resize) takes about DECODE_BYTES_PER_PIXEL at
+# the peak: a 48 KB PNG of 7000 × 7000 raised `prepare`'s peak memory from 0.85 to 1.48 GB; one of 12000 × 12000
+# took it to 2.7 GB.
+DECODE_BYTES_PER_PIXEL = 13
 PIXEL_LIMIT_FACTOR = 32  # an image may be up to 32 × image_size on a side (its area, in pixels) …
 MIN_PIXEL_LIMIT = 6000 * 6000  # … and at least 36 megapixels (a large camera photo), whatever image_size is
 

@@ -2,7 +2,14 @@
 data, a full disk is one line, the ema stage checks its checkpoint, a sample cell is one unit,
 and the validation gaps (a boolean for a number, attention at no resolution of the network, an
 empty params file, a bad IDX magic number). Each test failed before its fix. The `dvc exp run`
-matrix case is in tests/test_exp_run.py."""
+matrix case is in tests/test_exp_run.py.
+
+Round three (issue 33): weights, images, features and metrics are finite or refused, and no JSON
+holds NaN; `check` refuses sample sizes that make a metric meaningless; SIGTERM stops `train`
+(resume state of its step, MLflow run KILLED, exit 143: also to a real process and under
+torchrun), `sample`, `log` and `study run` as Ctrl-C does; a study's size is said at once and
+bounded, and its checks scale; nothing temporary is left behind; an image too large for memory is
+refused from its header. Each of these tests failed on 2140b3c."""
 
 import errno
 import json
@@ -473,7 +480,8 @@ def test_metrics_refuse_features_that_are_not_finite_and_sets_too_small():
     from ddpm.errors import NonFiniteError
 
     g = torch.Generator().manual_seed(0)
-    gen, ref = torch.randn(40, 8, generator=g, dtype=torch.float64), torch.randn(50, 8, generator=g, dtype=torch.float64)
+    gen = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    ref = torch.randn(50, 8, generator=g, dtype=torch.float64)
     gen[3, 2] = float("nan")
     with pytest.raises(NonFiniteError, match=r"the features of the generated images are not finite \(1 of 40 images\)"):
         M.metrics_from_features({"features": gen}, M.reference_statistics({"features": ref}), kid_subset_size=20)
@@ -594,7 +602,7 @@ def test_sigterm_stops_train_at_the_end_of_its_step_with_a_resume_state(tmp_path
     assert resumed.exit_code == 0 and "resuming from step 3" in resumed.stdout, resumed.output
     assert cli(ref, "train", "--device", "cpu").exit_code == 0
     a, b = weights(ref / "models/model.pt"), weights(root / "models/model.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a), "a run resumed from its SIGTERM state differs from one never stopped"
+    assert all(torch.equal(a[k], b[k]) for k in a), "a run resumed from its SIGTERM state differs from one not stopped"
     assert (root / "plots/train_loss.csv").read_text() == (ref / "plots/train_loss.csv").read_text()
 
 
@@ -913,8 +921,9 @@ def test_an_image_too_large_for_memory_is_refused_before_it_is_decoded(tmp_path)
     root = workspace(tmp_path / "ws")
     set_params(root, lambda p: p["data"].update(name="folder", root=str(imgs), image_size=8))
     fails(root, ("prepare", "--out", "out"), keeps=["out/train.pt"],
-          naming=f"image {big} is 7000 × 7000 = 49.0 megapixels, more than the limit of 36.0 megapixels for an image folder "
-                 "with image_size 8 (decoding it takes about 0.6 GiB); shrink it, or raise data.max_pixels")
+          naming=f"image {big} is 7000 × 7000 = 49.0 megapixels, more than the limit of 36.0 megapixels for an "
+                 "image folder with image_size 8 (decoding it takes about 0.6 GiB); shrink it, or raise "
+                 "data.max_pixels")
 
 
 def test_data_max_pixels_sets_the_limit(tmp_path):

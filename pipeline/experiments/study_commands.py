@@ -25,8 +25,8 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
     done = match(study, study_queue.exp_show(), study_queue.current_check())
     pending = dvc_api.queued()
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
-    print(f"study {study.name}: {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
-          f"running, {len(todo)} to queue", flush=True)
+    print(f"study {study.name}: {study.size()}: {len(done)} done, {sum(r.name in pending for r in study.runs)} "
+          f"queued or running, {len(todo)} to queue", flush=True)
     for r in study.runs:
         if r.name in done:
             name, rev, _ = done[r.name]

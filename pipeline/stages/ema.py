@@ -11,7 +11,8 @@ weights stay) and ``--metrics``: which average it is (``average.source`` train o
 ``average.kind``, ``average.sigma_rel`` when it is a power EMA, …) and, for a post-hoc one,
 the relative error of the least-squares fit of its profile (``average.fit_error``). A checkpoint
 whose raw or averaged weights do not fit its stored config (or snapshots that do not), or hold NaN
-or ∞ (as the post-hoc average may), is refused before anything is written, as `sample` refuses it. Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
+or ∞ (as the post-hoc average may), is refused before anything is written, as `sample` refuses it.
+Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
 The snapshots are read one at a time.
 """
 

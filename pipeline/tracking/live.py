@@ -4,10 +4,10 @@ training and the UI shows the run as it goes (loss, learning rate and gradient n
 ``train.log_every`` steps, the learning rate of every warm-up step, a preview grid every
 ``train.sample_every`` steps as a step-indexed image, the params and the training data set).
 
-The run is created with the stage's real start time and closed with its real end time
-(``FINISHED``; ``FAILED`` when training failed; ``KILLED`` when it was stopped by Ctrl-C or SIGTERM). A resumed training continues the run
-of the attempt it resumes (its id travels in the resume file) and skips the metric steps
-and images that run already has.
+The run is created with the stage's real start time and closed with its real end time (``FINISHED``;
+``FAILED`` when training failed; ``KILLED`` when it was stopped by Ctrl-C or SIGTERM). A resumed
+training continues the run of the attempt it resumes (its id travels in the resume file) and skips
+the metric steps and images that run already has.
 
 The first MLflow error ends live logging for this run: what follows is dropped, not
 retried (the `log` stage fills in what the run lacks from the stage's outputs, so nothing

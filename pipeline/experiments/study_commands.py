@@ -8,22 +8,25 @@ from pathlib import Path
 
 import typer
 
-from pipeline.experiments.study import StudyError, baselines, load, match, plural, row
+from pipeline.experiments.study import StudyError, baselines, check, load, match, plan, row
 from pipeline.outputs import check_writable
 from pipeline.stages._cli import one_line
 
 
 def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str,
-             dry: bool = False) -> None:
+             dry: bool = False, yes: bool = False) -> None:
+    """Say how many runs the study has (at once) and how many it would queue; refuse more than its limit
+    (``Study.too_many``) unless ``yes``; ``dry`` queues nothing (and says when a real run would need --yes)."""
     from pipeline.experiments import dvc_api, study_queue
 
-    study = load(study_path)
+    study = plan(study_path)
+    print(f"study {study.name}: {study.size()}; checking their params", flush=True)
+    check(study)
     done = match(study, study_queue.exp_show(), study_queue.current_check())
     pending = dvc_api.queued()
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
-    print(f"study {study.name}: {plural(len(study.runs), 'run')} ({plural(len(study.experiments), 'experiment')} × "
-          f"{plural(len(study.seeds), 'seed')}): {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
-          f"running, {len(todo)} to queue", flush=True)
+    print(f"study {study.name}: {study.size()}: {len(done)} done, {sum(r.name in pending for r in study.runs)} "
+          f"queued or running, {len(todo)} to queue", flush=True)
     for r in study.runs:
         if r.name in done:
             name, rev, _ = done[r.name]
@@ -31,11 +34,15 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
     if not todo and not any(r.name in pending for r in study.runs):
         print(f"study {study.name}: nothing to run")
         return
+    too_many = None if yes else study.too_many(len(todo))
     if dry:
-        for r in todo:
-            print(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
-                  + shlex.join(a for o in r.overrides for a in ("-S", o)))
+        print("\n".join(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
+                        + shlex.join(a for o in r.overrides for a in ("-S", o)) for r in todo))
+        if too_many:
+            print(f"study {study.name}: a real run would refuse: {too_many}")
         return
+    if too_many:
+        raise StudyError(f"{study_path}: {too_many}")
     study_queue.run(study, todo, [r for r in study.runs if r.name in pending], jobs, poll, tracking_uri, experiment)
 
 
@@ -81,11 +88,14 @@ def run_command(study: Path = STUDY_FILE,
                 poll: float = typer.Option(10.0, min=0.1, help="seconds between looks at the queue"),
                 dry: bool = typer.Option(False, "--dry", help="say what is done and what would be queued; queue "
                                                               "nothing"),
+                yes: bool = typer.Option(False, "--yes", help="queue more runs than the study's limit (max_runs in "
+                                                              "the study file; default 100)"),
                 tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
     """Queue every experiment × seed of the study that no experiment has done yet (the same params, and no
     stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it. Every
-    run's params pass the check stage's checks first; a bad study file is one line and queues nothing."""
-    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry)
+    run's params pass the check stage's checks first; a bad study file is one line and queues nothing; more
+    runs than the study's max_runs (default 100) are refused unless --yes."""
+    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, yes)
 
 
 @app.command(name="report")

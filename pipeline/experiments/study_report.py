@@ -8,6 +8,7 @@ section is the claims' ``notes`` in the study file, for the verdict the report r
 ``{experiment metric}`` filled in from the report: the page types no number of its own."""
 
 import datetime
+import math
 import shlex
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def document(study: Study, done: dict, rows: dict, baselines: dict | None = None
         claims.append({"id": c.id, "source": c.source, "says": c.says, "text": c.text(), "op": c.op,
                        "left": {"experiment": c.left.experiment, "metric": c.left.metric},
                        "right": {"experiment": c.right.experiment, "metric": c.right.metric},
-                       "difference": d.difference, "low": d.low, "high": d.high, "df": d.df,
+                       "difference": d.difference, "low": d.low, "high": d.high,
+                       "df": d.df if d.df is None or math.isfinite(d.df) else None,  # ∞ (no spread): not JSON
                        "n_left": d.n_left, "n_right": d.n_right, "verdict": v,
                        "note": fill(c.notes[v], by_name) if v in c.notes else None})
     return {"study": study.name, "path": study.path.as_posix(), "description": study.description,

@@ -87,6 +87,8 @@ PLAN = [  # in order of value: the projection's inputs, then the profiles
          "reduce-overhead's cold compile", GRAPHS),
     Part("profile.reduce-overhead", sized(START, 24.0, 3.0), "the compile with the cache warm 24 s; 10 profiled "
          "steps", GRAPHS, projection=False),
+    Part("profile.step-graph", sized(START, 24.0, 3.0), "not measured: as profile.reduce-overhead (the forward's "
+         "compile warm from train.step-graph)", GRAPHS, projection=False),
     Part("train.none", sized(START, 4.2, TIMING, 3.0), "first 3 steps 4.2 s; its profile and the EMA update 3 s"),
     Part("warm.sample", sized(START, 10.0), "not measured: about a third of the cold 24.7 s", GRAPHS, projection=False),
     Part("sample.none", sized(START, 0.4, TIMING), "first call 0.4 s"),
@@ -400,7 +402,7 @@ def parse_sets(sets) -> dict:
     for s in sets:
         key, sep, value = s.partition("=")
         if not sep or not key:
-            raise SystemExit(f"gpu-check: --set takes key=value, got {s!r}")
+            raise SystemExit(f"error: --set takes key=value, got {s!r}")
         out[key] = yaml.safe_load(value)
     return out
 

@@ -149,3 +149,10 @@ def test_every_benchmark_module_imports():
     assert {"bench", "gpu_check", "gpu_parts", "overhead", "proxies", "cli"} <= set(names)
     for name in names:
         importlib.import_module(f"benchmarks.{name}")
+
+
+def test_overhead_command_reads_its_sets_before_any_work():
+    """`benchmarks overhead` parses its --set options with gpu_check's parser (it once failed on import,
+    the parser having moved away): a bad one is one error line, before any pipeline runs."""
+    r = CliRunner().invoke(app, ["overhead", "--set", "no-equals-sign"])
+    assert r.exit_code == 1 and "--set takes key=value, got 'no-equals-sign'" in r.output

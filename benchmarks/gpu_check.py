@@ -59,6 +59,7 @@ class Part:
     needs: tuple[str, ...] = ()  # parts that must have succeeded first
     modules: tuple[str, ...] = ()  # Python packages it needs beyond torch
     projection: bool = True  # its figures are inputs of the projection (``project``)
+    bf16: bool = False  # measures bf16 itself: skipped on a CPU without native bf16
 
 
 GRAPHS = "CUDA graphs"
@@ -92,7 +93,7 @@ PLAN = [  # in order of value: the projection's inputs, then the profiles
     Part("train.none", sized(START, 4.2, TIMING, 3.0), "first 3 steps 4.2 s; its profile and the EMA update 3 s"),
     Part("warm.sample", sized(START, 10.0), "not measured: about a third of the cold 24.7 s", GRAPHS, projection=False),
     Part("sample.none", sized(START, 0.4, TIMING), "first call 0.4 s"),
-    Part("sample.autocast", sized(START, 2.5, TIMING), "first call 2.5 s", projection=False),
+    Part("sample.autocast", sized(START, 2.5, TIMING), "first call 2.5 s", projection=False, bf16=True),
     Part("train.default", sized(START, 84.2, TIMING), "not measured: as reduce-overhead's cold compile",
          "inductor compiles for minutes on a CPU"),
     Part("peer.eager", sized(START, 3.0, 2 * (4.2 + TIMING), 2 * (0.5 + TIMING)), "import diffusers 3 s; each "
@@ -574,11 +575,15 @@ def main(out: Path, dry_run: bool = False, device: str = "auto", sets: list[str]
 
 def skip_reason(p: Part, report: dict, chosen: set, cuda: bool, dry_run: bool, ddp_processes: int, left: float,
                 limit: float) -> str | None:
+    from benchmarks.gpu_parts import native_bf16
+
     status = {row["part"]: row["status"] for row in report["plan"]}
     if p.name not in chosen:
         return "not asked for (--parts)"
     if p.cuda_only and not cuda:
         return f"CUDA only ({p.cuda_only})"
+    if p.bf16 and not cuda and not native_bf16("cpu"):
+        return "this CPU has no native bf16 (oneDNN), where it runs about 100× slower than float32"
     if p.name == "ddp" and ddp_processes < 2:
         return f"needs two or more GPUs (--ddp-processes; {ddp_processes} here)"
     gone = missing(*p.modules)

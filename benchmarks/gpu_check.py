@@ -31,6 +31,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -361,19 +362,29 @@ def table(report: dict) -> str:
 
 # --------------------------------------------------------------------------- running parts
 def run_process(cmd: list[str], cwd: Path, log: Path, timeout: float, env: dict) -> tuple[str, float]:
-    """Run ``cmd`` in its own process group (killed whole at the timeout), its output appended to ``log``."""
+    """Run ``cmd`` in its own process group (killed whole at the timeout, or when the check itself is
+    stopped), its output appended to ``log``; a failure's status ends with its last line of output."""
     start = time.perf_counter()
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
+        offset = f.tell()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=max(timeout, 1))
             status = "ok" if rc == 0 else f"failed (exit {rc})"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             status = f"timed out after {timeout:.0f} s"
+        finally:  # also on Ctrl-C or SIGTERM to the check: no part outlives it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    if status.startswith("failed"):
+        with open(log, errors="replace") as f:
+            f.seek(offset)
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+        if lines:
+            status += f": {lines[-1][:200]}"
     return status, round(time.perf_counter() - start, 1)
 
 
@@ -561,16 +572,29 @@ def main(out: Path, dry_run: bool = False, device: str = "auto", sets: list[str]
               + f"  {'projection input; ' if p.projection else ''}sized from: {p.basis}", flush=True)
     start = time.monotonic()
     deadline = start + total
+    main_thread = threading.current_thread() is threading.main_thread()  # only there can it catch signals
+    previous = signal.signal(signal.SIGTERM, stopped) if main_thread else None
     try:
         for p in PLAN:
             report = run_one(p, report, chosen, cuda, dry_run, size, device, exp, ddp_processes, deadline, limits,
                              out, cache)
-    finally:
+    finally:  # stopped or not: the running part marked as cut off, the table written, the workspace gone
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
         report = read(out / REPORT) or report
+        for row in report["plan"]:
+            if row["status"] == "running":
+                row["status"] = "cut off: the check was stopped"
         save(out, report)
         shutil.rmtree(work, ignore_errors=True)
     print((out / TABLE).read_text(), flush=True)
     return report
+
+
+def stopped(signum, frame):
+    """SIGTERM (a time limit, a scheduler) stops the check as Ctrl-C does: the ``finally`` of ``main``
+    runs, killing the running part and writing the table."""
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def skip_reason(p: Part, report: dict, chosen: set, cuda: bool, dry_run: bool, ddp_processes: int, left: float,
@@ -652,5 +676,9 @@ def cli(argv=None) -> None:
     a = parser.parse_args(argv)
     if a.ddp_processes is not None and (a.ddp_processes == 1 or a.ddp_processes < 0):
         parser.error(f"--ddp-processes must be 0 (skip) or at least 2, got {a.ddp_processes}")
-    main(a.out, a.dry_run, a.device, a.sets, a.ddp_processes, a.budget, a.data,
-         a.parts.split(",") if a.parts else None, a.carry)
+    try:
+        main(a.out, a.dry_run, a.device, a.sets, a.ddp_processes, a.budget, a.data,
+             a.parts.split(",") if a.parts else None, a.carry)
+    except KeyboardInterrupt:
+        print(f"gpu-check: stopped; {a.out / TABLE} has what was measured", file=sys.stderr)
+        sys.exit(130)

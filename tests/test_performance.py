@@ -118,40 +118,51 @@ def test_gpu_check_dry_run(tmp_path, idx_dir):
     assert len(files) <= 6 and {"gpu_check.json", "gpu_check.md", "gpu_check.log", "profile.txt", "grids.png"} <= set(files)
 
 
-@pytest.mark.slow
-def test_a_killed_gpu_check_leaves_the_table_of_what_it_measured(tmp_path, idx_dir):
-    """SIGKILL to the whole check, right after its first figure: the table is there, with that figure,
-    the part that was running named, the rest pending, and the projection from carried-over figures."""
+def start_check(out, idx_dir):
+    """A dry run of the stage parts in the background, and the moment its first figure is written."""
     import json
     import os
-    import signal
     import subprocess
     import sys
     import time
 
     from helpers import REPO
 
-    out = tmp_path / "gc"
     proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "gpu-check", "--dry-run", "--out", str(out),
                              "--data", str(idx_dir), "--parts", "stage"], cwd=REPO, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else {}
-            if "stage.prepare" in report.get("figures", {}):
-                break
-            time.sleep(0.2)
-        else:
-            raise AssertionError("no figure within 120 s")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    table = (out / "gpu_check.md").read_text()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else {}
+        if "stage.prepare" in report.get("figures", {}):
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no figure within 120 s")
+
+
+@pytest.mark.slow
+def test_a_killed_gpu_check_leaves_the_table_of_what_it_measured(tmp_path, idx_dir):
+    """SIGKILL to the whole check, right after its first figure: the table is there, with that figure,
+    the part that was running named, the rest pending, and the projection from carried-over figures.
+    SIGTERM (a time limit) to the check alone: the running part is killed and marked cut off."""
+    import os
+    import signal
+
+    proc = start_check(tmp_path / "killed", idx_dir)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    table = (tmp_path / "killed" / "gpu_check.md").read_text()
     assert "| stage.prepare ᵖ | 17 | ok |" in table or "| stage.prepare ᵖ | 17 | running |" in table, table
     assert "s the process" in table  # prepare's figure
     assert "| pending |" in table and "## Projected default `dvc repro`" in table and "carried over" in table
     assert "skipped: not asked for (--parts)" in table
+
+    proc = start_check(tmp_path / "stopped", idx_dir)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    table = (tmp_path / "stopped" / "gpu_check.md").read_text()
+    assert "| cut off: the check was stopped |" in table and "| pending |" in table, table
 
 
 def test_gpu_check_without_time_still_prints_the_projection(tmp_path):

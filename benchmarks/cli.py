@@ -95,7 +95,7 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
 
 
 @app.command("gpu-check")
-def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for its (at most 6) files"),
+def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for its files (a report already there is kept as gpu_check.previous.json)"),
               dry_run: bool = typer.Option(False, "--dry-run", help="tiny sizes on the CPU, the CUDA-only parts skipped "
                                                                     "and named: the code paths in about a minute"),
               device: str = DEVICE,

@@ -16,9 +16,10 @@ It cannot come back empty:
   carried over or assumed.
 
 ``--dry-run`` runs the same code paths at a tiny size on the CPU in about a minute (the test suite
-runs it): the CUDA-only parts are skipped and named, and every part's budget is shown. At most 6
-files land in ``DIR``: ``gpu_check.json``, ``gpu_check.md``, ``gpu_check.log`` (every part's output),
-``profile.txt`` (torch.profiler's tables), ``grids.png`` (the sample cell's grid).
+runs it): the CUDA-only parts are skipped and named, and every part's budget is shown. What lands
+in ``DIR``: ``gpu_check.json``, ``gpu_check.md``, ``gpu_check.log`` (every part's output),
+``profile.txt`` (torch.profiler's tables), ``grids.png`` (the sample cell's grid), and the run
+before's report, kept as ``gpu_check.previous.json`` (``--carry`` takes it).
 """
 
 import argparse
@@ -38,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT, TABLE, LOG = "gpu_check.json", "gpu_check.md", "gpu_check.log"
+PREVIOUS = "gpu_check.previous.json"  # the report of the run before, kept when a new one starts
 TOTAL = 470.0  # seconds for the whole check on a GPU: 8 minutes, less 10 s for Python and make
 DRY_TOTAL, DRY_LIMIT = 600.0, 120.0  # a dry run (tiny sizes on a CPU): in all, and per part
 MARGIN = 1.3
@@ -200,7 +202,7 @@ def carried_figures(carry: Path | None) -> tuple[dict, str]:
         return CARRIED, CARRIED_FROM
     old = read(carry)
     if not old or "figures" not in old:
-        raise SystemExit(f"gpu-check: --carry {carry} is not a gpu_check.json of this format")
+        raise SystemExit(f"error: --carry {carry} is not a gpu_check.json of this format (format 2)")
     ok = {k: v for k, v in old["figures"].items() if isinstance(v, dict) and "error" not in v
           and v.get("status", "ok") == "ok"}
     env = old.get("environment", {})
@@ -532,7 +534,7 @@ def selected(plan: list[Part], names: list[str] | None) -> set[str]:
         return {p.name for p in plan}
     unknown = [n for n in names if not any(p.name == n or p.name.startswith(n + ".") for p in plan)]
     if unknown:
-        raise SystemExit(f"gpu-check: unknown parts {unknown}; choose from {', '.join(p.name for p in plan)}")
+        raise SystemExit(f"error: unknown parts {unknown}; choose from {', '.join(p.name for p in plan)}")
     return {p.name for p in plan if any(p.name == n or p.name.startswith(n + ".") for n in names)}
 
 
@@ -554,10 +556,13 @@ def main(out: Path, dry_run: bool = False, device: str = "auto", sets: list[str]
     if ddp_processes is None:
         ddp_processes = torch.cuda.device_count() if cuda and torch.cuda.device_count() > 1 else 0
     chosen = selected(PLAN, parts)
+    carried_figures(carry)  # a bad --carry fails here, before anything in --out is touched
     total = budget or (DRY_TOTAL if dry_run else TOTAL)
     limits = {p.name: DRY_LIMIT if dry_run else p.budget for p in PLAN}
     out.mkdir(parents=True, exist_ok=True)
-    for name in (REPORT, TABLE, LOG, "profile.txt", "grids.png"):
+    if (out / REPORT).is_file():  # the last run's figures are never lost to a new run
+        os.replace(out / REPORT, out / PREVIOUS)
+    for name in (TABLE, LOG, "profile.txt", "grids.png"):
         (out / name).unlink(missing_ok=True)
     (out / LOG).write_text("")
     work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
@@ -660,7 +665,7 @@ def run_one(p: Part, report: dict, chosen: set, cuda: bool, dry_run: bool, size:
 def cli(argv=None) -> None:
     """``python3 -m benchmarks gpu-check``: argparse only, so that it runs where typer is missing."""
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks gpu-check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for its (at most 6) files")
+    parser.add_argument("--out", type=Path, default=Path("gpu-check"), help="folder for its files (a report already there is kept as gpu_check.previous.json)")
     parser.add_argument("--dry-run", action="store_true",
                         help="tiny sizes on the CPU, CUDA-only parts skipped and named: the code paths in a minute")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")

@@ -115,7 +115,7 @@ def test_gpu_check_dry_run(tmp_path, idx_dir):
         assert needle in table, needle
     assert "train.step-graph" in r.output and "budget" in r.output  # the plan, printed first
     files = sorted(p.name for p in out.iterdir())
-    assert len(files) <= 6 and {"gpu_check.json", "gpu_check.md", "gpu_check.log", "profile.txt", "grids.png"} <= set(files)
+    assert files == ["grids.png", "gpu_check.json", "gpu_check.log", "gpu_check.md", "profile.txt"]
 
 
 def start_check(out, idx_dir):
@@ -167,10 +167,27 @@ def test_a_killed_gpu_check_leaves_the_table_of_what_it_measured(tmp_path, idx_d
 
 def test_gpu_check_without_time_still_prints_the_projection(tmp_path):
     """A window too short for any part: every part says why it was skipped, and the projection is printed
-    from the carried-over figures alone, each marked so."""
+    from the carried-over figures alone, each marked so. A second run keeps the first's report, and takes
+    its figures as the carried-over ones when told to; a bad --carry or --parts is refused first."""
+    import json
+
     from benchmarks.gpu_check import main
 
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "gpu_check.json").write_text(json.dumps({"figures": {"stage.fid": {"status": "ok", "seconds": 4.0}},
+                                                                "environment": {"device_name": "NVIDIA H100",
+                                                                                "started": "2027-01-02 10:00:00"}}))
+    with pytest.raises(SystemExit, match="unknown parts"):
+        main(tmp_path / "gc", dry_run=True, device="cpu", parts=["stag"])
+    with pytest.raises(SystemExit, match="not a gpu_check.json"):
+        main(tmp_path / "gc", dry_run=True, device="cpu", carry=tmp_path / "missing.json")
+    assert (tmp_path / "gc" / "gpu_check.json").is_file()  # refused before anything was touched
     report = main(tmp_path / "gc", dry_run=True, device="cpu", budget=3)
+    previous = tmp_path / "gc" / "gpu_check.previous.json"
+    assert json.loads(previous.read_text())["figures"]["stage.fid"]["seconds"] == 4.0
+    carried = main(tmp_path / "gc2", dry_run=True, device="cpu", budget=3, carry=previous)
+    fid = next(row for row in carried["projection"]["terms"] if row["term"].startswith("fid"))
+    assert fid["seconds"] == 20 * 4.0 and fid["inputs"]["stage.fid"] == "carried over (NVIDIA H100, 2027-01-02)"
     assert all(row["status"].startswith("skipped: ") for row in report["plan"])
     assert any("out of time: needs 120 s" in row["status"] for row in report["plan"])
     proj = report["projection"]

@@ -115,7 +115,7 @@ def test_gpu_check_dry_run(tmp_path, idx_dir):
         assert needle in table, needle
     assert "train.step-graph" in r.output and "budget" in r.output  # the plan, printed first
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["grids.png", "gpu_check.json", "gpu_check.log", "gpu_check.md", "profile.txt"]
+    assert files == sorted(["grids.png", "gpu_check.json", "gpu_check.log", "gpu_check.md", "profile.txt"])
 
 
 def start_check(out, idx_dir):

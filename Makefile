@@ -5,7 +5,8 @@
 # make test               set up and run the whole test suite (what CI runs), on TEST_WORKERS
 #                         pytest-xdist workers, with the 25 slowest tests at the end
 # make test-fast          the math, library and CLI tests (not marked slow): the loop while editing
-# make gpu-check          every GPU figure in one run (≤ 8 min; .venv's Python, else the system python3: no install)
+# make gpu-check          the GPU figures in one run (≤ 8 min; .venv's Python, else the system python3: no install);
+#                         GPU_CHECK_ARGS=--dry-run tries its code paths on a CPU in about a minute
 # make docs               set up and build the docs site into site/ (mkdocs --strict, offline; open site/index.html)
 SHELL := /bin/bash
 VENV ?= .venv
@@ -55,9 +56,11 @@ repro: setup
 		*) echo "make repro: unknown PRESET=$$preset; choose full, cpu or auto" >&2; exit 2 ;; \
 	esac
 
+GPU_CHECK_ARGS ?=
 gpu-check:
 	@py=$$([ -x $(VENV)/bin/python ] && echo $(VENV)/bin/python || echo python3); \
-	echo "+ $$py -m benchmarks gpu-check --out gpu-check"; $$py -m benchmarks gpu-check --out gpu-check
+	echo "+ $$py -m benchmarks gpu-check --out gpu-check $(GPU_CHECK_ARGS)"; \
+	$$py -m benchmarks gpu-check --out gpu-check $(GPU_CHECK_ARGS)
 
 # one xdist worker per core, at most 4 (the suite is sized for 2 cores: CI's); TEST_WORKERS=0 runs
 # in one process. --dist loadfile runs each test file whole on one worker (its module fixtures

@@ -208,7 +208,7 @@ def model_flops(model: torch.nn.Module, m: BenchModel, device) -> tuple[int, int
 MATMUL_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16}
 
 
-def peak_flops(device, precision: str, given: float | None, measured: dict[str, float] | None = None) -> tuple[float, str]:
+def peak_flops(device, precision: str, given: float | None, measured: dict | None = None) -> tuple[float, str]:
     """Peak FLOP/s for MFU and where it came from; on CPU the ``measured`` matmul rate of the
     precision (``measure_cpu_matmul``), measured here when not given."""
     if given is not None:
@@ -220,31 +220,52 @@ def peak_flops(device, precision: str, given: float | None, measured: dict[str, 
             if key in name:
                 return table[precision], f"datasheet, dense {precision}, {key}"
         raise InputError(f"no datasheet peak FLOP/s for {name!r}; give one (--peak-tflops)")
-    dtype = MATMUL_DTYPES[precision]
-    rate = measured["wall"][precision] if measured else measure_matmul_flops(device, dtype)
-    return rate, f"measured: best of 5 {str(dtype).removeprefix('torch.')} 2048×2048 matmuls on this machine"
+    measured = measured or measure_cpu_matmul(device, (precision,))
+    dtype = str(MATMUL_DTYPES[precision]).removeprefix("torch.")
+    n = measured["size"][precision]
+    return measured["wall"][precision], f"measured: best of {MATMUL_REPEATS} {dtype} {n}×{n} matmuls on this machine"
 
 
-def measure_cpu_matmul(device) -> dict[str, dict[str, float]]:
-    """The float32 and bfloat16 matmul rates (FLOP/s) of this CPU with the current thread count, per
-    wall time and per process CPU time (``process_cpu``: what a thread achieves while it runs, the
-    figure that a shared, loaded machine disturbs least)."""
-    return {clock: {name: measure_matmul_flops(device, MATMUL_DTYPES[name], clock=fn) for name in ("fp32", "bf16")}
-            for clock, fn in (("wall", time.perf_counter), ("process_cpu", time.process_time))}
+MATMUL_SIZES = (256, 512, 1024, 2048)  # tried in turn until one matmul takes MATMUL_LONG seconds
+MATMUL_LONG = 0.05
+MATMUL_REPEATS = 3
 
 
-def measure_matmul_flops(device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 5,
-                         clock=time.perf_counter) -> float:
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        start = clock()
-        a @ b
-        _sync(device)
-        best = min(best, clock() - start)
-    return 2 * n**3 / best
+def measure_cpu_matmul(device, precisions=("fp32", "bf16")) -> dict[str, dict]:
+    """The matmul rates (FLOP/s) of this CPU for each precision with the current thread count, per wall
+    time and per process CPU time (``process_cpu``: what a thread achieves while it runs, the figure
+    that a shared, loaded machine disturbs least), and the matrix size each was measured at (``size``).
+
+    Each takes well under a second: the size grows from 256 until one product takes ``MATMUL_LONG``
+    seconds (at most 2048), then the best of ``MATMUL_REPEATS`` counts. So a CPU without native
+    bfloat16, where one 2048² bf16 product takes 15–30 s, measures at 256 or 512 instead."""
+    out = {"wall": {}, "process_cpu": {}, "size": {}}
+    for name in precisions:
+        n, (wall, cpu) = matmul_rates(device, MATMUL_DTYPES[name])
+        out["wall"][name], out["process_cpu"][name], out["size"][name] = wall, cpu, n
+    return out
+
+
+def matmul_rates(device, dtype: torch.dtype = torch.float32) -> tuple[int, tuple[float, float]]:
+    """(n, (FLOP/s per wall second, per process CPU second)) of n×n products in ``dtype``, n the first of
+    ``MATMUL_SIZES`` whose product takes ``MATMUL_LONG`` seconds (or the last)."""
+    for n in MATMUL_SIZES:
+        a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # first call: allocation, kernel selection
+        walls, cpus = [], []
+        for _ in range(MATMUL_REPEATS):
+            _sync(device)
+            start, cpu_start = time.perf_counter(), time.process_time()
+            a @ b
+            _sync(device)
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu_start)
+            if walls[0] < MATMUL_LONG and n != MATMUL_SIZES[-1]:
+                break  # too short to time well: the next size
+        else:
+            flops = 2 * n**3
+            return n, (flops / min(walls), flops / max(min(cpus), 1e-9))
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- timing

@@ -95,25 +95,28 @@ def bench(config: str = typer.Option("ddpm-cifar10", help="model config: ddpm-ci
 
 
 @app.command("gpu-check")
-def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for its (at most 8) files"),
-              size: str = typer.Option("auto", help="auto (gpu on CUDA, else ci) | gpu | ci (tiny configs: seconds)"),
+def gpu_check(out: Path = typer.Option(Path("gpu-check"), help="folder for its files (a report already there is kept as gpu_check.previous.json)"),
+              dry_run: bool = typer.Option(False, "--dry-run", help="tiny sizes on the CPU, the CUDA-only parts skipped "
+                                                                    "and named: the code paths in about a minute"),
               device: str = DEVICE,
               set_: list[str] = typer.Option([], "--set", help="override a param of the experiment, key=value "
                                                              "(YAML value; repeatable), e.g. data.root=/data"),
               data: str = typer.Option(None, help="data.root of the experiment (default: params.yaml's)"),
-              ddp_processes: int = typer.Option(None, help="processes of the DDP part (default: the number of "
+              ddp_processes: int = typer.Option(None, help="processes of the ddp part (default: the number of "
                                                           "GPUs when more than one, else the part is skipped)"),
-              budget: float = typer.Option(None, help="seconds for the whole check (default 470 for gpu)"),
-              parts: str = typer.Option(None, help="comma-separated subset of train,sample,warm,experiment,peer,ddp")):
-    """Every GPU figure in one run of at most 8 minutes (also `python3 -m benchmarks gpu-check` with no typer):
-    training and sampling per fast path, compile costs, the experiment's stages on real data, ours vs diffusers,
-    the projected default `dvc repro`."""
+              budget: float = typer.Option(None, help="seconds for the whole check (default 470)"),
+              parts: str = typer.Option(None, help="comma-separated parts or their prefixes (stage, train, warm, ...)"),
+              carry: Path = typer.Option(None, help="an earlier gpu_check.json whose figures the projection falls "
+                                                    "back on (default: the H200's of 2026-12-04)")):
+    """The GPU figures in one run of at most 8 minutes (also `python3 -m benchmarks gpu-check` without typer): parts
+    in order of value, each within its own budget and written down as measured; the projected default `dvc repro`."""
     from benchmarks.gpu_check import cli
 
-    argv = ["--out", str(out), "--size", size, "--device", device]
+    argv = ["--out", str(out), "--device", device] + (["--dry-run"] if dry_run else [])
     argv += [a for s in set_ for a in ("--set", s)] + (["--data", data] if data else [])
     argv += (["--ddp-processes", str(ddp_processes)] if ddp_processes is not None else [])
     argv += (["--budget", str(budget)] if budget is not None else []) + (["--parts", parts] if parts else [])
+    argv += (["--carry", str(carry)] if carry is not None else [])
     cli(argv)
 
 

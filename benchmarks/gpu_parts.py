@@ -1,27 +1,30 @@
 """The measuring parts of ``gpu-check`` (``benchmarks.gpu_check``), each run as its own process:
-``python3 -m benchmarks.gpu_parts PART --json OUT.json [--size gpu|ci] [--device cuda]``.
+``python3 -m benchmarks.gpu_parts PART --out DIR [--size gpu|ci] [--device cuda]``.
 
-Each part writes what it measured to its JSON file as it goes (a part killed at its time limit
-leaves what it had), and records an error per measurement that failed instead of stopping.
-Needs only torch, numpy and annotated-types (and diffusers for ``peer``): no typer, pydantic,
-DVC or MLflow, so it runs on a bare GPU machine with the system Python.
+Each figure goes to ``DIR/gpu_check.json`` and the table ``DIR/gpu_check.md`` the moment it is
+measured (``gpu_check.record``): a part killed at its time limit, or a check killed whole, leaves
+every figure measured before. A measurement that fails is recorded as its error, and the next one
+runs. Needs only torch and numpy (and diffusers for the peer parts): no typer, pydantic, DVC or
+MLflow, so it runs on a bare GPU machine with the system Python.
 
-  train    ``ddpm.training.train`` on the default config (the U-Net of params.yaml, batch 128,
-           the power EMA and two post-hoc profiles, clipping, warm-up), per compile mode (none,
-           cudagraphs, reduce-overhead, step-graph, default): seconds
-           of the first steps (compile, capture), steady img/s, peak memory, the path that ran;
-           torch.profiler's host and GPU milliseconds and kernel launches per step (eager and the
-           fastest mode), and the EMA update alone (3 × ``AveragedModel`` against ``Averages``)
-  sample   ``ddpm.samplers.sample`` (ddim, 10 steps) at batch 1000 per inference path: autocast on
-           float32 weights (the old path), bf16 weights cast once, + CUDA graphs, + compile
-  warm     a fresh process with inductor's cache warm: what a stage process pays to compile
-  peer     ours against diffusers' UNet2DModel of the same architecture, each eager and on its
-           best path (bench's training step; sampling through ``make_denoiser``)
-  proxies  the CPU proxies (``benchmarks.proxies``): ops per training / sampling step, casts
+  train.MODE           ``ddpm.training.train`` on the default config (the U-Net of params.yaml,
+                       batch 128, the power EMA and two post-hoc profiles, clipping, warm-up) with
+                       compile MODE: seconds of the first steps (compile, capture), steady img/s,
+                       MFU, peak memory, the path that ran. ``train.none`` also records torch.profiler's
+                       host and GPU ms per step (``profile.none``) and the EMA update alone
+  profile.MODE         torch.profiler over 10 training steps of compile MODE (compiled first)
+  sample.MODE          ``ddpm.samplers.sample`` (ddim, 10 steps) at batch 1000, bf16 weights cast
+                       once, compile MODE; ``sample.autocast``: float32 weights under autocast (the old path)
+  likelihood.MODE      the same in float32: the rate of the bound's evaluations (``nll``'s path)
+  warm.train           a fresh process with inductor's cache warm (after train.reduce-overhead): where a
+  warm.sample          stage process's seconds before its first result go (imports, dynamo, AOTAutograd
+                       and inductor's caches, the first calls: CUDA graph recording), from torch's own
+                       compile timers and cache counters
+  peer.eager           ours against diffusers' UNet2DModel of the same architecture, training eager
+  peer.compiled        and sampling on CUDA graphs; then both compiled (reduce-overhead)
 """
 
 import argparse
-import json
 import time
 import traceback
 from dataclasses import replace
@@ -30,39 +33,36 @@ from pathlib import Path
 import torch
 
 from benchmarks.bench import MODEL_CONFIGS, PEAK_FLOPS, build_ours, model_flops
+from benchmarks.gpu_check import record
 
-# per size: the model config, batch sizes, timed seconds per measurement, the modes measured
+# per size: the model config, batch sizes, timed seconds per measurement
 SIZES = {
     "gpu": {"model": "fashion-mnist", "batch_size": 128, "sample_batch": 1000, "sample_steps": 10, "images": 8192,
-            "seconds": 3.0, "train_modes": ["none", "cudagraphs", "reduce-overhead", "step-graph", "default"],
-            "sample_modes": ["autocast", "none", "cudagraphs", "reduce-overhead"], "profile_steps": 10,
-            "warmup_steps": 10, "timed_first": 20,
-            "peer_modes": {"train": ["none", "reduce-overhead"], "sample": ["cudagraphs", "reduce-overhead"]}},
+            "seconds": 3.0, "profile_steps": 10, "warmup_steps": 10, "timed_first": 20, "warm_steps": 5,
+            "ema_updates": 50},
     "ci": {"model": "tiny", "batch_size": 4, "sample_batch": 4, "sample_steps": 2, "images": 64,
-           "seconds": 0.2, "train_modes": ["none", "cudagraphs", "step-graph"], "sample_modes": ["autocast", "none", "cudagraphs"],
-           "profile_steps": 2, "warmup_steps": 1, "timed_first": 2, "peer_modes": {"train": ["none"], "sample": ["none"]}},
+           "seconds": 0.2, "profile_steps": 2, "warmup_steps": 1, "timed_first": 2, "warm_steps": 3,
+           "ema_updates": 3},
 }
 
 
 class Recorder:
-    """The part's results, rewritten to ``path`` after every measurement."""
+    """Puts each figure (or the error that stopped it) into the check's report as it is measured."""
 
-    def __init__(self, path: Path):
-        self.path, self.data = path, {}
+    def __init__(self, out: Path):
+        self.out = out
 
-    def put(self, key: str, value) -> None:
-        self.data[key] = value
-        self.path.write_text(json.dumps(self.data, indent=1, default=str))
-
-    def measure(self, key: str, fn) -> None:
-        """``put(key, fn())``, or the error that ``fn`` raised (one line and the traceback's tail)."""
+    def measure(self, key: str, fn) -> dict:
         start = time.perf_counter()
         try:
-            self.put(key, fn())
+            value = fn()
         except Exception as e:  # noqa: BLE001 — a failed measurement is a result, the next one runs
-            self.put(key, {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
-                           "traceback": traceback.format_exc()[-2000:], "seconds": round(time.perf_counter() - start, 1)})
-        print(f"gpu-check: {key}: {json.dumps(self.data[key], default=str)[:300]}", flush=True)
+            value = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:300]}",
+                     "traceback": traceback.format_exc()[-2000:]}
+        value = {**value, "part_seconds": round(time.perf_counter() - start, 2)}
+        record(self.out, key, value)
+        print(f"gpu-check: {key}: {str(value)[:300]}", flush=True)
+        return value
 
 
 def sync(device) -> None:
@@ -75,6 +75,24 @@ def peak_flops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((table["bf16"] for key, table in PEAK_FLOPS if key in name), None)
+
+
+def native_bf16(device) -> bool:
+    """Whether ``device`` runs bfloat16 matmuls and convolutions natively: CUDA, or a CPU whose oneDNN
+    has bf16 instructions (AVX-512 BF16, AMX). Without them a bf16 product runs about 100× slower
+    than in float32 (``ONEDNN_MAX_CPU_ISA=AVX2`` imitates such a CPU)."""
+    if torch.device(device).type == "cuda":
+        return True
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fast_precision(device) -> str:
+    """bf16, the fast path's precision, where the device has it natively; else fp32 (a dry run on
+    such a CPU takes the same code paths in float32)."""
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def peak_memory(device) -> int | None:
@@ -102,29 +120,48 @@ def steady(run, units: float, seconds: float, device, first: int = 5) -> dict:
     return {"seconds_per_call": per, "per_second": units / per, "calls": n}
 
 
+def compile_breakdown() -> dict:
+    """Where this process's compile time went, from torch's own timers (``dynamo_timed``: seconds per
+    phase, summed) and counters (cache hits, misses and bypasses of AOTAutograd and inductor, graphs)."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics, counters
+    except ImportError:
+        return {}
+    times = sorted(((k, sum(v)) for k, v in compilation_time_metrics.items()), key=lambda kv: -kv[1])
+    return {"phases_seconds": {k: round(v, 3) for k, v in times[:16]},
+            "counters": {group: dict(counters[group]) for group in ("aot_autograd", "inductor", "stats")
+                         if counters.get(group)}}
+
+
 # --------------------------------------------------------------------------- train
-def train_part(rec: Recorder, size: dict, device: str) -> None:
-    from ddpm.diffusion import Diffusion
-    from ddpm.training import TrainConfig, init_state, train
+class Training:
+    """The default config's training, per compile mode, on random images of its shape."""
 
-    m = MODEL_CONFIGS[size["model"]]
-    dev = torch.device(device)
-    d = Diffusion.from_schedule("linear", 1000, device=dev)
-    images = torch.randint(0, 256, (size["images"], m.channels, m.image_size, m.image_size), dtype=torch.uint8,
-                           generator=torch.Generator().manual_seed(0)).to(dev)
-    flops = model_flops(build_ours(m).to(dev), m, dev)
-    peak = peak_flops(dev)
-    rec.put("model", {"config": size["model"], "train_flops_per_image": flops[1], "forward_flops_per_image": flops[0],
-                      "batch_size": size["batch_size"], "peak_flops": peak})
-    states = {}
+    def __init__(self, size: dict, device: str):
+        from ddpm.diffusion import Diffusion
 
-    def one(mode: str) -> dict:
+        self.size, self.m, self.dev = size, MODEL_CONFIGS[size["model"]], torch.device(device)
+        self.d = Diffusion.from_schedule("linear", 1000, device=self.dev)
+        m = self.m
+        self.images = torch.randint(0, 256, (size["images"], m.channels, m.image_size, m.image_size),
+                                    dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(self.dev)
+        self.peak = peak_flops(self.dev)  # None on a CPU: no MFU, no FLOPs counted
+        self.flops = model_flops(build_ours(m).to(self.dev), m, self.dev)[1] if self.peak else None
+
+    def state(self, mode: str):
+        from ddpm.training import TrainConfig, init_state, train
+
         torch.manual_seed(0)
-        cfg = TrainConfig(steps=0, batch_size=size["batch_size"], compile=mode, precision="auto",
+        cfg = TrainConfig(steps=0, batch_size=self.size["batch_size"], compile=mode, precision="auto",
                           memory_format="auto")
-        state = init_state(build_ours(m), cfg, 0, dev)
+        state = init_state(build_ours(self.m), cfg, 0, self.dev)
+        return state, lambda n: train(state, self.d, self.images, replace(cfg, steps=state.step + n))
+
+    def rate(self, mode: str) -> tuple[dict, tuple]:
+        """Seconds of the first 3 steps (compile, capture), then the steady rate."""
+        size, dev = self.size, self.dev
+        state, run = self.state(mode)
         reset_memory(dev)
-        run = lambda n: train(state, d, images, replace(cfg, steps=state.step + n))  # noqa: E731
         sync(dev)
         start = time.perf_counter()
         run(3)
@@ -132,66 +169,71 @@ def train_part(rec: Recorder, size: dict, device: str) -> None:
         first = time.perf_counter() - start
         run(size["warmup_steps"])  # CUDA graph trees record on the first calls after warm-up
         r = steady(run, size["batch_size"], size["seconds"], dev, first=size["timed_first"])
-        states[mode] = (state, run)
         ips = r["per_second"]
         return {"images_per_second": ips, "steps_per_second": ips / size["batch_size"],
                 "first_3_steps_seconds": first, "compile_seconds": max(0.0, first - 3 * r["seconds_per_call"]),
-                "mfu": flops[1] * ips / peak if peak else None, "peak_memory_bytes": peak_memory(dev),
-                "path": state.path, "steps_timed": r["calls"]}
-
-    def profiled(mode: str) -> None:
-        if mode in states:
-            rec.measure(f"profile.{mode}", lambda: profile(*states[mode], size["profile_steps"], dev,
-                                                           rec.path.with_suffix(f".profile-{mode}.txt")))
-
-    # eager first, with its profile and the EMA's cost, so that a part cut short by a slow compile keeps them
-    modes = size["train_modes"]
-    rec.measure("train.none", lambda: one("none"))
-    profiled("none")
-    rec.measure("ema_update", lambda: ema_update_cost(m, dev))
-    for mode in [m_ for m_ in modes if m_ != "none"]:
-        rec.measure(f"train.{mode}", lambda mode=mode: one(mode))
-        ok = {k.removeprefix("train."): v for k, v in rec.data.items()
-              if k.startswith("train.") and isinstance(v, dict) and "images_per_second" in v}
-        best = max(ok, key=lambda k: ok[k]["images_per_second"])
-        rec.put("train.best", best)
-        if best == mode:
-            profiled(mode)
+                "mfu": self.flops * ips / self.peak if self.peak else None, "peak_memory_bytes": peak_memory(dev),
+                "path": state.path, "steps_timed": r["calls"], "model": size["model"],
+                "batch_size": size["batch_size"]}, (state, run)
 
 
-def profile(state, run, steps: int, device, table: Path) -> dict:
+def train_part(rec: Recorder, size: dict, device: str, mode: str) -> None:
+    t = Training(size, device)
+    kept = {}
+
+    def measure():
+        figures, kept["run"] = t.rate(mode)
+        return figures
+
+    rec.measure(f"train.{mode}", measure)
+    if mode == "none":  # eager: its profile and the EMA update's cost, cheap and never compiled
+        if "run" in kept:
+            rec.measure("profile.none", lambda: profile(*kept["run"], size["profile_steps"], t.dev, rec.out, "none"))
+        rec.measure("ema_update", lambda: ema_update_cost(t.m, t.dev, size["ema_updates"]))
+
+
+def profile_part(rec: Recorder, size: dict, device: str, mode: str) -> None:
+    t = Training(size, device)
+
+    def measure():
+        figures, (state, run) = t.rate(mode)
+        return {**profile(state, run, size["profile_steps"], t.dev, rec.out, mode),
+                "first_3_steps_seconds": figures["first_3_steps_seconds"], "path": figures["path"]}
+
+    rec.measure(f"profile.{mode}", measure)
+
+
+def profile(state, run, steps: int, device, out: Path, mode: str) -> dict:
     """torch.profiler over ``steps`` training steps: host (self CPU) and GPU (self device) milliseconds
-    and kernel launches (incl. CUDA graph launches) per step; the top of both tables to ``table``."""
+    and kernel launches (incl. CUDA graph launches) per step; the top of both tables appended to
+    ``out/profile.txt``."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(device).type == "cuda" else [])
     sync(device)
     start = time.perf_counter()
-    with torch_profile(activities=activities) as prof:
+    with torch_profile(activities=activities, acc_events=True) as prof:
         run(steps)
         sync(device)
     wall = time.perf_counter() - start
     events = prof.key_averages()
     host = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
     # device time of the device's own events only (kernels, copies): a CPU op's self device time repeats its kernels'
-    from torch.autograd import DeviceType
-
     gpu = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA) / 1e3 / steps
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel",
                                                          "cuLaunchKernelEx", "cudaGraphLaunch")) / steps
     graphs = sum(e.count for e in events if e.key == "cudaGraphLaunch") / steps
     text = events.table(sort_by="self_cpu_time_total", row_limit=15)
     if gpu:
-        try:
-            text += "\n\n" + events.table(sort_by="self_device_time_total", row_limit=15)
-        except (KeyError, AttributeError, ValueError):
-            text += "\n\n" + events.table(sort_by="self_cuda_time_total", row_limit=15)
-    table.write_text(text)
+        text += "\n\n" + events.table(sort_by="self_device_time_total", row_limit=15)
+    with open(out / "profile.txt", "a") as f:
+        f.write(f"== {mode}: {steps} training steps\n{text}\n\n")
     return {"host_ms_per_step": host, "gpu_ms_per_step": gpu, "wall_ms_per_step_under_profiler": wall * 1e3 / steps,
             "launches_per_step": launches, "graph_launches_per_step": graphs, "steps": steps}
 
 
-def ema_update_cost(m, device) -> dict:
+def ema_update_cost(m, device, updates: int) -> dict:
     """ms per step of updating the EMA and two profiles: 3 × ``AveragedModel.update_parameters`` (what
     training did) against one ``Averages.update``."""
     from ddpm.ema import Averages, PowerEMA, averaged_model
@@ -206,39 +248,44 @@ def ema_update_cost(m, device) -> dict:
             fn()
         sync(device)
         start = time.perf_counter()
-        for _ in range(50):
+        for _ in range(updates):
             fn()
         sync(device)
-        out[f"{name}_ms"] = (time.perf_counter() - start) / 50 * 1e3
+        out[f"{name}_ms"] = (time.perf_counter() - start) / updates * 1e3
     return out
 
 
 # --------------------------------------------------------------------------- sample
-def sample_part(rec: Recorder, size: dict, device: str) -> None:
+def denoiser_for(m, dev, mode: str, precision: str = "bf16"):
+    """(denoiser, path): the network as a sampler calls it on the path ``mode`` (``autocast``: float32
+    weights under bf16 autocast, what sampling did before the weights were cast once)."""
     from ddpm.acceleration import make_denoiser, network, prepare_model, to_memory_format
+
+    torch.manual_seed(0)
+    net = build_ours(m)
+    if mode == "autocast":
+        net = prepare_model(net, dev, precision="bf16", memory_format="channels_last").eval()
+        fwd = network(net, "bf16", dev)
+        memory_format = "channels_last" if dev.type == "cuda" else "contiguous"
+        return (lambda x, t: fwd(to_memory_format(x, memory_format), t)), "bf16 autocast on float32 weights, eager"
+    denoiser = make_denoiser(net, dev, precision=precision, compile=mode)
+    return denoiser, None
+
+
+def sample_part(rec: Recorder, size: dict, device: str, mode: str, role: str = "sample") -> None:
+    """ddim at ``sample_steps`` steps, batch ``sample_batch``: bf16 (``sample``) or float32 (``likelihood``)."""
     from ddpm.diffusion import Diffusion
     from ddpm.samplers import sample
 
-    m = MODEL_CONFIGS[size["model"]]
-    dev = torch.device(device)
+    m, dev = MODEL_CONFIGS[size["model"]], torch.device(device)
     d = Diffusion.from_schedule("linear", 1000, device=dev)
     shape = (size["sample_batch"], m.channels, m.image_size, m.image_size)
-    forward_flops = model_flops(build_ours(m).to(dev), m, dev)[0]
-    peak = peak_flops(dev)
     steps = size["sample_steps"]
 
-    def one(mode: str) -> dict:
-        torch.manual_seed(0)
-        net = build_ours(m)
-        if mode == "autocast":  # float32 weights under bf16 autocast: what sampling did before
-            net = prepare_model(net, dev, precision="bf16", memory_format="channels_last").eval()
-            fwd = network(net, "bf16", dev)
-            memory_format = "channels_last" if dev.type == "cuda" else "contiguous"
-            denoiser = lambda x, t: fwd(to_memory_format(x, memory_format), t)  # noqa: E731
-            path = "bf16 autocast on float32 weights, eager"
-        else:
-            denoiser = make_denoiser(net, dev, precision="bf16", compile=mode)
-            path = None
+    def measure() -> dict:
+        peak = peak_flops(dev)  # None on a CPU: no MFU, no FLOPs counted
+        forward_flops = model_flops(build_ours(m).to(dev), m, dev)[0] if peak else None
+        denoiser, path = denoiser_for(m, dev, mode, precision="fp32" if role == "likelihood" else fast_precision(dev))
         g = torch.Generator(device=dev).manual_seed(0)
         reset_memory(dev)
         run = lambda n: [sample(denoiser, d, shape, sampler="ddim", steps=steps, generator=g) for _ in range(n)]  # noqa: E731
@@ -252,62 +299,66 @@ def sample_part(rec: Recorder, size: dict, device: str) -> None:
         return {"image_steps_per_second": rate, "first_call_seconds": first,
                 "compile_seconds": max(0.0, first - r["seconds_per_call"]),
                 "mfu": forward_flops * rate / peak if peak else None, "peak_memory_bytes": peak_memory(dev),
-                "path": path or denoiser.path, "calls_timed": r["calls"]}
+                "path": path or denoiser.path, "calls_timed": r["calls"], "sampler": "ddim", "steps": steps,
+                "batch_size": shape[0]}
 
-    rec.put("model", {"config": size["model"], "forward_flops_per_image": forward_flops, "batch_size": shape[0],
-                      "sampler": "ddim", "steps": steps, "peak_flops": peak})
-    for mode in size["sample_modes"]:
-        rec.measure(f"sample.{mode}", lambda mode=mode: one(mode))
+    rec.measure(f"{role}.{mode}", measure)
 
 
-# --------------------------------------------------------------------------- warm compile
-def warm_part(rec: Recorder, size: dict, device: str) -> None:
-    """In a fresh process after the parts above (inductor's cache warm): seconds to the first result of
-    a compiled training step and sampling call, as a stage process pays them."""
-    from ddpm.acceleration import make_denoiser
-    from ddpm.diffusion import Diffusion
-    from ddpm.samplers import sample
-    from ddpm.training import TrainConfig, init_state, train
-
-    m = MODEL_CONFIGS[size["model"]]
+# --------------------------------------------------------------------------- warm start
+def warm_part(rec: Recorder, size: dict, device: str, what: str) -> None:
+    """A fresh process with inductor's cache warm: seconds to import dynamo and inductor, of each of the
+    first calls (compile and CUDA graph warm-up, recording, replay), and where torch says the compile
+    time went (``compile_breakdown``)."""
     dev = torch.device(device)
-    d = Diffusion.from_schedule("linear", 1000, device=dev)
-    mode = "reduce-overhead" if dev.type == "cuda" else "none"
+    mode = "reduce-overhead" if dev.type == "cuda" else "default"
 
-    def train_first() -> dict:
-        torch.manual_seed(0)
-        cfg = TrainConfig(steps=3, batch_size=size["batch_size"], compile=mode)
-        state = init_state(build_ours(m), cfg, 0, dev)
-        images = torch.randint(0, 256, (size["images"], m.channels, m.image_size, m.image_size),
-                               dtype=torch.uint8).to(dev)
+    def measure() -> dict:
         start = time.perf_counter()
-        train(state, d, images, cfg)
-        sync(dev)
-        return {"first_3_steps_seconds": time.perf_counter() - start, "path": state.path}
+        import importlib
 
-    def sample_first() -> dict:
-        denoiser = make_denoiser(build_ours(m), dev, precision="bf16", compile=mode)
-        shape = (size["sample_batch"], m.channels, m.image_size, m.image_size)
-        start = time.perf_counter()
-        sample(denoiser, d, shape, sampler="ddim", steps=size["sample_steps"])
-        sync(dev)
-        return {"first_call_seconds": time.perf_counter() - start, "path": denoiser.path}
+        for module in ("torch._dynamo", "torch._inductor.compile_fx"):  # every compiled stage process imports them
+            importlib.import_module(module)
+        imports = time.perf_counter() - start
+        if what == "train":
+            t = Training(size, device)
+            state, run = t.state(mode)
+            call, path = (lambda: run(1)), lambda: state.path
+        else:
+            from ddpm.diffusion import Diffusion
+            from ddpm.samplers import sample
 
-    rec.measure("warm.train", train_first)
-    rec.measure("warm.sample", sample_first)
+            m = MODEL_CONFIGS[size["model"]]
+            d = Diffusion.from_schedule("linear", 1000, device=dev)
+            denoiser, _ = denoiser_for(m, dev, mode)
+            shape = (size["sample_batch"], m.channels, m.image_size, m.image_size)
+            call, path = (lambda: sample(denoiser, d, shape, sampler="ddim", steps=size["sample_steps"])), \
+                lambda: denoiser.path
+        calls = []
+        for _ in range(size["warm_steps"]):
+            sync(dev)
+            start = time.perf_counter()
+            call()
+            sync(dev)
+            calls.append(round(time.perf_counter() - start, 3))
+        return {"import_dynamo_inductor_seconds": round(imports, 3), "calls_seconds": calls,
+                "first_call_seconds": calls[0], "path": path(), "unit": "training step" if what == "train" else
+                f"ddim-{size['sample_steps']} call at batch {size['sample_batch']}", **compile_breakdown()}
+
+    rec.measure(f"warm.{what}", measure)
 
 
 # --------------------------------------------------------------------------- peer
-def peer_part(rec: Recorder, size: dict, device: str) -> None:
+def peer_part(rec: Recorder, size: dict, device: str, which: str) -> None:
     """Ours and diffusers' UNet2DModel (``benchmarks.bench.build_peer``), bench's standard training step
-    and sampling through ``make_denoiser``, each mode in ``size["peer_modes"]``."""
+    and sampling through ``make_denoiser``: eager training and sampling on CUDA graphs (``eager``), or
+    both compiled with reduce-overhead (``compiled``)."""
     from benchmarks.bench import BenchConfig, build_peer, make_train_step
     from ddpm.acceleration import make_denoiser, prepare_model, to_memory_format
     from ddpm.diffusion import Diffusion
     from ddpm.samplers import sample
 
-    m = MODEL_CONFIGS[size["model"]]
-    dev = torch.device(device)
+    m, dev = MODEL_CONFIGS[size["model"]], torch.device(device)
     d = Diffusion.from_schedule("linear", 1000, device=dev)
     memory_format = "channels_last" if dev.type == "cuda" else "contiguous"
     g = torch.Generator().manual_seed(0)
@@ -315,16 +366,18 @@ def peer_part(rec: Recorder, size: dict, device: str) -> None:
     x0 = to_memory_format((torch.rand(shape, generator=g) * 2 - 1).to(dev), memory_format)
     noise = to_memory_format(torch.randn(shape, generator=g).to(dev), memory_format)
     t = torch.randint(0, 1000, (shape[0],), generator=g).to(dev)
+    modes = {"eager": ("none", "cudagraphs"), "compiled": ("reduce-overhead", "reduce-overhead")}[which]
+    precision = fast_precision(dev)
 
     def model(name: str):
         torch.manual_seed(0)
         ours = build_ours(m)
         return ours if name == "ours" else build_peer(m, ours)
 
-    def train_one(name: str, mode: str) -> dict:
-        net = prepare_model(model(name), dev, precision="bf16", memory_format=memory_format).train()
-        cfg = BenchConfig(model=size["model"], device=str(dev), precision="bf16", memory_format=memory_format,
-                          compile=mode)
+    def train_one(name: str) -> dict:
+        net = prepare_model(model(name), dev, precision=precision, memory_format=memory_format).train()
+        cfg = BenchConfig(model=size["model"], device=str(dev), precision=precision, memory_format=memory_format,
+                          compile=modes[0])
         step, _ = make_train_step(net, d, x0, t, noise, cfg)
         sync(dev)
         start = time.perf_counter()
@@ -333,10 +386,11 @@ def peer_part(rec: Recorder, size: dict, device: str) -> None:
         sync(dev)
         first = time.perf_counter() - start
         r = steady(lambda n: [step() for _ in range(n)], shape[0], size["seconds"], dev, first=size["timed_first"])
-        return {"images_per_second": r["per_second"], "first_3_steps_seconds": first}
+        return {"images_per_second": r["per_second"], "first_3_steps_seconds": first, "mode": modes[0],
+                "path": f"{precision}, {memory_format}, compile {modes[0]}"}
 
-    def sample_one(name: str, mode: str) -> dict:
-        denoiser = make_denoiser(model(name), dev, precision="bf16", compile=mode)
+    def sample_one(name: str) -> dict:
+        denoiser = make_denoiser(model(name), dev, precision=precision, compile=modes[1])
         s = (size["sample_batch"], m.channels, m.image_size, m.image_size)
         run = lambda n: [sample(denoiser, d, s, sampler="ddim", steps=size["sample_steps"]) for _ in range(n)]  # noqa: E731
         sync(dev)
@@ -345,43 +399,41 @@ def peer_part(rec: Recorder, size: dict, device: str) -> None:
         sync(dev)
         first = time.perf_counter() - start
         r = steady(run, s[0] * size["sample_steps"], size["seconds"], dev, first=2)
-        return {"image_steps_per_second": r["per_second"], "first_call_seconds": first, "path": denoiser.path}
+        return {"image_steps_per_second": r["per_second"], "first_call_seconds": first, "path": denoiser.path,
+                "mode": modes[1]}
 
-    for mode in size["peer_modes"]["train"]:
-        for name in ("ours", "peer"):
-            rec.measure(f"peer.train.{name}.{mode}", lambda name=name, mode=mode: train_one(name, mode))
-    for mode in size["peer_modes"]["sample"]:
-        for name in ("ours", "peer"):
-            rec.measure(f"peer.sample.{name}.{mode}", lambda name=name, mode=mode: sample_one(name, mode))
-
-
-# --------------------------------------------------------------------------- proxies
-def proxies_part(rec: Recorder, size: dict, device: str) -> None:
-    from benchmarks.proxies import count_sample, count_train
-
-    m = MODEL_CONFIGS["fashion-mnist"]  # counts do not depend on the device: the default config always
-    for precision in ("fp32", "bf16"):
-        rec.measure(f"proxies.{precision}.train", lambda p=precision: {
-            k: v for k, v in count_train(m.unet, m.image_size, m.channels, precision=p).items() if k != "by_op"})
-        rec.measure(f"proxies.{precision}.sample", lambda p=precision: {
-            k: v for k, v in count_sample(m.unet, m.image_size, m.channels, precision=p).items() if k != "by_op"})
+    for name in ("ours", "peer"):
+        rec.measure(f"peer.{which}.train.{name}", lambda name=name: train_one(name))
+    for name in ("ours", "peer"):
+        rec.measure(f"peer.{which}.sample.{name}", lambda name=name: sample_one(name))
 
 
-PARTS = {"train": train_part, "sample": sample_part, "warm": warm_part, "peer": peer_part, "proxies": proxies_part}
+def run_part(name: str, rec: Recorder, size: dict, device: str) -> None:
+    """The part ``name`` (``benchmarks.gpu_check.PLAN``'s measuring parts)."""
+    group, _, arg = name.partition(".")
+    if group == "train":
+        train_part(rec, size, device, arg)
+    elif group == "profile":
+        profile_part(rec, size, device, arg)
+    elif group in ("sample", "likelihood"):
+        sample_part(rec, size, device, arg, role=group)
+    elif group == "warm":
+        warm_part(rec, size, device, arg)
+    elif group == "peer":
+        peer_part(rec, size, device, arg)
+    else:
+        raise SystemExit(f"gpu_parts: unknown part {name!r}")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_parts", description=__doc__.split("\n\n")[0])
-    parser.add_argument("part", choices=list(PARTS))
-    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("part", help="e.g. train.reduce-overhead, sample.cudagraphs, warm.train, peer.eager")
+    parser.add_argument("--out", type=Path, required=True, help="the check's output folder")
     parser.add_argument("--size", choices=list(SIZES), default="gpu")
     parser.add_argument("--device", default="cuda")
     a = parser.parse_args(argv)
-    rec = Recorder(a.json)
     torch.manual_seed(0)
-    if a.part != "proxies":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
-    PARTS[a.part](rec, SIZES[a.size], a.device)
+    run_part(a.part, Recorder(a.out), SIZES[a.size], a.device)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Sample-quality metrics through torch-fidelity.
+"""Sample-quality metrics, as torch-fidelity computes them.
 
 Two feature extractors:
 - ``ddpm-classifier`` (offline default): the data set's own classifier
-  (``ddpm.classifier``), registered into torch-fidelity's registry; features are its
-  penultimate embedding, logits its class scores. Weights: a classifier checkpoint.
+  (``ddpm.classifier``, ``ClassifierFeatures``); features are its penultimate embedding,
+  logits its class scores. Weights: a classifier checkpoint. torch-fidelity is not imported
+  for it: its package imports every extractor it ships (CLIP, torchvision, ``torch._dynamo``),
+  2 s of every fid process's start on a 2-core CPU.
 - ``inception-v3-compat``: torch-fidelity's standard Inception-v3 FID network. Its
   weights download from the internet unless ``weights_path`` names a local copy.
 
@@ -14,8 +16,11 @@ The work is split so that a reference set is processed once: ``extract_features`
 runs the extractor (features for FID/KID/precision-recall, logits for the Inception
 Score), ``reference_statistics`` adds the mean and covariance and the reference's
 precision/recall radii (``prc_radii``), and ``metrics_from_features`` computes FID, KID,
-precision/recall and IS from two sets of features with torch-fidelity's own metric
-functions. Nothing goes through torch-fidelity's on-disk cache.
+precision/recall and IS from two sets of features. FID's statistics and distance
+(``fid_statistics``, ``frechet_distance``) and the Inception Score (``inception_score``) are
+torch-fidelity's functions line for line (the same NumPy and torch calls: equal bit for bit,
+``tests/test_evaluation.py``), here so that a fid process need not import torch-fidelity.
+Nothing goes through torch-fidelity's on-disk cache.
 
 Precision/recall (Kynkäänniemi et al. 2019) give every feature vector a ball reaching to its
 k-th nearest neighbour in its own set. torch-fidelity's ``prc_features_to_metric`` finds the
@@ -68,49 +73,32 @@ def load_classifier(path, map_location="cpu") -> Classifier:
     return model.eval()
 
 
-def _extractor_class():
-    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+class ClassifierFeatures(torch.nn.Module):
+    """The ``ddpm-classifier`` extractor: uint8 images [N, C, H, W] → ``{"features": penultimate
+    embedding, "logits": class scores}`` of the classifier in a checkpoint (RGB images fed to a
+    grayscale classifier are averaged to one channel, grayscale ones repeated for an RGB one)."""
 
-    class ClassifierFeatureExtractor(FeatureExtractorBase):
-        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
-            super().__init__(name, features_list)
-            if feature_extractor_weights_path is None:
-                raise InputError("ddpm-classifier needs feature_extractor_weights_path (a classifier checkpoint)")
-            self.model = load_classifier(feature_extractor_weights_path)
+    def __init__(self, weights_path):
+        super().__init__()
+        self.model = load_classifier(weights_path)
 
-        @staticmethod
-        def get_provided_features_list():
-            return "features", "logits"
-
-        @staticmethod
-        def get_default_feature_layer_for_metric(metric):
-            return {"isc": "logits", "fid": "features", "kid": "features", "prc": "features"}[metric]
-
-        @staticmethod
-        def can_be_compiled():
-            return False
-
-        @staticmethod
-        def get_dummy_input_for_compile():
-            return torch.zeros(1, 1, 28, 28, dtype=torch.uint8)
-
-        def forward(self, x):
-            cin = self.model.in_channels
-            if x.shape[1] != cin:  # RGB files fed to a grayscale classifier, or the reverse
-                x = x.float().mean(1, keepdim=True) if cin == 1 else x.expand(-1, 3, -1, -1)
-            features, logits = self.model(to_model_range(x))
-            out = {"features": features, "logits": logits}
-            return tuple(out[f] for f in self.features_list)
-
-    return ClassifierFeatureExtractor
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        cin = self.model.in_channels
+        if x.shape[1] != cin:
+            x = x.float().mean(1, keepdim=True) if cin == 1 else x.expand(-1, 3, -1, -1)
+        features, logits = self.model(to_model_range(x))
+        return {"features": features, "logits": logits}
 
 
-def register_classifier_extractor(name: str = "ddpm-classifier") -> None:
-    """Register the classifier extractor with torch-fidelity (once per process)."""
-    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+class FidelityFeatures:
+    """A torch-fidelity feature extractor behind the same call: images → ``{"features", "logits"}``."""
 
-    if name not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(name, _extractor_class())
+    def __init__(self, model, layers: dict[str, str]):
+        self.model, self.layers = model, layers
+
+    def __call__(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        d = self.model.convert_features_tuple_to_dict(self.model(x))
+        return {key: d[layer] for key, layer in self.layers.items()}
 
 
 @contextmanager
@@ -124,42 +112,44 @@ def _socket_timeout(seconds: float):
         socket.setdefaulttimeout(old)
 
 
-def feature_layers(extractor: str) -> dict[str, str]:
-    """torch-fidelity layer names: ``features`` (FID/KID/PRC) and ``logits`` (IS)."""
+def fidelity_layers(extractor: str) -> dict[str, str]:
+    """torch-fidelity's layer names of one of its extractors: ``features`` (FID/KID/PRC) and ``logits`` (IS)."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    if extractor not in EXTRACTORS:
-        raise InputError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
-    if extractor == "ddpm-classifier":
-        register_classifier_extractor()
     cls = FEATURE_EXTRACTORS_REGISTRY[extractor]
     return {"features": cls.get_default_feature_layer_for_metric("fid"),
             "logits": cls.get_default_feature_layer_for_metric("isc")}
 
 
 def create_extractor(extractor: str, weights_path=None, cuda: bool = False):
-    """The torch-fidelity feature extractor, or a one-line ``ExtractorUnavailable``."""
-    from torch_fidelity.utils import create_feature_extractor
-
-    layers = feature_layers(extractor)
+    """The feature extractor (``ClassifierFeatures``, or torch-fidelity's in ``FidelityFeatures``), in
+    eval mode without gradients, on the GPU when ``cuda``; or a one-line ``ExtractorUnavailable``."""
+    if extractor not in EXTRACTORS:
+        raise InputError(f"unknown feature extractor {extractor!r}; choose one of {', '.join(EXTRACTORS)}")
     if weights_path is not None and not os.path.isfile(str(weights_path)):
         raise ExtractorUnavailable(f"{extractor}: weights file {weights_path} does not exist")
-    if extractor == "ddpm-classifier" and weights_path is None:
-        raise ExtractorUnavailable("ddpm-classifier needs a classifier checkpoint as its weights file")
+    if extractor == "ddpm-classifier":
+        if weights_path is None:
+            raise ExtractorUnavailable("ddpm-classifier needs a classifier checkpoint as its weights file")
+        model = ClassifierFeatures(weights_path).requires_grad_(False).eval()
+        return model.cuda() if cuda else model
+    from torch_fidelity.utils import create_feature_extractor
+
+    layers = fidelity_layers(extractor)
     kwargs = dict(cuda=cuda, verbose=False, feature_extractor_compile=False,
                   feature_extractor_weights_path=None if weights_path is None else str(weights_path))
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
-            return create_feature_extractor(extractor, list(layers.values()), **kwargs)
+            return FidelityFeatures(create_feature_extractor(extractor, list(layers.values()), **kwargs), layers)
     except (CheckpointError, ExtractorUnavailable, NonFiniteError):
         raise
     except Exception as e:
         reason = " ".join(str(e).split())[:200]  # one line
-        if extractor == "inception-v3-compat" and weights_path is None:
+        if weights_path is None:
             from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 
             raise ExtractorUnavailable(
-                f"inception-v3-compat: cannot download its weights from {URL_INCEPTION_V3} ({type(e).__name__}: "
+                f"{extractor}: cannot download its weights from {URL_INCEPTION_V3} ({type(e).__name__}: "
                 f"{reason}); set fid.weights_path to a local copy of that file, or use fid.extractor "
                 f"ddpm-classifier") from e
         raise ExtractorUnavailable(f"{extractor}: cannot load weights {weights_path}: {type(e).__name__}: {reason}") from e
@@ -175,7 +165,6 @@ def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier"
     """
     if not (isinstance(images, torch.Tensor) and images.dtype == torch.uint8 and images.ndim == 4):
         raise InputError("images must be a uint8 tensor [N, C, H, W]")
-    layers = feature_layers(extractor)
     model = model or create_extractor(extractor, weights_path, cuda)
     out: dict[str, list[torch.Tensor]] = {"features": [], "logits": []}
     for i in range(0, images.shape[0], batch_size):
@@ -184,9 +173,8 @@ def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier"
             x = x.expand(-1, 3, -1, -1)
         if cuda:
             x = x.cuda(non_blocking=True)
-        d = model.convert_features_tuple_to_dict(model(x))
-        for key, layer in layers.items():
-            out[key].append(d[layer].detach().cpu().double())
+        for key, value in model(x).items():
+            out[key].append(value.detach().cpu().double())
         if progress is not None:
             progress(x.shape[0])
     return {k: torch.cat(v) for k, v in out.items()}
@@ -253,16 +241,48 @@ def kid(generated: torch.Tensor, reference: torch.Tensor, subset_size: int, *, s
     return {"kid_mean": float(np.mean(mmd)), "kid_std": float(np.std(mmd))}
 
 
+def fid_statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
+    """The mean ``mu`` and covariance ``sigma`` of [N, D] features: torch-fidelity's
+    ``fid_features_to_statistics`` (after TTUR's fid.py), the same NumPy calls."""
+    features = features.numpy()
+    return {"mu": np.mean(features, axis=0), "sigma": np.cov(features, rowvar=False)}
+
+
+def frechet_distance(s1: dict[str, np.ndarray], s2: dict[str, np.ndarray]) -> float:
+    """||μ1 − μ2||² + Tr(Σ1) + Tr(Σ2) − 2 Tr((Σ1 Σ2)^½), the trace of the root from the eigenvalues of
+    Σ1 Σ2: torch-fidelity's ``fid_statistics_to_metric``, the same NumPy calls."""
+    mu1, sigma1, mu2, sigma2 = s1["mu"], s1["sigma"], s2["mu"], s2["sigma"]
+    if not (mu1.ndim == 1 and mu1.shape == mu2.shape and sigma1.ndim == 2 and sigma1.shape == sigma2.shape):
+        raise InputError(f"FID statistics differ in shape: {mu1.shape} and {mu2.shape}")
+    diff = mu1 - mu2
+    tr_covmean = np.sum(np.sqrt(np.linalg.eigvals(sigma1.dot(sigma2)).astype("complex128")).real)
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10, shuffle: bool = True, rng_seed: int = 2020) -> dict[str, float]:
+    """Inception Score (Salimans et al. 2016) of [N, K] logits, mean and standard deviation over
+    ``splits`` parts: torch-fidelity's ``isc_features_to_metric``, the same calls."""
+    n = logits.shape[0]
+    if shuffle:
+        logits = logits[np.random.RandomState(rng_seed).permutation(n), :]
+    logits = logits.double()
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        p_chunk, log_p_chunk = p[(i * n // splits):((i + 1) * n // splits), :], log_p[(i * n // splits):((i + 1) * n // splits), :]
+        q_chunk = p_chunk.mean(dim=0, keepdim=True)
+        scores.append((p_chunk * (log_p_chunk - q_chunk.log())).sum(dim=1).mean().exp().item())
+    return {"isc_mean": float(np.mean(scores)), "isc_std": float(np.std(scores))}
+
+
 def reference_statistics(features: dict[str, torch.Tensor], device=None) -> dict[str, torch.Tensor]:
     """Features plus their mean ``mu`` and covariance ``sigma`` (float64) and precision/recall radii
     ``prc_radii`` (computed on ``device``), as stored for a reference set (on the CPU)."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics
-
     if features["features"].shape[0] < PRC_NEIGHBORHOOD + 1:
         raise InputError(f"reference statistics need at least {PRC_NEIGHBORHOOD + 1} images (precision/recall look "
                          f"at each image's {PRC_NEIGHBORHOOD} nearest others), got {features['features'].shape[0]}")
     check_features(features, "the reference images")
-    stats = fid_features_to_statistics(features["features"].double())
+    stats = fid_statistics(features["features"].double())
     return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"])),
             "prc_radii": prc_radii(features["features"].to(device) if device is not None else features["features"]).cpu()}
 
@@ -282,16 +302,13 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
                           device=None, label: str = "generated") -> dict[str, float]:
     """FID, KID (mean, std), precision/recall/F-score and Inception Score of ``generated``
     against ``reference`` (dicts from ``extract_features``; ``reference`` may carry
-    ``mu``/``sigma``/``prc_radii`` from ``reference_statistics``): FID and IS by torch-fidelity,
-    KID and precision/recall as torch-fidelity computes them, on ``device`` (default: the CPU).
+    ``mu``/``sigma``/``prc_radii`` from ``reference_statistics``), as torch-fidelity computes them;
+    KID and precision/recall on ``device`` (default: the CPU).
 
     ``label`` names the first set in messages (the real-data floor's are ``real`` images).
     Refused (one line): non-finite features (``NonFiniteError``), a set too small for a metric
     (``ddpm.config.evaluation.too_few``: KID subsets larger than a set, fewer images than the
     Inception Score's splits; ``InputError``), and a metric that comes out NaN or infinite."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-
     g, r = generated["features"].double(), reference["features"].double()
     if g.shape[1] != r.shape[1]:
         raise InputError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
@@ -304,21 +321,20 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
     check_features(generated, f"the {label} images")
     check_features({k: v for k, v in reference.items() if k in ("features", "mu", "sigma", "prc_radii")},
                    "the reference images")
-    s1 = fid_features_to_statistics(g)
+    s1 = fid_statistics(g)
     if "mu" in reference:
         s2 = {"mu": reference["mu"].double().numpy(), "sigma": reference["sigma"].double().numpy()}
     else:
-        s2 = fid_features_to_statistics(r)
+        s2 = fid_statistics(r)
     s1["sigma"], s2["sigma"] = np.atleast_2d(s1["sigma"]), np.atleast_2d(s2["sigma"])
-    m = dict(fid_statistics_to_metric(s1, s2, verbose=False))
+    m = {"frechet_inception_distance": frechet_distance(s1, s2)}
     on = g.to(device) if device is not None else g
     m.update(kid(on, r, kid_subset_size, seed=seed))
     m.update(precision_recall(on, r, reference.get("prc_radii")))
     out = {"fid": m["frechet_inception_distance"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"],
            "precision": m["precision"], "recall": m["recall"], "f_score": m["f_score"]}
     if with_isc:
-        i = isc_features_to_metric(generated["logits"], splits=ISC_SPLITS, shuffle=True, rng_seed=seed)
-        out.update(isc_mean=i["inception_score_mean"], isc_std=i["inception_score_std"])
+        out.update(inception_score(generated["logits"], splits=ISC_SPLITS, shuffle=True, rng_seed=seed))
     out = {k: float(v) for k, v in out.items()}
     bad = [k for k, v in out.items() if not math.isfinite(v)]
     if bad:

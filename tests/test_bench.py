@@ -109,7 +109,9 @@ def test_bench_command_rejects_bad_choices():
 
 def test_cpu_mfu_against_the_measured_matmul_rates():
     """Without a given peak, the CPU's fp32 and bf16 matmul rates are measured (per wall and per
-    process CPU time) and MFU is reported against both clocks; bf16 runs on the CPU too."""
+    process CPU time) and MFU is reported against both clocks; bf16 runs on the CPU too, on small
+    tensors only: the tiny model at batch 2, and products no larger than one that takes 50 ms (on a
+    CPU without native bf16 a 2048² bf16 product takes 15–30 s)."""
     r = run_benchmark(BenchConfig(**{**SMALL, "peak_flops": None, "samplers": ("ddim",), "peer": "none",
                                      "precision": "bf16"}))
     rates = r["measured_matmul_flops"]
@@ -118,6 +120,21 @@ def test_cpu_mfu_against_the_measured_matmul_rates():
     ours = r["models"]["ours"]
     assert positive(ours["train"]["mfu_by_process_cpu_time"]) and positive(ours["sample"]["ddim"]["mfu_by_process_cpu_time"])
     assert r["settings"]["precision"] == "bf16"
+    assert f"{rates['size']['bf16']}×{rates['size']['bf16']}" in r["peak_flops"]["source"]
+
+
+def test_the_matmul_rate_is_measured_at_the_first_size_that_times_well(monkeypatch):
+    """The product grows until one takes MATMUL_LONG seconds, so a slow CPU measures small products and a
+    fast one stops at the largest size; the best of MATMUL_REPEATS counts."""
+    import benchmarks.bench as bench
+
+    monkeypatch.setattr(bench, "MATMUL_SIZES", (32, 64, 128))
+    monkeypatch.setattr(bench, "MATMUL_LONG", 0.0)  # every product "takes long enough": the first size
+    assert bench.measure_cpu_matmul("cpu", ("fp32",))["size"] == {"fp32": 32}
+    monkeypatch.setattr(bench, "MATMUL_LONG", float("inf"))  # none does: up to the last size
+    got = bench.measure_cpu_matmul("cpu", ("fp32", "bf16"))
+    assert got["size"] == {"fp32": 128, "bf16": 128}
+    assert all(got[clock][p] > 0 for clock in ("wall", "process_cpu") for p in ("fp32", "bf16"))
 
 
 def test_every_benchmark_module_imports():
@@ -132,3 +149,10 @@ def test_every_benchmark_module_imports():
     assert {"bench", "gpu_check", "gpu_parts", "overhead", "proxies", "cli"} <= set(names)
     for name in names:
         importlib.import_module(f"benchmarks.{name}")
+
+
+def test_overhead_command_reads_its_sets_before_any_work():
+    """`benchmarks overhead` parses its --set options with gpu_check's parser (it once failed on import,
+    the parser having moved away): a bad one is one error line, before any pipeline runs."""
+    r = CliRunner().invoke(app, ["overhead", "--set", "no-equals-sign"])
+    assert r.exit_code == 1 and "--set takes key=value, got 'no-equals-sign'" in r.output

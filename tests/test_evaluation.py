@@ -129,6 +129,51 @@ def test_precision_recall_with_stored_radii_equals_torch_fidelity(n_gen, n_ref):
         assert 0 < got["precision"] < 1 and 0 < got["recall"] < 1
 
 
+@pytest.mark.parametrize("n,d", [(300, 16), (57, 5), (10, 1)])
+def test_fid_and_inception_score_equal_torch_fidelity_bit_for_bit(n, d):
+    """FID's statistics and distance and the Inception Score, written here so that a fid process need
+    not import torch-fidelity, are its functions call for call: the same float64 results, exactly."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    g = torch.Generator().manual_seed(n)
+    f1 = torch.randn(n, d, generator=g, dtype=torch.float64)
+    f2 = torch.randn(n + 7, d, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    ours = [M.fid_statistics(f) for f in (f1, f2)]
+    theirs = [fid_features_to_statistics(f) for f in (f1, f2)]
+    for a, b in zip(ours, theirs):
+        assert np.array_equal(a["mu"], b["mu"]) and np.array_equal(a["sigma"], b["sigma"])
+    if d > 1:  # torch-fidelity's distance wants 2-D covariances (metrics_from_features gives it them)
+        expected = fid_statistics_to_metric(*theirs, verbose=False)["frechet_inception_distance"]
+        assert M.frechet_distance(*ours) == expected and expected > 0
+    logits = torch.randn(n, 10, generator=g) * 3
+    for seed in (2020, 7):
+        i = isc_features_to_metric(logits, splits=10, shuffle=True, rng_seed=seed)
+        assert M.inception_score(logits, rng_seed=seed) == {"isc_mean": i["inception_score_mean"],
+                                                             "isc_std": i["inception_score_std"]}
+
+
+@pytest.mark.slow
+def test_a_fid_cell_with_the_classifier_does_not_import_torch_fidelity(tmp_path, idx_dir, classifier):
+    """torch-fidelity's package imports every extractor it ships (CLIP, torchvision, torch._dynamo): 2 s
+    of each fid process on a 2-core CPU. With the ddpm-classifier extractor a cell needs none of it."""
+    import os
+    import subprocess
+    import sys
+
+    test, samples, params = _stage_files(tmp_path, idx_dir, seed=6)
+    ref_stage.main(params, test, classifier, tmp_path / "reference", "cpu", debug=True)
+    code = ("import sys; from pipeline.stages import fid; "
+            f"fid.main({str(params)!r}, {str(samples)!r}, {str(tmp_path / 'reference/stats.pt')!r}, {str(classifier)!r}, "
+            f"{str(tmp_path / 'cell.json')!r}, 'cpu', debug=True); "
+            "print(sorted(m for m in ('torch_fidelity', 'torchvision', 'torch._dynamo') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]", r.stdout
+    assert json.loads((tmp_path / "cell.json").read_text())["fid"] >= 0
+
+
 def test_inception_without_network_or_weights_fails_fast_with_one_line(monkeypatch, tmp_path):
     import torch_fidelity.feature_extractor_inceptionv3 as inc
 

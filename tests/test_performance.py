@@ -1,5 +1,5 @@
 """The performance plumbing: the training-time estimate, `make repro` without a GPU,
-and `make gpu-check` in CI size."""
+and `make gpu-check`: its dry run, a killed run, its plan and projection."""
 
 import pytest
 
@@ -70,42 +70,192 @@ def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.e2e
-def test_gpu_check_in_ci_size(tmp_path, idx_dir):
-    """`make gpu-check`'s driver at CI size on the CPU, through the typer command: every part runs and
-    lands in the JSON and the one table (train per compile mode with the profiler's host/GPU split,
-    sampling per inference path, the warm-cache process, the experiment's stage commands with FID per
-    cell and grids, ours vs diffusers, DDP on two gloo processes), in at most 8 files."""
+def test_gpu_check_dry_run(tmp_path, idx_dir):
+    """`make gpu-check`'s code paths at a tiny size on the CPU, through the typer command (about a minute):
+    every part that can run there runs and lands in the JSON and the one table (training with the
+    profiler's host/GPU split and the EMA update, sampling per path, the pipeline's stage commands with
+    FID and bits/dim, ours vs diffusers, DDP on two gloo processes); the CUDA-only parts are skipped and
+    named; each part's budget is shown; the projection says which inputs were measured and which carried
+    over; at most 6 files."""
     import json
 
     from typer.testing import CliRunner
 
     from benchmarks.cli import app
+    from benchmarks.gpu_check import PLAN
+    from benchmarks.gpu_parts import native_bf16
 
     out = tmp_path / "gc"
-    r = CliRunner().invoke(app, ["gpu-check", "--out", str(out), "--size", "ci", "--device", "cpu",
-                                 "--data", str(idx_dir), "--ddp-processes", "2"])
+    r = CliRunner().invoke(app, ["gpu-check", "--out", str(out), "--dry-run", "--data", str(idx_dir),
+                                 "--ddp-processes", "2"])
     assert r.exit_code == 0, r.output
     report = json.loads((out / "gpu_check.json").read_text())
     log = (out / "gpu_check.log").read_text()[-3000:]
     assert report["notes"] == [], (report["notes"], log)
-    assert report["train"]["train.none"]["images_per_second"] > 0, log
-    assert report["train"]["profile.none"]["host_ms_per_step"] > 0
-    assert report["train"]["ema_update"]["averages_ms"] > 0
-    assert report["sample"]["sample.none"]["image_steps_per_second"] > 0
-    assert "compile none" in report["warm"]["warm.train"]["path"]
-    e = report["experiment"]
-    assert all(v["status"] == "ok" for v in e["stages"].values()), (e["stages"], log)
-    assert set(e["cells"]) == {"ddim-2", "ddpm-2"} and e["cells"]["ddim-2"]["fid"] > 0 and e["nll"]["bits_per_dim"] > 0
-    assert report["ratios"]["train"]["none vs none"] > 0
-    assert report["ddp"]["speedup"] > 0
-    assert report["projection"]["seconds"] > 0
+    status = {row["part"]: row["status"] for row in report["plan"]}
+    cuda_only = {p.name for p in PLAN if p.cuda_only}
+    assert all(status[name].startswith("skipped: CUDA only") for name in cuda_only), status
+    native = native_bf16("cpu")  # else a bf16 part is skipped, saying why, and the others run in float32
+    assert all(status[p.name] == "ok" or (p.bf16 and not native and "no native bf16" in status[p.name])
+               for p in PLAN if p.name not in cuda_only), (status, log)
+    assert ("bf16" if native else "fp32") in report["figures"]["sample.none"]["path"]
+    f = report["figures"]
+    assert f["train.none"]["images_per_second"] > 0 and f["profile.none"]["host_ms_per_step"] > 0
+    assert f["ema_update"]["averages_ms"] > 0 and f["sample.none"]["image_steps_per_second"] > 0
+    assert f["stage.fid"]["fid"] >= 0 and f["stage.nll"]["bits_per_dim"] > 0 and f["stage.train"]["train_seconds"] > 0
+    assert f["peer.eager.train.peer"]["images_per_second"] > 0 and f["ddp"]["speedup"] > 0
+    proj = report["projection"]
+    assert proj["seconds"] > 0 and proj["measured"] > 0 and proj["carried_over"] > 0
     table = (out / "gpu_check.md").read_text()
-    for needle in ("| train, default config, batch 4 | none |", "| sample ddim-2, batch 4 | autocast |",
-                   "host ", "| ours / diffusers, train |", "projected default `dvc repro`", "| fid ddim-2 | ok |"):
-        assert needle in table, table
-    files = sorted(f.name for f in out.iterdir())
-    assert len(files) <= 8 and {"gpu_check.json", "gpu_check.md", "gpu_check.log", "profile.txt", "grids.png"} <= set(files)
+    for p in PLAN:  # every part with its budget
+        assert f"| {p.name}{' ᵖ' if p.projection else ''} | {p.budget} |" in table, p.name
+    for needle in ("Dry run", "## Projected default `dvc repro`", "stage.fid: measured",
+                   "train.reduce-overhead: carried over (H200, 2026-12-04)", "skipped: CUDA only (CUDA graphs)",
+                   "profile: host", "FID", "bits/dim"):
+        assert needle in table, needle
+    assert "train.step-graph" in r.output and "budget" in r.output  # the plan, printed first
+    files = sorted(p.name for p in out.iterdir())
+    assert files == sorted(["grids.png", "gpu_check.json", "gpu_check.log", "gpu_check.md", "profile.txt"])
 
+
+def start_check(out, idx_dir):
+    """A dry run of the stage parts in the background, and the moment its first figure is written."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks", "gpu-check", "--dry-run", "--out", str(out),
+                             "--data", str(idx_dir), "--parts", "stage"], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").is_file() else {}
+        if "stage.prepare" in report.get("figures", {}):
+            return proc
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("no figure within 120 s")
+
+
+@pytest.mark.slow
+def test_a_killed_gpu_check_leaves_the_table_of_what_it_measured(tmp_path, idx_dir):
+    """SIGKILL to the whole check, right after its first figure: the table is there, with that figure,
+    the part that was running named, the rest pending, and the projection from carried-over figures.
+    SIGTERM (a time limit) to the check alone: the running part is killed and marked cut off."""
+    import os
+    import signal
+
+    proc = start_check(tmp_path / "killed", idx_dir)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    table = (tmp_path / "killed" / "gpu_check.md").read_text()
+    assert "| stage.prepare ᵖ | 17 | ok |" in table or "| stage.prepare ᵖ | 17 | running |" in table, table
+    assert "s the process" in table  # prepare's figure
+    assert "| pending |" in table and "## Projected default `dvc repro`" in table and "carried over" in table
+    assert "skipped: not asked for (--parts)" in table
+
+    proc = start_check(tmp_path / "stopped", idx_dir)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    table = (tmp_path / "stopped" / "gpu_check.md").read_text()
+    assert "| cut off: the check was stopped |" in table and "| pending |" in table, table
+
+
+def test_gpu_check_without_time_still_prints_the_projection(tmp_path):
+    """A window too short for any part: every part says why it was skipped, and the projection is printed
+    from the carried-over figures alone, each marked so. A second run keeps the first's report, and takes
+    its figures as the carried-over ones when told to; a bad --carry or --parts is refused first."""
+    import json
+
+    from benchmarks.gpu_check import main
+
+    (tmp_path / "gc").mkdir()
+    (tmp_path / "gc" / "gpu_check.json").write_text(json.dumps({"figures": {"stage.fid": {"status": "ok", "seconds": 4.0}},
+                                                                "environment": {"device_name": "NVIDIA H100",
+                                                                                "started": "2027-01-02 10:00:00"}}))
+    with pytest.raises(SystemExit, match="unknown parts"):
+        main(tmp_path / "gc", dry_run=True, device="cpu", parts=["stag"])
+    with pytest.raises(SystemExit, match="not a gpu_check.json"):
+        main(tmp_path / "gc", dry_run=True, device="cpu", carry=tmp_path / "missing.json")
+    assert (tmp_path / "gc" / "gpu_check.json").is_file()  # refused before anything was touched
+    report = main(tmp_path / "gc", dry_run=True, device="cpu", budget=3)
+    previous = tmp_path / "gc" / "gpu_check.previous.json"
+    assert json.loads(previous.read_text())["figures"]["stage.fid"]["seconds"] == 4.0
+    carried = main(tmp_path / "gc2", dry_run=True, device="cpu", budget=3, carry=previous)
+    fid = next(row for row in carried["projection"]["terms"] if row["term"].startswith("fid"))
+    assert fid["seconds"] == 20 * 4.0 and fid["inputs"]["stage.fid"] == "carried over (NVIDIA H100, 2027-01-02)"
+    assert all(row["status"].startswith("skipped: ") for row in report["plan"])
+    assert any("out of time: needs 120 s" in row["status"] for row in report["plan"])
+    proj = report["projection"]
+    assert proj["measured"] == 0 and proj["carried_over"] > 0 and proj["seconds"] > 600
+    table = (tmp_path / "gc" / "gpu_check.md").read_text()
+    assert "train.reduce-overhead: carried over (H200, 2026-12-04)" in table and "assumed" in table
+
+
+def test_projection_takes_each_input_from_this_run_where_measured():
+    """A measured figure replaces the carried-over one (and says so); a failed stage's does not; a faster
+    measured path is the one the training term uses."""
+    from benchmarks.gpu_check import CARRIED, environment_stub, new_report, project
+
+    report = new_report(environment_stub(), dry_run=False, budget=470, carry=None)
+    base = project(report)
+    report["figures"]["train.step-graph"] = {"images_per_second": 20000.0, "compile_seconds": 90.0}
+    report["figures"]["stage.fid"] = {"status": "timed out after 39 s", "seconds": 39.0}
+    report["figures"]["stage.classifier"] = {"status": "ok", "seconds": 20.0}
+    got = project(report)
+    terms = {row["term"].split(":")[0]: row for row in got["terms"]}
+    assert "step-graph" in [row["term"] for row in got["terms"]][0]
+    assert terms["train"]["inputs"] == {"train.step-graph": "measured"}
+    assert terms["train"]["seconds"] == pytest.approx(20000 * 128 / 20000.0 + 90.0, abs=0.1)
+    assert terms["fid"]["inputs"]["stage.fid"].startswith("carried over")  # the failed figure is not used
+    assert terms["fid"]["seconds"] == pytest.approx(20 * CARRIED["stage.fid"]["seconds"])
+    assert terms["prepare, classifier, ema, fid_ref"]["inputs"]["stage.classifier"] == "measured"
+    assert got["seconds"] < base["seconds"] and got["measured"] == 2
+
+
+def test_a_figure_reaches_the_table_the_moment_it_is_recorded(tmp_path):
+    from benchmarks.gpu_check import environment_stub, new_report, record, save
+
+    save(tmp_path, new_report(environment_stub(), dry_run=False, budget=470, carry=None))
+    record(tmp_path, "sample.cudagraphs", {"image_steps_per_second": 123456.0, "first_call_seconds": 0.4,
+                                           "compile_seconds": 0.3, "path": "bf16"})
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "123,456 image-steps/s, first call 0.4 s" in table and "sample.cudagraphs: measured" in table
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_gpu_check_plan_fits_its_window():
+    """The projection's inputs come first and fit in the 8-minute window by their budgets; every budget
+    is the H200's seconds + 30% (the ones measured there: at least 1.3 × that figure)."""
+    from benchmarks.gpu_check import MARGIN, PARTS, PLAN, TOTAL
+
+    first_profile = next(k for k, p in enumerate(PLAN) if not p.projection)
+    assert sum(p.budget for p in PLAN[:first_profile]) <= TOTAL <= 8 * 60 - 10
+    assert first_profile >= 13 and all(p.name.startswith(("train.", "sample.", "stage.", "likelihood."))
+                                       for p in PLAN[:first_profile])
+    for name, h200 in (("train.cudagraphs", 12.6), ("train.reduce-overhead", 84.2), ("sample.reduce-overhead", 24.7),
+                       ("stage.classifier", 29.9), ("stage.prepare", 12.8), ("stage.sample", 12.4)):
+        assert PARTS[name].budget >= MARGIN * h200, name
+    assert all(p.basis for p in PLAN)
+
+
+def test_default_repro_is_params_yaml():
+    """The projection's default `dvc repro` is what params.yaml says (a test, since the check itself reads no YAML)."""
+    import yaml
+
+    from benchmarks.gpu_check import DEFAULT_REPRO
+    from helpers import REPO
+
+    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert (DEFAULT_REPRO["train_steps"], DEFAULT_REPRO["batch_size"]) == (p["train"]["steps"], p["train"]["batch_size"])
+    assert list(DEFAULT_REPRO["samplers"]) == p["sample"]["samplers"] and list(DEFAULT_REPRO["steps"]) == p["sample"]["steps"]
+    assert DEFAULT_REPRO["num_samples"] == p["sample"]["num_samples"] and DEFAULT_REPRO["timesteps"] == p["timesteps"]
+    assert DEFAULT_REPRO["nll_images"] == p["nll"]["num_images"]
+    assert p["samplers"]["heun"]["kind"] == "heun" and DEFAULT_REPRO["evaluations_per_step"] == {"heun": 2}
 
 
 @pytest.mark.parametrize("shape,nrow", [((64, 1, 28, 28), 8), ((10, 3, 8, 8), 4), ((3, 1, 5, 7), 8)])
@@ -128,8 +278,8 @@ def test_image_grid_is_torchvisions(tmp_path, shape, nrow):
 def test_gpu_check_sizes_define_the_same_settings():
     """Every setting a part reads exists at both sizes: a key only the CI size had once cost a GPU run
     its training figures (KeyError on the GPU, where the CI-size test could not see it)."""
-    from benchmarks.gpu_check import EXPERIMENT, EXPERIMENT_CELLS, LIMITS
+    from benchmarks.gpu_check import CELL, DDP_STEPS, EXPERIMENT
     from benchmarks.gpu_parts import SIZES
 
     assert set(SIZES["gpu"]) == set(SIZES["ci"])
-    assert set(LIMITS["gpu"]) == set(LIMITS["ci"]) and set(EXPERIMENT_CELLS) == set(EXPERIMENT) == {"gpu", "ci"}
+    assert set(CELL) == set(EXPERIMENT) == set(DDP_STEPS) == set(SIZES) == {"gpu", "ci"}

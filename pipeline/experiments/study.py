@@ -85,9 +85,20 @@ class ClaimSpec(_Strict):
     notes: dict[str, str] = {}  # verdict → prose, with {experiment metric} placeholders
 
 
+class SlurmSpec(_Strict):
+    """What each run's SLURM job asks for (``--executor slurm``; ``pipeline.experiments.slurm.Resources``)."""
+    partition: str | None = None
+    gpus: int = Field(0, ge=0)
+    cpus: int = Field(1, ge=1)
+    time: str | None = Field(None, pattern=r"^(\d+-)?\d+(:\d\d){0,2}$")  # minutes, H:MM:SS or D-HH:MM:SS
+    account: str | None = None
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+
+
 class StudySpec(_Strict):
     description: str = ""
     base: BaseSpec = BaseSpec()
+    slurm: SlurmSpec = SlurmSpec()
     seeds: list[int] = Field(min_length=1)
     experiments: dict[str, list[str]] = Field(min_length=1)
     claims: dict[str, ClaimSpec] = {}
@@ -136,6 +147,7 @@ class Study:
     experiments: dict[str, list[str]]
     claims: list[Claim]
     runs: list[Run]
+    slurm: dict = field(default_factory=dict)  # the study file's slurm: block (SlurmSpec's fields)
     params: dict[str, dict] = field(default_factory=dict)  # run name → its params.yaml
 
     def metrics(self, experiment: str) -> list[str]:
@@ -291,7 +303,7 @@ def plan(path: Path, root: Path = Path(".")) -> Study:
             for e, own in spec.experiments.items() for s in spec.seeds]
     claims = [_claim(path, cid, c, spec.experiments) for cid, c in spec.claims.items()]
     return Study(name, path, " ".join(spec.description.split()), base, spec.base.preset, list(spec.base.set),
-                 list(spec.seeds), dict(spec.experiments), claims, runs)
+                 list(spec.seeds), dict(spec.experiments), claims, runs, spec.slurm.model_dump())
 
 
 def check(study: Study, params_path: Path = Path("params.yaml"), dvc_yaml: Path = Path("dvc.yaml")) -> Study:

@@ -13,13 +13,18 @@ from pipeline.outputs import check_writable
 from pipeline.stages._cli import one_line
 
 
+EXECUTORS = ("local", "slurm")  # DVC's local queue, or one SLURM job per run (pipeline.experiments.slurm)
+
+
 def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str,
-             dry: bool = False) -> None:
+             dry: bool = False, executor: str = "local", resources: dict | None = None) -> None:
     from pipeline.experiments import dvc_api, study_queue
 
+    if executor not in EXECUTORS:
+        raise StudyError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     study = load(study_path)
     done = match(study, study_queue.exp_show(), study_queue.current_check())
-    pending = dvc_api.queued()
+    pending = dvc_api.queued() if executor == "local" else {}
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
     print(f"study {study.name}: {plural(len(study.runs), 'run')} ({plural(len(study.experiments), 'experiment')} × "
           f"{plural(len(study.seeds), 'seed')}): {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
@@ -35,6 +40,12 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
         for r in todo:
             print(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
                   + shlex.join(a for o in r.overrides for a in ("-S", o)))
+        return
+    if executor == "slurm":
+        from pipeline.experiments import slurm
+
+        asked = {k: v for k, v in (resources or {}).items() if v is not None}
+        slurm.run(study, todo, slurm.Resources(**{**study.slurm, **asked}), poll, tracking_uri, experiment)
         return
     study_queue.run(study, todo, [r for r in study.runs if r.name in pending], jobs, poll, tracking_uri, experiment)
 
@@ -81,11 +92,22 @@ def run_command(study: Path = STUDY_FILE,
                 poll: float = typer.Option(10.0, min=0.1, help="seconds between looks at the queue"),
                 dry: bool = typer.Option(False, "--dry", help="say what is done and what would be queued; queue "
                                                               "nothing"),
-                tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
+                tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT,
+                executor: str = typer.Option("local", help="local: DVC's queue on this machine (-j workers); slurm: "
+                                                           "one SLURM job per run (sbatch), results pushed home as "
+                                                           "DVC experiments"),
+                partition: str = typer.Option(None, help="slurm: the partition (default: the study file's slurm:, "
+                                                         "else SLURM's)"),
+                gpus: int = typer.Option(None, min=0, help="slurm: GPUs per job (--gres=gpu:N)"),
+                cpus: int = typer.Option(None, min=1, help="slurm: CPUs per job (--cpus-per-task)"),
+                time: str = typer.Option(None, help="slurm: time limit per job (minutes, H:MM:SS, D-HH:MM:SS)"),
+                account: str = typer.Option(None, help="slurm: the account to charge")):
     """Queue every experiment × seed of the study that no experiment has done yet (the same params, and no
-    stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it. Every
-    run's params pass the check stage's checks first; a bad study file is one line and queues nothing."""
-    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry)
+    stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it, or
+    submit each as a SLURM job (--executor slurm). Every run's params pass the check stage's checks first; a
+    bad study file is one line and queues nothing."""
+    resources = {"partition": partition, "gpus": gpus, "cpus": cpus, "time": time, "account": account}
+    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, executor, resources)
 
 
 @app.command(name="report")

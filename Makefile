@@ -6,6 +6,7 @@
 #                         pytest-xdist workers, with the 25 slowest tests at the end
 # make test-fast          the math, library and CLI tests (not marked slow): the loop while editing
 # make gpu-check          every GPU figure in one run (≤ 8 min; .venv's Python, else the system python3: no install)
+# make docs               set up and build the docs site into site/ (mkdocs --strict, offline; open site/index.html)
 SHELL := /bin/bash
 VENV ?= .venv
 STAMP := $(VENV)/.installed
@@ -23,7 +24,7 @@ CPU_PRESET := -S prediction=v -S model.ch=16 -S model.num_res_blocks=1 -S 'model
 PRESET ?= auto
 DVC ?= dvc
 
-.PHONY: setup repro test test-deps test-fast gpu-check clean-venv
+.PHONY: setup repro test test-deps test-fast gpu-check docs clean-venv
 
 setup: $(STAMP)
 
@@ -79,6 +80,11 @@ test: setup test-deps
 
 test-fast: setup
 	python -m pytest $(PYTEST_PARALLEL) -m "not slow" --durations=10 $(PYTEST_ARGS)
+
+# the docs site: docs/ plus the reference pages generated from the code (scripts/docs_site.py, a hook);
+# --strict: a broken link, a missing page or anchor fails. NO_MKDOCS_2_WARNING: no banner about MkDocs 2.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict
 
 clean-venv:
 	rm -rf $(VENV)

@@ -21,7 +21,7 @@ An EMA snapshot (post-hoc EMA, ``ddpm.posthoc_ema``) is a file of its own format
 
 from pathlib import Path
 
-from ddpm.errors import InputError
+from ddpm.errors import InputError, NonFiniteError
 from ddpm.files import atomic_save, load_torch_file
 
 FORMAT = "ddpm-checkpoint/1"
@@ -47,6 +47,28 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {sorted(missing)}")
     return ckpt
+
+
+def non_finite(state: dict) -> str | None:
+    """The first floating-point tensor of the state dict ``state`` that holds NaN or ±∞, as
+    ``name (k of n values NaN)``; None when every one is finite."""
+    for name, v in state.items():
+        if hasattr(v, "is_floating_point") and v.is_floating_point():
+            finite = v.isfinite()
+            if not bool(finite.all()):
+                kind = "NaN" if bool(v.isnan().any()) else "infinite"
+                return f"{name} ({int((~finite).sum())} of {v.numel()} values {kind})"
+    return None
+
+
+def check_finite(state: dict, what: str) -> None:
+    """Raise ``NonFiniteError`` naming ``what`` (the file and which weights) and the first bad tensor
+    unless every floating-point tensor of ``state`` is finite: weights with NaN or ∞ give black or
+    noise images and normal-looking metrics, so they are refused before any use."""
+    bad = non_finite(state)
+    if bad is not None:
+        raise NonFiniteError(f"{what} are not finite: the first bad tensor is {bad}; refusing to use them "
+                             "(did the training diverge, or was the file damaged?)")
 
 
 def save_snapshot(path, *, step: int, config: dict, sigma_rels: list[float], weights: list[dict]) -> None:

@@ -15,7 +15,9 @@ downloads happen only when asked for. A malformed file is refused with one line 
   is the published file (its MD5); any other is read by an unpickler that admits only the
   types the format uses (dicts, lists, strings, bytes, ints, numpy arrays).
 - ``folder``: an image folder, one sub-folder per class; resized and centre-cropped to
-  ``image_size``; the test split is a seeded ``test_fraction`` of it.
+  ``image_size``; the test split is a seeded ``test_fraction`` of it. An image larger than
+  ``ddpm.config.data.pixel_limit`` (from ``image_size``, or ``data.max_pixels``) is refused
+  before it is decoded.
 """
 
 import gzip
@@ -26,11 +28,12 @@ import pickle
 import shutil
 import struct
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from ddpm.config.data import DATASETS
+from ddpm.config.data import DATASETS, DECODE_BYTES_PER_PIXEL, pixel_limit
 from ddpm.data import SPLITS, DataError, Split
 from ddpm.files import atomic_write, first_line
 
@@ -304,7 +307,48 @@ def load_cifar10(root, cache, download: bool = False) -> dict[str, Split]:
 
 
 # ------------------------------------------------------------------ image folder
-def load_image_folder(root, image_size: int, channels: int, test_fraction: float, seed: int) -> dict[str, Split]:
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.1f} megapixels" if n >= 100_000 else f"{n} pixels"
+
+
+def _pil_loader(limit: int, image_size: int):
+    """torchvision's ``pil_loader`` (RGB), refusing before decoding an image of more than ``limit`` pixels:
+    ``Image.open`` reads the header only. PIL's own check (``Image.MAX_IMAGE_PIXELS``: a warning above 89
+    megapixels, an error above 179) is left to this one."""
+    from PIL import Image
+
+    def load(path: str):
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            width, height = img.size
+            if width * height > limit:
+                raise DataError(
+                    f"image {path} is {width} × {height} = {_pixels(width * height)}, more than the limit of "
+                    f"{_pixels(limit)} for an image folder with image_size {image_size} (decoding it takes about "
+                    f"{DECODE_BYTES_PER_PIXEL * width * height / 2**30:.1f} GiB); shrink it, or raise data.max_pixels")
+            return img.convert("RGB")
+
+    return load
+
+
+@contextmanager
+def _pil_unbounded():
+    """PIL's decompression-bomb check off in the block (``_pil_loader`` checks the size itself)."""
+    from PIL import Image
+
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+def load_image_folder(root, image_size: int, channels: int, test_fraction: float, seed: int,
+                      max_pixels: int | None = None) -> dict[str, Split]:
+    """The train and test splits of an image folder, each image resized and centre-cropped to ``image_size``;
+    an image of more pixels than ``ddpm.config.data.pixel_limit(image_size, max_pixels)`` is refused
+    (naming it) before it is decoded."""
     import torchvision
     from torchvision.transforms import v2 as T
 
@@ -316,15 +360,19 @@ def load_image_folder(root, image_size: int, channels: int, test_fraction: float
     if channels == 1:
         tf.append(T.Grayscale(1))
     try:
-        ds = torchvision.datasets.ImageFolder(str(root), transform=T.Compose([T.PILToTensor(), *tf]))
+        ds = torchvision.datasets.ImageFolder(str(root), transform=T.Compose([T.PILToTensor(), *tf]),
+                                              loader=_pil_loader(pixel_limit(image_size, max_pixels), image_size))
     except Exception as e:
         raise DataError(f"cannot read image folder {root}: {first_line(e)}") from e
     loaded = []
-    for i, (file, _) in enumerate(ds.samples):
-        try:
-            loaded.append(ds[i][0])
-        except Exception as e:  # truncated or not an image: name the file
-            raise DataError(f"cannot read image {file} in image folder {root}: {first_line(e)}") from e
+    with _pil_unbounded():
+        for i, (file, _) in enumerate(ds.samples):
+            try:
+                loaded.append(ds[i][0])
+            except DataError:
+                raise
+            except Exception as e:  # truncated or not an image: name the file
+                raise DataError(f"cannot read image {file} in image folder {root}: {first_line(e)}") from e
     images = torch.stack(loaded)
     if images.shape[1] != channels:
         images = images[:, :1].expand(-1, 3, -1, -1) if channels == 3 else images[:, :channels]

@@ -96,6 +96,15 @@ def mean_(tensor: torch.Tensor, world: World) -> torch.Tensor:
     return tensor
 
 
+def any_(flag: bool, world: World, device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective: every rank calls it, and gets the same answer)."""
+    if not world.is_distributed:
+        return flag
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def broadcast(obj, world: World):
     """Rank 0's ``obj`` on every rank (any picklable object)."""
     if not world.is_distributed:

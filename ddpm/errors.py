@@ -15,6 +15,11 @@ class DivergedError(DDPMError, FloatingPointError):
     """Training became non-finite (the loss, the weights or their averages)."""
 
 
+class NonFiniteError(DDPMError, FloatingPointError):
+    """A value that must be finite is NaN or infinite (a checkpoint's weights, sampled images, features,
+    a metric); the message names the file, tensor or key. Nothing is computed from it or written."""
+
+
 class DiskFullError(DDPMError):
     """An output could not be written because its device (or the user's quota) is full; the
     message names the file and the space it needs. Nothing half-written is left behind."""

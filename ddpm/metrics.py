@@ -32,6 +32,7 @@ products: on a GPU they take milliseconds where the host took seconds per sample
 agree with torch-fidelity to float64 rounding (``tests/test_evaluation.py``).
 """
 
+import math
 import os
 import socket
 from contextlib import contextmanager
@@ -40,10 +41,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.checkpoint import CheckpointError, check_finite, load_checkpoint
 from ddpm.classifier import Classifier
-from ddpm.config.evaluation import EXTRACTORS, ClassifierConfig
-from ddpm.errors import DDPMError, InputError
+from ddpm.config.evaluation import EXTRACTORS, ISC_SPLITS, PRC_NEIGHBORHOOD, ClassifierConfig, too_few
+from ddpm.errors import DDPMError, InputError, NonFiniteError
 from ddpm.pixels import to_model_range
 from ddpm.ruler import check_reference
 
@@ -63,6 +64,7 @@ def load_classifier(path, map_location="cpu") -> Classifier:
         model.load_state_dict(ckpt["model"])
     except (KeyError, TypeError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint {path} is not a classifier checkpoint: {e}") from e
+    check_finite(ckpt["model"], f"classifier checkpoint {path}: its weights")
     return model.eval()
 
 
@@ -149,7 +151,7 @@ def create_extractor(extractor: str, weights_path=None, cuda: bool = False):
     try:
         with _socket_timeout(DOWNLOAD_TIMEOUT):
             return create_feature_extractor(extractor, list(layers.values()), **kwargs)
-    except (CheckpointError, ExtractorUnavailable):
+    except (CheckpointError, ExtractorUnavailable, NonFiniteError):
         raise
     except Exception as e:
         reason = " ".join(str(e).split())[:200]  # one line
@@ -190,7 +192,6 @@ def extract_features(images: torch.Tensor, *, extractor: str = "ddpm-classifier"
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-PRC_NEIGHBORHOOD = 3  # k of the k-th nearest neighbour (torch-fidelity's default)
 PRC_BATCH = 10000  # rows of the distance matrix at a time, as torch-fidelity's prc_batch_size
 
 
@@ -257,20 +258,37 @@ def reference_statistics(features: dict[str, torch.Tensor], device=None) -> dict
     ``prc_radii`` (computed on ``device``), as stored for a reference set (on the CPU)."""
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
-    if features["features"].shape[0] < 2:
-        raise InputError("reference statistics need at least 2 images")
+    if features["features"].shape[0] < PRC_NEIGHBORHOOD + 1:
+        raise InputError(f"reference statistics need at least {PRC_NEIGHBORHOOD + 1} images (precision/recall look "
+                         f"at each image's {PRC_NEIGHBORHOOD} nearest others), got {features['features'].shape[0]}")
+    check_features(features, "the reference images")
     stats = fid_features_to_statistics(features["features"].double())
     return {**features, "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(np.atleast_2d(stats["sigma"])),
             "prc_radii": prc_radii(features["features"].to(device) if device is not None else features["features"]).cpu()}
 
 
+def check_features(features: dict[str, torch.Tensor], what: str) -> None:
+    """``NonFiniteError`` unless the features (and logits) of ``what`` are finite: the extractor's
+    weights or the images were bad, and every metric of them would be too."""
+    for key, f in features.items():
+        if isinstance(f, torch.Tensor) and f.is_floating_point() and not bool(f.isfinite().all()):
+            rows = int((~f.isfinite()).reshape(f.shape[0], -1).any(1).sum()) if f.ndim else 1
+            raise NonFiniteError(f"the {key} of {what} are not finite ({rows} of {f.shape[0] if f.ndim else 1} "
+                                 "images); no metric of them would mean anything")
+
+
 def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], *,
                           kid_subset_size: int = 1000, isc: bool = True, seed: int = 2020,
-                          device=None) -> dict[str, float]:
+                          device=None, label: str = "generated") -> dict[str, float]:
     """FID, KID (mean, std), precision/recall/F-score and Inception Score of ``generated``
     against ``reference`` (dicts from ``extract_features``; ``reference`` may carry
     ``mu``/``sigma``/``prc_radii`` from ``reference_statistics``): FID and IS by torch-fidelity,
-    KID and precision/recall as torch-fidelity computes them, on ``device`` (default: the CPU)."""
+    KID and precision/recall as torch-fidelity computes them, on ``device`` (default: the CPU).
+
+    ``label`` names the first set in messages (the real-data floor's are ``real`` images).
+    Refused (one line): non-finite features (``NonFiniteError``), a set too small for a metric
+    (``ddpm.config.evaluation.too_few``: KID subsets larger than a set, fewer images than the
+    Inception Score's splits; ``InputError``), and a metric that comes out NaN or infinite."""
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
 
@@ -278,8 +296,14 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
     if g.shape[1] != r.shape[1]:
         raise InputError(f"feature sizes differ: generated {g.shape[1]}, reference {r.shape[1]} "
                          "(were they made by the same extractor?)")
-    if g.shape[0] < 2:
-        raise InputError("metrics need at least 2 generated images")
+    with_isc = isc and generated.get("logits") is not None
+    for n, which, needs_isc in ((g.shape[0], label, with_isc), (r.shape[0], "reference", False)):
+        short = too_few(n, kid_subset_size, needs_isc)
+        if short:
+            raise InputError(f"too few {which} images for the metrics: {n} ({short})")
+    check_features(generated, f"the {label} images")
+    check_features({k: v for k, v in reference.items() if k in ("features", "mu", "sigma", "prc_radii")},
+                   "the reference images")
     s1 = fid_features_to_statistics(g)
     if "mu" in reference:
         s2 = {"mu": reference["mu"].double().numpy(), "sigma": reference["sigma"].double().numpy()}
@@ -287,16 +311,20 @@ def metrics_from_features(generated: dict[str, torch.Tensor], reference: dict[st
         s2 = fid_features_to_statistics(r)
     s1["sigma"], s2["sigma"] = np.atleast_2d(s1["sigma"]), np.atleast_2d(s2["sigma"])
     m = dict(fid_statistics_to_metric(s1, s2, verbose=False))
-    subset = min(kid_subset_size, g.shape[0], r.shape[0])
     on = g.to(device) if device is not None else g
-    m.update(kid(on, r, subset, seed=seed))
+    m.update(kid(on, r, kid_subset_size, seed=seed))
     m.update(precision_recall(on, r, reference.get("prc_radii")))
     out = {"fid": m["frechet_inception_distance"], "kid_mean": m["kid_mean"], "kid_std": m["kid_std"],
            "precision": m["precision"], "recall": m["recall"], "f_score": m["f_score"]}
-    if isc and generated.get("logits") is not None:
-        i = isc_features_to_metric(generated["logits"], splits=10, shuffle=True, rng_seed=seed)
+    if with_isc:
+        i = isc_features_to_metric(generated["logits"], splits=ISC_SPLITS, shuffle=True, rng_seed=seed)
         out.update(isc_mean=i["inception_score_mean"], isc_std=i["inception_score_std"])
-    return {k: float(v) for k, v in out.items()}
+    out = {k: float(v) for k, v in out.items()}
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteError(f"the metrics {', '.join(f'{k} = {out[k]}' for k in bad)} are not finite; "
+                             "nothing is written")
+    return out
 
 
 def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor: str = "ddpm-classifier",
@@ -310,11 +338,11 @@ def compute_metrics(samples: torch.Tensor, reference: torch.Tensor, *, extractor
 
 
 def score(images: torch.Tensor, ref: dict, path: Path, *, extractor: str, weights, batch_size: int,
-          kid_subset_size: int, device: torch.device, progress=None) -> dict:
+          kid_subset_size: int, device: torch.device, progress=None, label: str = "generated") -> dict:
     """FID, KID, precision, recall, … of ``images`` against the reference statistics ``ref`` (read
     from ``path``) with ``extractor`` and its ``weights`` file; statistics made for another
     extractor, weights or resolution are refused before any feature is extracted."""
     check_reference(ref, path, images, extractor, weights)
     feats = extract_features(images, extractor=extractor, weights_path=weights, cuda=device.type == "cuda",
                              batch_size=batch_size, progress=progress)
-    return metrics_from_features(feats, ref, kid_subset_size=kid_subset_size, device=device)
+    return metrics_from_features(feats, ref, kid_subset_size=kid_subset_size, device=device, label=label)

@@ -7,13 +7,14 @@ A diffusion checkpoint holds two sets of weights: ``model``, the raw weights of 
 training step, and ``ema``, their average (``ddpm.ema``; ``AveragedModel``'s state:
 ``module.*`` plus ``n_averaged``). ``load_model`` picks one: ``weights`` is ``ema`` or ``raw``.
 Both check, as ``check_model_checkpoint`` does, that the weights fit the network the stored
-config describes, so a checkpoint whose config and weights disagree is refused on load.
+config describes and are finite, so a checkpoint whose config and weights disagree, or whose
+weights hold NaN or ∞, is refused on load (one line naming the file and the first bad tensor).
 """
 
 from dataclasses import asdict, dataclass, field
 
 from ddpm.config.sampling import WEIGHTS
-from ddpm.checkpoint import CheckpointError, load_checkpoint
+from ddpm.checkpoint import CheckpointError, check_finite, load_checkpoint
 from ddpm.errors import InputError
 from ddpm.files import first_line
 from ddpm.diffusion import Diffusion
@@ -97,7 +98,8 @@ def stored_weights(ckpt: dict, weights: str) -> dict:
 
 def check_model_checkpoint(ckpt: dict, path, weights: tuple[str, ...] = WEIGHTS) -> tuple[UNet, ModelSpec]:
     """The U-Net (untrained) and ``ModelSpec`` that the checkpoint's stored config describes, after
-    checking that each of its ``weights`` fits that network; ``CheckpointError`` naming ``path`` if not."""
+    checking that each of its ``weights`` fits that network (``CheckpointError`` naming ``path`` if not)
+    and is finite (``NonFiniteError`` naming ``path`` and the first bad tensor if not)."""
     try:
         spec = ModelSpec.from_dict(ckpt["config"]["model"])
         net = spec.build_unet()
@@ -110,6 +112,7 @@ def check_model_checkpoint(ckpt: dict, path, weights: tuple[str, ...] = WEIGHTS)
         mismatch = weights_mismatch(expected, state)
         if mismatch:
             raise CheckpointError(f"checkpoint {path}: its {w} weights do not match its stored config ({mismatch})")
+        check_finite(state, f"checkpoint {path}: its {w} weights")
     return net, spec
 
 

@@ -106,6 +106,7 @@ def train(
     on_log: Callable[[TrainState], None] | None = None,
     on_checkpoint: Callable[[TrainState], None] | None = None,
     on_snapshot: Callable[[TrainState], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> TrainState:
     """Train ``state`` in place from ``state.step`` up to ``cfg.steps``; returns it.
 
@@ -115,7 +116,12 @@ def train(
     sampler is updated in place. ``on_snapshot`` runs on every rank after each step of
     ``cfg.snapshot_steps``, before that step's checkpoint, with the losses so far checked finite.
     ``labels`` (int64 [N], for a class-conditional model, whose ``num_classes`` is the null
-    class) go with ``images``; each is dropped to the null class with probability ``cond_drop``."""
+    class) go with ``images``; each is dropped to the null class with probability ``cond_drop``.
+
+    ``stop`` (asked after every step; on several ranks after every ``log_every`` steps, where the ranks
+    agree, so that all stop at the same step) ends training early at a step boundary: the checkpoint of
+    that step is written (``on_checkpoint``, when ``checkpoint_every`` > 0) and ``state`` returned with
+    ``state.step`` < ``cfg.steps``."""
     device = diffusion.device
     images = images.to(device)
     labels = None if labels is None else labels.to(device)
@@ -139,7 +145,7 @@ def train(
     plain = network(model, fast.precision, device)
     if fast.compile == "step-graph":
         return _train_step_graph(state, diffusion, images, cfg, world, fast, objective, plain, averages, sampler,
-                                 labels, cond_drop, progress, on_log, on_checkpoint, on_snapshot)
+                                 labels, cond_drop, progress, on_log, on_checkpoint, on_snapshot, stop)
     compiled = None
     if fast.compile != "none":
         key = (fast.compile, id(model))
@@ -167,7 +173,9 @@ def train(
         state.optimizer.step()
         state.scheduler.step()
         averages.update()
-        _after_step(state, loss_value.detach(), cfg, world, snapshots, progress, on_log, on_checkpoint, on_snapshot)
+        if _after_step(state, loss_value.detach(), cfg, world, snapshots, progress, on_log, on_checkpoint,
+                       on_snapshot, stop):
+            break
     return state
 
 
@@ -191,9 +199,10 @@ def _batch(state: TrainState, images, labels, cond_drop: float, sampler, cfg: Tr
 
 
 def _after_step(state: TrainState, loss_value: torch.Tensor, cfg: TrainConfig, world: World, snapshots: set,
-                progress, on_log, on_checkpoint, on_snapshot) -> None:
+                progress, on_log, on_checkpoint, on_snapshot, stop=None) -> bool:
     """Count the step; every ``log_every`` steps the losses (the only host sync), the snapshots and the
-    checkpoint when due, each after the losses so far were checked finite."""
+    checkpoint when due, each after the losses so far were checked finite. True when ``stop`` asks to
+    stop after this step (``_stop_agreed``): then the checkpoint is written now."""
     state.step += 1
     state.pending.append(loss_value)
     if progress is not None:
@@ -207,17 +216,29 @@ def _after_step(state: TrainState, loss_value: torch.Tensor, cfg: TrainConfig, w
     if on_snapshot is not None and state.step in snapshots:
         _checked_losses(state, world)
         on_snapshot(state)
-    if on_checkpoint is not None and cfg.checkpoint_every > 0 and state.step % cfg.checkpoint_every == 0:
+    stopping = stop is not None and state.step < cfg.steps and _stop_agreed(stop, state, cfg, world)
+    if on_checkpoint is not None and cfg.checkpoint_every > 0 and (state.step % cfg.checkpoint_every == 0 or stopping):
         _checked_losses(state, world)
         bad = ~torch.stack([p.isfinite().all() for p in state.model.parameters()]).all()
         if bad.item():
             raise DivergedError(f"the weights became non-finite by step {state.step}")
         on_checkpoint(state)
+    return stopping
+
+
+def _stop_agreed(stop: Callable[[], bool], state: TrainState, cfg: TrainConfig, world: World) -> bool:
+    """Whether to stop after this step: ``stop()`` on one process; on several only at logged steps, where
+    the ranks agree (an all-reduce: every rank stops at the same step, or none does)."""
+    if not world.is_distributed:
+        return bool(stop())
+    if state.step % cfg.log_every:
+        return False
+    return distributed.any_(bool(stop()), world, next(state.model.parameters()).device)
 
 
 def _train_step_graph(state: TrainState, diffusion: Diffusion, images, cfg: TrainConfig, world: World, fast,
                       objective, plain, averages: Averages, sampler, labels, cond_drop, progress, on_log,
-                      on_checkpoint, on_snapshot) -> TrainState:
+                      on_checkpoint, on_snapshot, stop) -> TrainState:
     """``train``'s loop with ``compile: step-graph``: the update (forward, backward, clipping, AdamW, the
     averages on the device) captured once as a CUDA graph and replayed every step (``CapturedStep``);
     the batch is drawn and the bookkeeping done as in the plain loop. AdamW takes its learning rate as
@@ -270,8 +291,9 @@ def _train_step_graph(state: TrainState, diffusion: Diffusion, images, cfg: Trai
             state.grad_norm = norm.clone()
         state.scheduler.step()
         # the graph's outputs are overwritten by the next replay: keep a copy of the loss
-        _after_step(state, loss_value.detach().clone(), cfg, world, snapshots, progress, on_log, on_checkpoint,
-                    on_snapshot)
+        if _after_step(state, loss_value.detach().clone(), cfg, world, snapshots, progress, on_log, on_checkpoint,
+                       on_snapshot, stop):
+            break
     averages.resync()
     return state
 

@@ -1,11 +1,14 @@
 """A stage's files: checked writable before any work, then written atomically (JSON, DVC metrics,
-CSV), and read back with one clear line when missing or malformed."""
+CSV), and read back with one clear line when missing or malformed. JSON is always valid JSON: a NaN
+or infinite number is refused (``NonFiniteError`` naming the file and the key) and nothing is
+written, where ``json.dumps`` would write a bare ``NaN`` that no JSON reader accepts."""
 
 import json
+import math
 import os
 from pathlib import Path
 
-from ddpm.errors import InputError
+from ddpm.errors import InputError, NonFiniteError
 from ddpm.files import atomic_write
 from pipeline.errors import OutputError
 
@@ -34,15 +37,38 @@ def write_atomic(path, data: bytes | str) -> None:
     atomic_write(path, lambda f: f.write(payload))
 
 
+def non_finite_keys(obj, prefix: str = "") -> list[str]:
+    """The dotted keys (``floor.isc_mean``, ``runs.3.fid``) of the NaN or infinite numbers in ``obj``."""
+    if isinstance(obj, float):
+        return [] if math.isfinite(obj) else [prefix or "(the value)"]
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return []
+    return [k for key, v in items for k in non_finite_keys(v, f"{prefix}.{key}" if prefix else str(key))]
+
+
+def dumps(path, obj, **kwargs) -> str:
+    """``json.dumps(obj)`` as valid JSON; ``NonFiniteError`` naming ``path`` and each key whose number is NaN or ∞."""
+    bad = non_finite_keys(obj)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise NonFiniteError(f"{path}: not written, {shown} {'is' if len(bad) == 1 else 'are'} not finite "
+                             f"(NaN or infinite: no valid JSON number, and no meaningful result)")
+    return json.dumps(obj, allow_nan=False, **kwargs) + "\n"
+
+
 def write_json(path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_atomic(path, dumps(path, obj, indent=2, sort_keys=True))
 
 
 def write_metrics(path, obj: dict) -> None:
     """A DVC metrics file: one block named for what it measures (``{"nll": {"bits_per_dim": …}}``, so
     that `dvc exp show` names its columns ``nll.bits_per_dim``), keys in the order given, which is
     the order of those columns."""
-    write_atomic(path, json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, dumps(path, obj, indent=2))
 
 
 def read_json(path) -> dict:

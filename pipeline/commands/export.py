@@ -76,7 +76,11 @@ def main(checkpoint: Path, out: Path, weights: str = "ema") -> None:
                            "a bug in the export")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    try:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
+    except BaseException:  # an error, Ctrl-C or SIGTERM: nothing half-written stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"export: {checkpoint} ({weights} weights, step {ckpt['step']}) → {out} "

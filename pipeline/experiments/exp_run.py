@@ -17,7 +17,8 @@ This command applies the ``-S`` overrides as DVC does (DVC's own argument parser
 ``apply_overrides``, on a copy of params.yaml; each combination of a ``--queue`` sweep), runs the
 `check` stage's checks on the result (``pipeline.stages.check.verify``: params, data files, writable
 outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status.
-A refused value is one ``error:`` line, and nothing in the workspace has changed.
+A refused value is one ``error:`` line, and nothing in the workspace has changed. A SIGTERM
+is passed on to ``dvc exp run`` (which then has ``STOP_GRACE`` seconds to stop).
 
 The experiment is named for what it changes: a single experiment with ``-S`` overrides and no
 ``-n``/``--name`` gets ``-n <overrides>`` (``ema.sigma_rel=0.05``, ``schedule=cosine,seed=1``;
@@ -46,7 +47,7 @@ from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.params.base import ParamsError
 from pipeline.params.schema import parse_params
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import STOP_GRACE, Terminated, one_line
 from pipeline.stages.check import verify
 
 PARAMS = "params.yaml"  # DVC's default params file, the pipeline's
@@ -123,6 +124,16 @@ def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
         print(f"exp-run: {len(runs)} set{'s' if len(runs) > 1 else ''} of params passed the check stage's checks; "
               f"running dvc exp run {' '.join(args)}", flush=True)
     try:
-        return subprocess.run([sys.executable, "-m", "dvc", "exp", "run", *args]).returncode
+        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", *args])
     except OSError as e:
         raise ExternalError(f"cannot run dvc: {e}") from None
+    try:
+        return dvc.wait()
+    except KeyboardInterrupt as e:  # pass a SIGTERM on to DVC (Ctrl-C reached it from the terminal) and let it stop
+        if isinstance(e, Terminated):
+            dvc.terminate()
+        try:
+            dvc.wait(STOP_GRACE)
+        except subprocess.TimeoutExpired:
+            dvc.kill()
+        raise

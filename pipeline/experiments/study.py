@@ -8,17 +8,20 @@ A study file (``studies/<name>.yaml``) names
   without a base, params.yaml as it is;
 - ``experiments``: name → its own ``-S`` values (``baseline: []`` for the base itself);
 - ``seeds``: the training seeds (``seed``) every experiment runs with;
+- ``max_runs`` (optional): how many runs ``study run`` may queue at once (default ``MAX_RUNS``, 100);
+  more are refused in one line unless ``study run --yes`` confirms them;
 - ``claims``: id → a comparison of one metric between two experiments (``metric: nll.bits_per_dim``,
   ``compare: cosine <= baseline``) or of two cells of one experiment (``within: baseline``,
   ``compare: fid.ddim.10 < fid.ddpm.10``), with the ``source`` it comes from, what it ``says`` in
-  words and optional ``notes`` per verdict: prose for the README that explains a verdict, where
+  words and optional ``notes`` per verdict: prose for the results page that explains a verdict, where
   ``{experiment metric}`` stands for that mean ± std of the report.
 
 Each experiment × seed is one DVC experiment named ``<study>-<experiment>-<seed>``, run with the
 ``-S`` values base + experiment + ``seed=<seed>`` (a key set twice: the later value). Before
 anything is queued every run's params pass the `check` stage's checks (``pipeline.experiments.exp_run``,
-as ``python -m pipeline exp-run`` does), and every key, metric and experiment a study names is
-checked: a bad study file is one line and nothing is queued.
+as ``python -m pipeline exp-run`` does; once per experiment, since its seeds change ``seed`` alone), and
+every key, metric and experiment a study names is checked: a bad study file is one line and nothing is
+queued. ``study run`` says how many runs the study has at once, and how many it would queue.
 
 A run is done when an experiment (of HEAD or of any commit that has experiments) has exactly its
 params and none of its stages would run again with today's code and dvc.yaml
@@ -61,6 +64,7 @@ SEED_KEY = compare.SEED_KEY
 NAME = r"[A-Za-z][A-Za-z0-9_]*"
 COMPARISON = re.compile(r"\s*(\S+)\s*(<=|>=|<|>)\s*(\S+)\s*")
 PLACEHOLDER = re.compile(r"\{(" + NAME + r") ([A-Za-z0-9_.]+)\}")
+MAX_RUNS = 100  # runs `study run` queues at once unless confirmed (--yes, or max_runs in the study file)
 
 
 class StudyError(InputError):
@@ -102,6 +106,7 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(min_length=1)
     experiments: dict[str, list[str]] = Field(min_length=1)
     claims: dict[str, ClaimSpec] = {}
+    max_runs: int | None = Field(None, ge=1)  # how many runs `study run` may queue at once without --yes
 
 
 @dataclass(frozen=True)
@@ -147,8 +152,22 @@ class Study:
     experiments: dict[str, list[str]]
     claims: list[Claim]
     runs: list[Run]
+    params: dict[str, dict] = field(default_factory=dict)  # run name → its params.yaml (shared parts: read only)
+    max_runs: int = MAX_RUNS  # what `study run` queues at once without --yes
     slurm: dict = field(default_factory=dict)  # the study file's slurm: block (SlurmSpec's fields)
-    params: dict[str, dict] = field(default_factory=dict)  # run name → its params.yaml
+
+    def size(self) -> str:
+        """``10000 runs (2 experiments × 5000 seeds)``."""
+        return (f"{plural(len(self.runs), 'run')} ({plural(len(self.experiments), 'experiment')} × "
+                f"{plural(len(self.seeds), 'seed')})")
+
+    def too_many(self, n: int) -> str | None:
+        """Why queueing ``n`` runs needs a confirmation, or None."""
+        if n <= self.max_runs:
+            return None
+        return (f"it would queue {plural(n, 'run')}, more than the limit of {self.max_runs}"
+                f"{'' if self.max_runs != MAX_RUNS else ' (the default)'}: each is a DVC experiment that trains "
+                f"and samples; pass --yes, or set max_runs: {n} in {self.path}, to queue them")
 
     def metrics(self, experiment: str) -> list[str]:
         """What the report tabulates for an experiment: FID per cell of its sample matrix, bits/dim,
@@ -286,8 +305,9 @@ def plan(path: Path, root: Path = Path(".")) -> Study:
     bad = [e for e in spec.experiments if not re.fullmatch(NAME, e)]
     if bad:
         raise StudyError(f"{path}: experiment names {bad} must be letters, digits and '_' (they name DVC experiments)")
-    if len(set(spec.seeds)) != len(spec.seeds) or any(s < 0 for s in spec.seeds):
-        raise StudyError(f"{path}: seeds {spec.seeds} must be distinct and ≥ 0")
+    if len(set(spec.seeds)) != len(spec.seeds) or any(not 0 <= s < 2**63 for s in spec.seeds):
+        raise StudyError(f"{path}: seeds must be distinct and in [0, 2^63)" + (
+            f", got {spec.seeds}" if len(spec.seeds) <= 20 else ""))
     try:
         base = merge(preset_overrides(spec.base.preset, root) if spec.base.preset else [], spec.base.set)
     except StudyError as e:
@@ -303,13 +323,18 @@ def plan(path: Path, root: Path = Path(".")) -> Study:
             for e, own in spec.experiments.items() for s in spec.seeds]
     claims = [_claim(path, cid, c, spec.experiments) for cid, c in spec.claims.items()]
     return Study(name, path, " ".join(spec.description.split()), base, spec.base.preset, list(spec.base.set),
-                 list(spec.seeds), dict(spec.experiments), claims, runs, spec.slurm.model_dump())
+                 list(spec.seeds), dict(spec.experiments), claims, runs, max_runs=spec.max_runs or MAX_RUNS,
+                 slurm=spec.slurm.model_dump())
 
 
 def check(study: Study, params_path: Path = Path("params.yaml"), dvc_yaml: Path = Path("dvc.yaml")) -> Study:
-    """Apply each run's ``-S`` values to params.yaml as DVC does and run the `check` stage's checks on the
-    result (``pipeline.exp_run``); check every metric a claim or note names against the experiment's
-    sample matrix. Fills ``study.params``; raises ``StudyError`` naming the experiment at fault."""
+    """Apply each experiment's ``-S`` values to params.yaml as DVC does and run the `check` stage's checks on
+    the result (``pipeline.exp_run``); check every metric a claim or note names against the experiment's
+    sample matrix. Fills ``study.params``; raises ``StudyError`` naming the experiment at fault.
+
+    The runs of one experiment differ in ``seed`` alone (``plan`` refuses an experiment that sets it, and
+    checks the seeds), so each experiment is applied and checked once, and its runs' params are derived from
+    it: a study of 2 experiments × 5000 seeds costs two applications of ``-S``, not 10,000."""
     from pipeline.experiments.exp_run import apply
     from pipeline.params.schema import parse_params
     from pipeline.stages.check import verify
@@ -317,22 +342,21 @@ def check(study: Study, params_path: Path = Path("params.yaml"), dvc_yaml: Path 
     if not params_path.is_file():
         raise StudyError(f"params file {params_path} does not exist")
     flat = flatten(yaml.safe_load(params_path.read_text()) or {})
-    for o in dict.fromkeys(o for r in study.runs for o in r.overrides):
-        if not _known(_key(o), flat):
-            owner = next(r.experiment for r in study.runs if o in r.overrides)
-            what = "base" if o in study.base else f"experiment {owner}"
-            raise StudyError(f"{study.path}: {what}: unknown param key {_key(o)!r} (-S {o}; not in {params_path})")
-    verified = set()
-    for r in study.runs:
-        source = f"{params_path} with the -S values of experiment {r.experiment}, seed {r.seed}"
+    for where, overrides in [("base", study.base), *((f"experiment {e}", own) for e, own in study.experiments.items()),
+                             ("the study's seeds", [f"{SEED_KEY}={study.seeds[0]}"])]:
+        for o in overrides:
+            if not _known(_key(o), flat):
+                raise StudyError(f"{study.path}: {where}: unknown param key {_key(o)!r} (-S {o}; not in {params_path})")
+    for e, own in study.experiments.items():
+        runs = study.runs_of(e)
+        source = f"{params_path} with the -S values of experiment {e}, seed {runs[0].seed}"
         try:
-            study.params[r.name] = apply(params_path, list(r.overrides))
-            params = parse_params(study.params[r.name], source)
-            if r.experiment not in verified:  # the data set and the outputs: the same for every seed
-                verify(params, dvc_yaml)
-                verified.add(r.experiment)
-        except InputError as e:
-            raise StudyError(f"{study.path}: experiment {r.experiment} (seed {r.seed}): {e}") from None
+            applied = apply(params_path, merge(study.base, own, [f"{SEED_KEY}={runs[0].seed}"]))
+            verify(parse_params(applied, source), dvc_yaml)  # the data set and the outputs: the same for every seed
+        except InputError as err:
+            raise StudyError(f"{study.path}: experiment {e} (seed {runs[0].seed}): {err}") from None
+        for r in runs:  # as `-S seed=<seed>` would make it (shallow copies: read only)
+            study.params[r.name] = {**applied, SEED_KEY: r.seed}
     for c in study.claims:
         for side in (c.left, c.right):
             _check_side(study, f"claim {c.id}", side)

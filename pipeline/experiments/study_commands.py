@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from pipeline.experiments.study import StudyError, baselines, load, match, plural, row
+from pipeline.experiments.study import StudyError, baselines, check, load, match, plan, row
 from pipeline.outputs import check_writable
 from pipeline.stages._cli import one_line
 
@@ -17,18 +17,22 @@ EXECUTORS = ("local", "slurm")  # DVC's local queue, or one SLURM job per run (p
 
 
 def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str,
-             dry: bool = False, executor: str = "local", resources: dict | None = None) -> None:
+             dry: bool = False, yes: bool = False, executor: str = "local", resources: dict | None = None) -> None:
+    """Say how many runs the study has (at once) and how many it would queue; refuse more than its limit
+    (``Study.too_many``) unless ``yes``; ``dry`` queues nothing (and says when a real run would need --yes).
+    ``executor``: DVC's local queue, or one SLURM job per run with ``resources`` over the study file's."""
     from pipeline.experiments import dvc_api, study_queue
 
     if executor not in EXECUTORS:
         raise StudyError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
-    study = load(study_path)
+    study = plan(study_path)
+    print(f"study {study.name}: {study.size()}; checking their params", flush=True)
+    check(study)
     done = match(study, study_queue.exp_show(), study_queue.current_check())
     pending = dvc_api.queued() if executor == "local" else {}
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
-    print(f"study {study.name}: {plural(len(study.runs), 'run')} ({plural(len(study.experiments), 'experiment')} × "
-          f"{plural(len(study.seeds), 'seed')}): {len(done)} done, {sum(r.name in pending for r in study.runs)} queued or "
-          f"running, {len(todo)} to queue", flush=True)
+    print(f"study {study.name}: {study.size()}: {len(done)} done, {sum(r.name in pending for r in study.runs)} "
+          f"queued or running, {len(todo)} to queue", flush=True)
     for r in study.runs:
         if r.name in done:
             name, rev, _ = done[r.name]
@@ -36,11 +40,15 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
     if not todo and not any(r.name in pending for r in study.runs):
         print(f"study {study.name}: nothing to run")
         return
+    too_many = None if yes else study.too_many(len(todo))
     if dry:
-        for r in todo:
-            print(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
-                  + shlex.join(a for o in r.overrides for a in ("-S", o)))
+        print("\n".join(f"  {r.name}: would queue: dvc exp run --queue -n {r.name} "
+                        + shlex.join(a for o in r.overrides for a in ("-S", o)) for r in todo))
+        if too_many:
+            print(f"study {study.name}: a real run would refuse: {too_many}")
         return
+    if too_many:
+        raise StudyError(f"{study_path}: {too_many}")
     if executor == "slurm":
         from pipeline.experiments import slurm
 
@@ -92,6 +100,8 @@ def run_command(study: Path = STUDY_FILE,
                 poll: float = typer.Option(10.0, min=0.1, help="seconds between looks at the queue"),
                 dry: bool = typer.Option(False, "--dry", help="say what is done and what would be queued; queue "
                                                               "nothing"),
+                yes: bool = typer.Option(False, "--yes", help="queue more runs than the study's limit (max_runs in "
+                                                              "the study file; default 100)"),
                 tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT,
                 executor: str = typer.Option("local", help="local: DVC's queue on this machine (-j workers); slurm: "
                                                            "one SLURM job per run (sbatch), results pushed home as "
@@ -105,17 +115,19 @@ def run_command(study: Path = STUDY_FILE,
     """Queue every experiment × seed of the study that no experiment has done yet (the same params, and no
     stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it, or
     submit each as a SLURM job (--executor slurm). Every run's params pass the check stage's checks first; a
-    bad study file is one line and queues nothing."""
+    bad study file is one line and queues nothing; more runs than the study's max_runs (default 100) are
+    refused unless --yes."""
     resources = {"partition": partition, "gpus": gpus, "cpus": cpus, "time": time, "account": account}
-    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, executor, resources)
+    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, yes, executor, resources)
 
 
 @app.command(name="report")
 def report_command(study: Path = STUDY_FILE,
                    out: Path = typer.Option(Path("reports"), help="folder of study-<name>.{md,html,json} and the "
                                                                   "figure"),
-                   readme: Path = typer.Option(None, help="also regenerate the study's section of this file "
-                                                          "(between its '<!-- study <name>: begin' and end lines)"),
+                   readme: Path = typer.Option(None, help="also regenerate the study's section of this Markdown "
+                                                          "file (between its '<!-- study <name>: begin' and end "
+                                                          "lines), e.g. docs/results/study.md"),
                    tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
     """Mean ± std per experiment and cell, each claim's difference of means with its 95% Welch interval and
     verdict (holds, reversed, not established), FID vs steps with error bars; logged to MLflow as one

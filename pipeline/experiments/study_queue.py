@@ -14,8 +14,8 @@ DVC's run-cache).
 experiment of HEAD holding the name (made by other code or params) is removed first (its stage
 outputs stay in DVC's cache and run-cache). Then ``-j`` workers start (``dvc queue start -j``)
 and the queue is followed until every run of the study has left it: each stage as it starts or
-is restored from the run-cache, train's time estimate, each run's end. Interrupted (Ctrl-C),
-the workers go on; ``study run`` again follows the runs still queued or running instead of
+is restored from the run-cache, train's time estimate, each run's end. Interrupted (Ctrl-C, or
+SIGTERM: exit status 143), the workers go on; ``study run`` again follows the runs still queued or running instead of
 queueing them twice.
 """
 
@@ -33,6 +33,7 @@ from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.launch import SHARES
 from pipeline.progress import format_seconds
+from pipeline.stages._cli import stopped
 
 RAN = re.compile(r"Running stage '([^']+)'")
 CACHED = re.compile(r"Stage '([^']+)' is cached - skipping run")
@@ -212,11 +213,11 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
                                         "runs (dvc queue status; the worker logs: .dvc/tmp/exps/celery/*.out)")
                 dvc_api.start_workers(jobs)
                 idle, restarts = 0, restarts + 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM (pipeline.stages._cli.Terminated): exit status 130 or 143
         left = [n for n in names if follower.state[n] in ("queued", "running")]
         print(f"\nstudy run: stopped following; {len(left)} runs go on in DVC's queue (dvc queue status, "
               "dvc queue kill NAME); `study run` again follows them", flush=True)
-        raise SystemExit(130) from None
+        raise SystemExit(stopped(e)[1]) from None
     failed = [n for n in names if follower.state[n] == "failed"]
     total = follower.clock() - follower.start
     whole = [n for n in names if follower.state[n] == "success" and not [s for s in follower.ran[n]

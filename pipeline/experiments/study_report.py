@@ -2,11 +2,13 @@
 claim's difference of means with its 95% interval and verdict (``pipeline.verdicts``), and the
 FID-vs-steps figure with error bars; written as ``reports/study-<name>.md``, ``.html`` (one file,
 the figure embedded), ``.json`` (every number) and ``study-<name>-fid.png``, and optionally as the
-README's generated section of the study (between its begin and end lines). The prose of that
+generated section of the study in a Markdown page (``--readme``, between its begin and end lines;
+for ``studies/papers.yaml`` the docs' results page ``docs/results/study.md``). The prose of that
 section is the claims' ``notes`` in the study file, for the verdict the report reached, with
-``{experiment metric}`` filled in from the report: the README types no number of its own."""
+``{experiment metric}`` filled in from the report: the page types no number of its own."""
 
 import datetime
+import math
 import shlex
 from pathlib import Path
 
@@ -78,7 +80,8 @@ def document(study: Study, done: dict, rows: dict, baselines: dict | None = None
         claims.append({"id": c.id, "source": c.source, "says": c.says, "text": c.text(), "op": c.op,
                        "left": {"experiment": c.left.experiment, "metric": c.left.metric},
                        "right": {"experiment": c.right.experiment, "metric": c.right.metric},
-                       "difference": d.difference, "low": d.low, "high": d.high, "df": d.df,
+                       "difference": d.difference, "low": d.low, "high": d.high,
+                       "df": d.df if d.df is None or math.isfinite(d.df) else None,  # ∞ (no spread): not JSON
                        "n_left": d.n_left, "n_right": d.n_right, "verdict": v,
                        "note": fill(c.notes[v], by_name) if v in c.notes else None})
     return {"study": study.name, "path": study.path.as_posix(), "description": study.description,
@@ -238,7 +241,7 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def render_readme(doc: dict, command: str, report: str) -> str:
-    """The README's section of the study: its provenance, the verdicts with their notes, the means."""
+    """The study's generated section of a page: its provenance, the verdicts with their notes, the means."""
     return render(TEMPLATES[2], **context(doc), command=command, report=report).rstrip("\n")
 
 

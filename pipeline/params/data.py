@@ -15,6 +15,7 @@ class DataParams(Strict):
     image_size: int = Field(0, ge=0)  # 0 keeps the native size
     channels: Literal[1, 3] = 1  # image folders only
     test_fraction: float = Field(0.1, gt=0, lt=1)  # image folders only
+    max_pixels: int | None = Field(None, ge=1)  # image folders only: null = ddpm.config.data.pixel_limit(image_size)
 
     @model_validator(mode="after")
     def _check(self):

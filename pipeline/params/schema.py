@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ddpm.config.data import native_size
+from ddpm.config.evaluation import too_few
 from pipeline.params import (classifier, data, denoise, diffusion, ema, fid, guidance, model, nll, sample, samplers,
                              train)
 from pipeline.params.base import flatten, read_yaml, schema, validate
@@ -37,6 +38,11 @@ def across(p) -> None:
     if p.sample.guidance and p.cond_drop == 0:
         raise ValueError("sample.guidance needs cond_drop > 0: with cond_drop 0 the null class is never "
                          "trained, so the unconditional ε(x, ∅) that guidance subtracts is untrained")
+    short = too_few(p.sample.num_samples, p.fid.kid_subset_size)
+    if short:  # every sample cell, and the real-data floor (as many real images), would measure nothing
+        raise ValueError(f"sample.num_samples {p.sample.num_samples} is too few for the metrics of a sample cell "
+                         f"and of the real-data floor: {short}; raise sample.num_samples or lower "
+                         "fid.kid_subset_size")
     size = native_size(p.data.name, p.data.image_size)
     if size is not None:  # the network fits the images (their native size unless data.image_size resizes them)
         p.model.validate(size)

@@ -8,6 +8,13 @@ failures (``ddpm.errors.DDPMError``: bad params, missing or corrupt files; a ful
 ``error:`` line and exit with status 1; ``--debug`` (or ``DDPM_DEBUG=1``) lets their traceback
 through instead. Any other exception is a bug and keeps its traceback.
 
+A stop is no crash: SIGTERM (what ``kill``, ``timeout``, SLURM, Kubernetes and a preempted machine
+send) raises ``Terminated``, a ``KeyboardInterrupt``, so a command stops on it as on Ctrl-C (its
+``finally`` blocks and context managers run: temporary files and folders are removed, `train` marks
+its MLflow run KILLED); it then prints one ``error: stopped by SIGTERM …`` line and exits with
+status 143 (128 + 15; Ctrl-C: 130). Where stopping half-way would waste work, a command defers the
+stop to its next safe point (``stop_at_safe_point``: `train` ends its step and writes its resume state).
+
 Heavy imports (torch, mlflow, torch-fidelity) stay inside the commands, so that ``--help`` is quick.
 """
 
@@ -15,7 +22,10 @@ import functools
 import inspect
 import os
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -100,11 +110,107 @@ def debugging() -> bool:
     return FORCED["debug"] or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+# ----------------------------------------------------------------------------- SIGTERM: a stop, as Ctrl-C
+SIGINT_STATUS, SIGTERM_STATUS = 130, 143  # 128 + the signal's number, as a shell reports a process it killed
+STOP_GRACE = 20.0  # seconds a deferred SIGTERM waits for a safe point before it stops the work where it is
+
+
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM: the command stops as on Ctrl-C (this is a ``KeyboardInterrupt``, so whatever handles
+    Ctrl-C handles it too), then exits with status 143. Its message says what was kept."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+@contextmanager
+def sigterm_stops():
+    """Within the block a SIGTERM raises ``Terminated`` in the main thread (outside the main thread,
+    where no signal handler can be set, nothing changes); the previous handler is restored after."""
+    if not _in_main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+class StopRequest:
+    """What ``stop_at_safe_point`` yields: calling it says whether a SIGTERM asked to stop (the work
+    then stops at this safe point, and the grace timer is disarmed so that what it saves is saved)."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        if self.requested and _in_main_thread():
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        return self.requested
+
+
+@contextmanager
+def stop_at_safe_point(grace: float | None = None):
+    """Within the block the first SIGTERM only sets the ``StopRequest`` it yields; the work asks it at its
+    safe points and stops there itself (raising ``Terminated`` once it has saved what it can). A second
+    SIGTERM, or ``grace`` seconds without reaching a safe point, raise ``Terminated`` at once, as outside
+    the block. Outside the main thread the request is never set (and SIGTERM is left as it was)."""
+    request, grace = StopRequest(), STOP_GRACE if grace is None else grace
+    if not _in_main_thread():
+        yield request
+        return
+
+    def on_sigterm(signum, frame):
+        if request.requested:
+            raise Terminated()
+        request.requested = True
+        signal.setitimer(signal.ITIMER_REAL, grace)
+
+    def on_alarm(signum, frame):
+        raise Terminated(f"(no safe point within {grace:g} s)")
+
+    old_term, old_alarm = signal.signal(signal.SIGTERM, on_sigterm), signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        yield request
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_alarm)
+        signal.signal(signal.SIGTERM, old_term)
+
+
+def stopped(e: KeyboardInterrupt) -> tuple[str, int]:
+    """The line and the exit status of a command stopped by SIGTERM (``Terminated``) or Ctrl-C."""
+    what, status = ("SIGTERM", SIGTERM_STATUS) if isinstance(e, Terminated) else ("Ctrl-C", SIGINT_STATUS)
+    return f"stopped by {what}" + (f" {e}" if str(e) else ""), status
+
+
 def one_line(fn, debug: bool = False):
     """Run ``fn``, turning the project's own errors and a missing file into one ``error:`` line and exit
-    status 1 (unless ``debug`` or ``debugging()``); any other exception keeps its traceback."""
+    status 1 (unless ``debug`` or ``debugging()``); any other exception keeps its traceback. A SIGTERM
+    stops ``fn`` as Ctrl-C does (``Terminated``); either is one line, exit status 143 or 130."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        with sigterm_stops():
+            return run(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        try:
+            return checked(*args, **kwargs)
+        except KeyboardInterrupt as e:
+            if debug or debugging():
+                raise
+            line, status = stopped(e)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 says it (and where its files are)
+                typer.echo(f"error: {line}", err=True)
+            sys.exit(status)
+
+    def checked(*args, **kwargs):
         if debug or debugging():
             return fn(*args, **kwargs)
         from ddpm.errors import DDPMError

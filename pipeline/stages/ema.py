@@ -10,8 +10,9 @@ Writes ``--out`` (train's checkpoint with ``ema`` and ``ema_config`` replaced; t
 weights stay) and ``--metrics``: which average it is (``average.source`` train or posthoc,
 ``average.kind``, ``average.sigma_rel`` when it is a power EMA, …) and, for a post-hoc one,
 the relative error of the least-squares fit of its profile (``average.fit_error``). A checkpoint
-whose raw or averaged weights do not fit its stored config (or snapshots that do not) is refused
-before anything is written, as `sample` refuses it. Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
+whose raw or averaged weights do not fit its stored config (or snapshots that do not), or hold NaN
+or ∞ (as the post-hoc average may), is refused before anything is written, as `sample` refuses it.
+Changing ``ema.sigma_rel`` re-runs this stage and those after it, never `train`.
 The snapshots are read one at a time.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 import typer
 
-from ddpm.checkpoint import CheckpointError, load_checkpoint, load_snapshot
+from ddpm.checkpoint import CheckpointError, check_finite, load_checkpoint, load_snapshot
 from ddpm.errors import InputError
 from ddpm.files import atomic_save
 from ddpm.model import check_model_checkpoint, weights_mismatch
@@ -71,6 +72,7 @@ def posthoc(ckpt: dict, checkpoint: Path, snapshots: Path, sigma_rel: float, exp
     mismatch = weights_mismatch(expected, weights)
     if mismatch:
         raise CheckpointError(f"the EMA snapshots in {snapshots} do not match the config of {checkpoint} ({mismatch})")
+    check_finite(weights, f"the post-hoc EMA weights (σ_rel {sigma_rel}) from the snapshots in {snapshots}")
     averaged = {f"module.{k}": v for k, v in weights.items()} | {"n_averaged": torch.tensor(ckpt["step"])}
     config = {"source": "posthoc", "kind": "power", "sigma_rel": sigma_rel, "profiles": sigma_rels,
               "snapshot_steps": steps, "coefficients": x.tolist(), "fit_error": error}

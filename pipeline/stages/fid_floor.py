@@ -53,7 +53,7 @@ def main(params: Path = PARAMS,
     weights = weights_file(f.extractor, f.weights_path, classifier)
     with progress(images.shape[0], f"fid_floor {f.extractor}") as bar:
         m = score(images, ref, reference, extractor=f.extractor, weights=weights, batch_size=f.batch_size,
-                  kid_subset_size=f.kid_subset_size, device=resolve_device(device), progress=bar)
+                  kid_subset_size=f.kid_subset_size, device=resolve_device(device), progress=bar, label="real")
     first = ("fid", "precision", "recall")
     write_metrics(out, {"floor": {**{k: round(m[k], 6) for k in first},
                                   **{k: round(v, 6) for k, v in m.items() if k not in first},

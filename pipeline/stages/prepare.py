@@ -29,7 +29,7 @@ def main(params: Path = PARAMS,
     elif d.name == "cifar10":
         splits = load_cifar10(d.root, cache, d.download)
     else:
-        splits = load_image_folder(d.root, d.image_size, d.channels, d.test_fraction, seed=0)
+        splits = load_image_folder(d.root, d.image_size, d.channels, d.test_fraction, seed=0, max_pixels=d.max_pixels)
     info = {"dataset": d.name}
     for name, split in splits.items():
         split = resize_split(split, d.image_size)

@@ -12,7 +12,9 @@ Batch i of ``sample.batch_size`` images draws from its own generator, seeded wit
 ``derive_seed(sample.seed, i)``, so the samples do not depend on how the batches are
 spread: under ``torchrun`` rank r samples batches r, r+N, r+2N, … and rank 0 gathers
 them and writes the files (all at the end, into a new folder that then replaces ``--out`` whole: a
-kill or a full disk leaves the old cell or the new one, never a mix)."""
+kill or a full disk leaves the old cell or the new one, never a mix). The weights are checked finite
+when loaded (``ddpm.model.load_model``) and each batch of images before its uint8 cast (NaN would
+become black pixels): either refuses the cell in one line, and the old cell stays."""
 
 import time
 from contextlib import nullcontext
@@ -24,7 +26,7 @@ import typer
 from ddpm import distributed
 from ddpm.acceleration import make_denoiser
 from ddpm.config.sampling import Guidance
-from ddpm.errors import InputError
+from ddpm.errors import InputError, NonFiniteError
 from ddpm.files import atomic_folder, atomic_save
 from ddpm.guidance import balanced_labels
 from ddpm.model import load_model
@@ -97,6 +99,16 @@ def batches(sp, world) -> list[tuple[int, int]]:
             for i in range(0, sp.num_samples, sp.batch_size)[world.rank::world.size]]
 
 
+def check_images(x: torch.Tensor, first: int, batch_size: int) -> None:
+    """``NonFiniteError`` unless the sampled batch ``x`` is finite: uint8 stores NaN as 0 (black) and ∞ as
+    a saturated pixel, which `fid` would score like any other image."""
+    bad = int((~x.isfinite()).sum())
+    if bad:
+        raise NonFiniteError(f"the samples are not finite: {bad} of {x.numel()} values of batch "
+                             f"{first // batch_size} (images {first}–{first + x.shape[0] - 1}) are NaN or infinite, "
+                             "which uint8 would store as black or saturated pixels; nothing is written")
+
+
 def draw(denoiser, diffusion, spec, sp, cfg, steps: int, guide: Guidance, mine, dev, bar):
     """Sample this rank's batches ``mine``: [(first image, uint8 images, labels)], and the strip of
     batch 0 (None when this rank does not sample it)."""
@@ -116,6 +128,7 @@ def draw(denoiser, diffusion, spec, sp, cfg, steps: int, guide: Guidance, mine, 
                    clip=sp.clip, percentile=sp.clip_percentile, generator=g, options=options,
                    progress=lambda k, n=n: bar(k * n), x_T=x_T, on_step=on_step,
                    labels=y, null_label=K, guidance=guide)
+        check_images(x, i, sp.batch_size)
         chunks.append((i, to_uint8(x).cpu(), None if y is None else y.cpu()))
     return chunks, strip
 

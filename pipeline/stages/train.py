@@ -10,7 +10,18 @@ run (``ddpm.resume``). The file carries a fingerprint of the training params (al
 params except ``NOT_FINGERPRINTED``) and of the training images: a file from another config is
 never resumed into; with ``--resume auto`` a run says so and starts fresh, with ``--resume
 require`` it fails. The file is deleted once the
-outputs are written. Under ``torchrun`` this is DDP training: rank 0 reads and writes
+outputs are written.
+
+A SIGTERM (``kill``, ``timeout``, SLURM, Kubernetes, a preempted machine) is a stop, as Ctrl-C is: training
+ends at the end of the step it is in (under ``torchrun``: at the next logged step, where the ranks agree), the
+resume state of that step is written (when ``train.checkpoint_every`` > 0), the live MLflow run is marked
+KILLED with its end time, and the stage exits with status 143 and one line naming the resume state; a second
+SIGTERM, or no step boundary within ``STOP_GRACE`` seconds, stops at once and the line names the last resume
+state (``pipeline.stages._cli.stop_at_safe_point``). A run that fails or stops before any resume state was
+written removes its staging folders (``<state>.samples``, ``<state>.snapshots``); after a SIGKILL the next
+run of the same config clears them (or, with a resume state beside them, resumes with them).
+
+Under ``torchrun`` this is DDP training: rank 0 reads and writes
 files and prints, the others train. With ``conditioning: class`` the U-Net is
 class-conditional on the split's labels (``cond_drop`` of them dropped to the null class);
 the checkpoint records the class names.
@@ -65,7 +76,7 @@ from pipeline.outputs import check_writable, write_csv, write_json, write_metric
 from pipeline.params import base, diffusion, model, train as train_section
 from pipeline.params.base import View, flatten
 from pipeline.progress import progress
-from pipeline.stages._cli import DEVICE, PARAMS, stage, stage_app
+from pipeline.stages._cli import DEVICE, PARAMS, Terminated, stage, stage_app, stop_at_safe_point
 from pipeline.tracking import system_metrics
 from pipeline.tracking.client import (dataset_input, default_tracking_uri, mlflow_params, now_ms, standard_tags,
                                       training_dataset, ui_url)
@@ -322,38 +333,73 @@ class Recorder:
                           config={"model": self.job.spec.to_dict(), "fingerprint": self.job.config["fingerprint"]})
             self.written.append(s.step)
 
-    def failed(self, e: BaseException) -> BaseException:
-        """Mark the live run KILLED (Ctrl-C) or FAILED; the error to raise (a divergence names the
-        last good checkpoint)."""
-        if self.run is not None:
+    def failed(self, e: BaseException, step: int) -> BaseException:
+        """After training stopped at ``step`` on ``e``: mark the live run KILLED (Ctrl-C, SIGTERM) or FAILED
+        with its end time, remove the staging folders when no resume state is beside them; the error to
+        raise, saying which resume state is kept (a divergence names the last good checkpoint)."""
+        if self.run is not None and not self.run.closed:
             status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
             record = self.run.finish(status, now_ms(), timeout=10)
             if record["run_id"]:
                 print(f"train: MLflow run {record['run_id']} marked {status}")
+        if self.world.is_main and not self.job.state_path.is_file():  # nothing to resume: no orphan folders
+            shutil.rmtree(self.job.previews, ignore_errors=True)
+            shutil.rmtree(self.job.staging, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            return type(e)(self.kept(step))
         if not isinstance(e, DivergedError):
             return e
         last = (f"the last good checkpoint is {self.job.state_path} at step {self.saved_step}"
                 if self.saved_step is not None else "no checkpoint was written")
         return DivergedError(f"{e}; training stopped, {last}")
 
+    def kept(self, step: int) -> str:
+        """Where a stopped training stands: its step, and the resume state it left (the same command resumes)."""
+        where, path = f"at step {step} of {self.job.p.train.steps}", self.job.state_path
+        if self.saved_step is None or not path.is_file():
+            return f"{where}; no resume state was written (train.checkpoint_every): the same command starts afresh"
+        if self.saved_step == step:
+            return f"{where}; its resume state is {path}: the same command resumes from step {step}"
+        return (f"{where}; the last resume state is {path} at step {self.saved_step}: the same command resumes from "
+                "there")
 
-def fit(job: Job, state, diffusion, rec: Recorder, system: Path) -> float:
-    """Train ``state`` (recording the system metrics, with a progress bar on rank 0); the seconds it took."""
+
+def fit(job: Job, state, diffusion, rec: Recorder, system: Path, stop) -> float:
+    """Train ``state`` (recording the system metrics, with a progress bar on rank 0); the seconds it took.
+    When ``stop`` asks (a SIGTERM), training ends at a step boundary with its resume state written, and
+    ``Terminated`` is raised."""
     p, world = job.p, rec.world
     start = time.perf_counter()
+    rec.on_start(state)
+    with system_metrics.record(system, enabled=world.is_main), \
+            progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=state.step) as bar:
+        train(state, diffusion, job.images, p.train, prediction=p.prediction, loss=p.loss,
+              variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=rec.sampler,
+              labels=job.labels, cond_drop=p.cond_drop, world=world, progress=bar, on_log=rec.on_log,
+              on_checkpoint=rec.checkpoint, on_snapshot=rec.ema_snapshot, stop=stop)
+    if state.step < p.train.steps:
+        raise Terminated()
+    return time.perf_counter() - start
+
+
+def train_and_write(job: Job, rec: Recorder, state, net, diffusion, outputs: Outputs, dev, system: Path,
+                    started_ms: int) -> None:
+    """Train, then (rank 0) write the outputs and print the summary. A SIGTERM is a stop at the next step
+    boundary (``stop_at_safe_point``); one during the writing of the outputs lets them finish. On any
+    exception the live run is closed (``Recorder.failed``) and the error says which resume state is kept."""
+    first_step, world = state.step, rec.world
     try:
-        with system_metrics.record(system, enabled=world.is_main), \
-                progress(p.train.steps, "train", enabled=world.is_main, estimate=True, initial=state.step) as bar:
-            train(state, diffusion, job.images, p.train, prediction=p.prediction, loss=p.loss,
-                  variance=p.variance, hybrid_lambda=p.hybrid_lambda, timestep_sampler=rec.sampler,
-                  labels=job.labels, cond_drop=p.cond_drop, world=world, progress=bar, on_log=rec.on_log,
-                  on_checkpoint=rec.checkpoint, on_snapshot=rec.ema_snapshot)
+        with stop_at_safe_point() as stop:
+            seconds = fit(job, state, diffusion, rec, system, stop)
+            if world.is_main:
+                record = write_outputs(rec, outputs, net, state, seconds, first_step, dev, started_ms)
     except BaseException as e:
-        error = rec.failed(e)
+        error = rec.failed(e, state.step)
         if error is e:
             raise
         raise error from None
-    return time.perf_counter() - start
+    if world.is_main:
+        print(summary(state, seconds, dev, world, outputs.checkpoint, rec, record))
 
 
 def loss_rows(losses: list[tuple[int, float]], history: list[tuple]) -> list[tuple]:
@@ -459,16 +505,12 @@ def main(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/tr
         ckpt, what, written = negotiate_resume(job, world, Resume(resume).value)
         if ckpt is not None:
             load_train_state(st, ckpt, world, sampler)
-        first_step, run = st.step, None
+        run = None
         if world.is_main:
             begin(job, world, what, fresh=ckpt is None)
             run = open_live_run(job, uri, experiment, started_ms, ckpt) if live else None
         rec = Recorder(job, world, diff, sampler, ckpt, written, run, uri)
-        rec.on_start(st)
-        seconds = fit(job, st, diff, rec, system)
-        if world.is_main:
-            record = write_outputs(rec, outputs, net, st, seconds, first_step, dev, started_ms)
-            print(summary(st, seconds, dev, world, out, rec, record))
+        train_and_write(job, rec, st, net, diff, outputs, dev, system, started_ms)
         distributed.barrier(world)
 
 

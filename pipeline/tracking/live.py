@@ -4,10 +4,10 @@ training and the UI shows the run as it goes (loss, learning rate and gradient n
 ``train.log_every`` steps, the learning rate of every warm-up step, a preview grid every
 ``train.sample_every`` steps as a step-indexed image, the params and the training data set).
 
-The run is created with the stage's real start time and closed with its real end time
-(``FINISHED``, or ``FAILED`` when training failed). A resumed training continues the run
-of the attempt it resumes (its id travels in the resume file) and skips the metric steps
-and images that run already has.
+The run is created with the stage's real start time and closed with its real end time (``FINISHED``;
+``FAILED`` when training failed; ``KILLED`` when it was stopped by Ctrl-C or SIGTERM). A resumed
+training continues the run of the attempt it resumes (its id travels in the resume file) and skips
+the metric steps and images that run already has.
 
 The first MLflow error ends live logging for this run: what follows is dropped, not
 retried (the `log` stage fills in what the run lacks from the stage's outputs, so nothing
@@ -37,6 +37,7 @@ class LiveRun:
         self._have: set = set()  # (key, step) the run already had when it was reopened
         self._queue: queue.Queue = queue.Queue()
         self._ended = False
+        self.closed = False  # finish was called (the run is closed, or was given up on)
         self._opened = threading.Event()  # set once the run is created or reopened (or that failed)
         tracking.http_defaults()  # here: the thread must not change the environment
         self._thread = threading.Thread(target=self._work, name="mlflow-live", daemon=True)
@@ -68,8 +69,9 @@ class LiveRun:
         return self.run_id
 
     def finish(self, status: str, end_ms: int, timeout: float = 30.0) -> dict:
-        """Close the run (``FINISHED`` / ``FAILED``) with ``end_ms`` as its end time, waiting at
+        """Close the run (``FINISHED`` / ``FAILED`` / ``KILLED``) with ``end_ms`` as its end time, waiting at
         most ``timeout`` seconds for what is queued; the record of what reached MLflow."""
+        self.closed = True
         self._queue.put(("end", (status, end_ms)))
         self._thread.join(timeout)
         done = not self._thread.is_alive()

@@ -84,6 +84,9 @@ def _stash(params_path: Path, meta: dict, entry: Path) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         if not entry.is_dir():  # not merely a parallel stage that stashed the same run first
             raise
+    except BaseException:  # Ctrl-C or SIGTERM: no half-copied entry stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return entry
 
 

@@ -102,14 +102,19 @@ def _run(mlflow, client, experiment_id: str, name: str, tags: dict, *, parent: s
          times: tuple[int | None, int | None] = (None, None), run_id: str | None = None):
     """The block's active MLflow run: created (under ``parent``), or the existing ``run_id``
     reopened, with the real start and end time of the work it describes (``times``, epoch ms,
-    from the stage's own record; unknown ends are the block's)."""
+    from the stage's own record; unknown ends are the block's). Stopped by Ctrl-C or SIGTERM, the run
+    is marked KILLED with its end time (the next ``log`` deletes it: ``pipeline.tracking.tidy``)."""
     start, end = times
     if run_id is None:
         run_tags = {**tags, **({"mlflow.parentRunId": parent} if parent else {})}
         run_id = client.create_run(experiment_id, start_time=start or tracking.now_ms(), tags=run_tags,
                                    run_name=name).info.run_id
     with mlflow.start_run(run_id=run_id, nested=parent is not None) as active:
-        yield active
+        try:
+            yield active
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: a stop, not a failure (MLflow's own exit says FAILED)
+            mlflow.end_run("KILLED")
+            raise
     if end:  # closing the block ended it now; the work ended then
         client.set_terminated(run_id, "FINISHED", end_time=end)
 

@@ -36,7 +36,9 @@ def repos(tmp_path_factory, cluster):
     root = tmp_path_factory.mktemp("slurm-repos")
     p = tiny_params(make_idx_dir(root / "idx"))
     p["timesteps"] = 100  # the bound of the nll stage: T network passes
-    files = {"studies/one.yaml": STUDY.format(seeds="[0, 1]"), "studies/again.yaml": STUDY.format(seeds="[5]"),
+    long = "long: [train.steps=600, train.ema_snapshot_every=100]"  # a train long enough to be cancelled in
+    files = {"studies/one.yaml": STUDY.format(seeds="[0, 1]"),
+             "studies/again.yaml": STUDY.format(seeds="[5]").replace("base: []", long),
              "studies/stop.yaml": STUDY.format(seeds="[9]"),
              "studies/fails.yaml": STUDY.format(seeds="[0]").replace("base: []", "boom: [train.lr=1.0e+30]")}
     env = {**queue_env(), "SLURM_CONF": cluster["SLURM_CONF"]}
@@ -98,18 +100,26 @@ def job_of(root: Path, study_name: str, run: str) -> str | None:
     return json.loads(path.read_text()).get(run) if path.is_file() else None
 
 
-def test_a_cancelled_job_is_submitted_again_by_the_next_run(repos):
+def test_a_cancelled_job_is_submitted_again_and_resumes_training(repos):
+    """`scancel` mid-training (SIGTERM, as a preemption sends): train writes its resume state in the run's
+    clone; the next `study run` submits the run again, and its job resumes training from that state."""
     _, remote, env = repos
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/again.yaml", "--executor",
                           "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    job = wait_for(lambda: job_of(remote, "again", "again-base-5"))
+    job = wait_for(lambda: job_of(remote, "again", "again-long-5"))
+    clone = remote / ".dvc/tmp/slurm/again/again-long-5"
+    log = clone / f"slurm-{job}.out"
+    wait_for(lambda: log.is_file() and "Running stage 'train'" in log.read_text(), 300)
+    time.sleep(4)  # some steps into the 600
     subprocess.run(["scancel", job], env=env, check=True)
     out = p.communicate(timeout=300)[0]
-    assert p.returncode == 1 and f"again-base-5 (error: cancelled (SLURM job {job}))" in out, out
+    assert p.returncode == 1 and f"again-long-5 (error: cancelled (SLURM job {job}))" in out, out
+    assert list((clone / "checkpoints").glob("train-*.pt")), log.read_text()[-3000:]  # the resume state
     out = study(remote, env, "run", "studies/again.yaml", "--executor", "slurm", "--poll", "1")
-    assert "0 done" in out and "submitted again-base-5" in out and "1 of 1 run done on SLURM" in out, out
-    assert job_of(remote, "again", "again-base-5") != job
+    assert "0 done" in out and "submitted again-long-5" in out and "1 of 1 run done on SLURM" in out, out
+    again = job_of(remote, "again", "again-long-5")
+    assert again != job and "train: resuming from step" in (clone / f"slurm-{again}.out").read_text()
 
 
 def test_a_failing_job_is_named_with_its_error(repos):

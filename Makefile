@@ -25,7 +25,7 @@ CPU_PRESET := -S prediction=v -S model.ch=16 -S model.num_res_blocks=1 -S 'model
 PRESET ?= auto
 DVC ?= dvc
 
-.PHONY: setup repro test test-fast gpu-check docs clean-venv
+.PHONY: setup repro test test-deps test-fast gpu-check docs clean-venv
 
 setup: $(STAMP)
 
@@ -68,7 +68,17 @@ gpu-check:
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 PYTEST_PARALLEL = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
-test: setup
+# the tests' own Debian packages (never needed by make repro): SLURM and munge for tests/test_slurm.py, which
+# starts a single-node cluster (it is skipped, with the reason, where they cannot be installed)
+test-deps:
+	@if ! command -v sbatch >/dev/null || [ ! -x /usr/sbin/munged ]; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq slurm-wlm munge >/dev/null 2>&1; } || \
+		echo "make test: could not install slurm-wlm and munge: the SLURM tests will be skipped"; \
+	fi
+
+test: setup test-deps
 	python -m pytest $(PYTEST_PARALLEL) --durations=25 $(PYTEST_ARGS)
 
 test-fast: setup

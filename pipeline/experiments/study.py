@@ -89,9 +89,20 @@ class ClaimSpec(_Strict):
     notes: dict[str, str] = {}  # verdict → prose, with {experiment metric} placeholders
 
 
+class SlurmSpec(_Strict):
+    """What each run's SLURM job asks for (``--executor slurm``; ``pipeline.experiments.slurm.Resources``)."""
+    partition: str | None = None
+    gpus: int = Field(0, ge=0)
+    cpus: int = Field(1, ge=1)
+    time: str | None = Field(None, pattern=r"^(\d+-)?\d+(:\d\d){0,2}$")  # minutes, H:MM:SS or D-HH:MM:SS
+    account: str | None = None
+    mem: str | None = Field(None, pattern=r"^\d+[KMGT]?$")
+
+
 class StudySpec(_Strict):
     description: str = ""
     base: BaseSpec = BaseSpec()
+    slurm: SlurmSpec = SlurmSpec()
     seeds: list[int] = Field(min_length=1)
     experiments: dict[str, list[str]] = Field(min_length=1)
     claims: dict[str, ClaimSpec] = {}
@@ -143,6 +154,7 @@ class Study:
     runs: list[Run]
     params: dict[str, dict] = field(default_factory=dict)  # run name → its params.yaml (shared parts: read only)
     max_runs: int = MAX_RUNS  # what `study run` queues at once without --yes
+    slurm: dict = field(default_factory=dict)  # the study file's slurm: block (SlurmSpec's fields)
 
     def size(self) -> str:
         """``10000 runs (2 experiments × 5000 seeds)``."""
@@ -311,7 +323,8 @@ def plan(path: Path, root: Path = Path(".")) -> Study:
             for e, own in spec.experiments.items() for s in spec.seeds]
     claims = [_claim(path, cid, c, spec.experiments) for cid, c in spec.claims.items()]
     return Study(name, path, " ".join(spec.description.split()), base, spec.base.preset, list(spec.base.set),
-                 list(spec.seeds), dict(spec.experiments), claims, runs, max_runs=spec.max_runs or MAX_RUNS)
+                 list(spec.seeds), dict(spec.experiments), claims, runs, max_runs=spec.max_runs or MAX_RUNS,
+                 slurm=spec.slurm.model_dump())
 
 
 def check(study: Study, params_path: Path = Path("params.yaml"), dvc_yaml: Path = Path("dvc.yaml")) -> Study:

@@ -13,17 +13,23 @@ from pipeline.outputs import check_writable
 from pipeline.stages._cli import one_line
 
 
+EXECUTORS = ("local", "slurm")  # DVC's local queue, or one SLURM job per run (pipeline.experiments.slurm)
+
+
 def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None, experiment: str,
-             dry: bool = False, yes: bool = False) -> None:
+             dry: bool = False, yes: bool = False, executor: str = "local", resources: dict | None = None) -> None:
     """Say how many runs the study has (at once) and how many it would queue; refuse more than its limit
-    (``Study.too_many``) unless ``yes``; ``dry`` queues nothing (and says when a real run would need --yes)."""
+    (``Study.too_many``) unless ``yes``; ``dry`` queues nothing (and says when a real run would need --yes).
+    ``executor``: DVC's local queue, or one SLURM job per run with ``resources`` over the study file's."""
     from pipeline.experiments import dvc_api, study_queue
 
+    if executor not in EXECUTORS:
+        raise StudyError(f"unknown executor {executor!r}; choose one of {', '.join(EXECUTORS)}")
     study = plan(study_path)
     print(f"study {study.name}: {study.size()}; checking their params", flush=True)
     check(study)
     done = match(study, study_queue.exp_show(), study_queue.current_check())
-    pending = dvc_api.queued()
+    pending = dvc_api.queued() if executor == "local" else {}
     todo = [r for r in study.runs if r.name not in done and r.name not in pending]
     print(f"study {study.name}: {study.size()}: {len(done)} done, {sum(r.name in pending for r in study.runs)} "
           f"queued or running, {len(todo)} to queue", flush=True)
@@ -43,6 +49,12 @@ def run_main(study_path: Path, jobs: int, poll: float, tracking_uri: str | None,
         return
     if too_many:
         raise StudyError(f"{study_path}: {too_many}")
+    if executor == "slurm":
+        from pipeline.experiments import slurm
+
+        asked = {k: v for k, v in (resources or {}).items() if v is not None}
+        slurm.run(study, todo, slurm.Resources(**{**study.slurm, **asked}), poll, tracking_uri, experiment)
+        return
     study_queue.run(study, todo, [r for r in study.runs if r.name in pending], jobs, poll, tracking_uri, experiment)
 
 
@@ -90,12 +102,23 @@ def run_command(study: Path = STUDY_FILE,
                                                               "nothing"),
                 yes: bool = typer.Option(False, "--yes", help="queue more runs than the study's limit (max_runs in "
                                                               "the study file; default 100)"),
-                tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT):
+                tracking_uri: str = TRACKING_URI, experiment: str = MLFLOW_EXPERIMENT,
+                executor: str = typer.Option("local", help="local: DVC's queue on this machine (-j workers); slurm: "
+                                                           "one SLURM job per run (sbatch), results pushed home as "
+                                                           "DVC experiments"),
+                partition: str = typer.Option(None, help="slurm: the partition (default: the study file's slurm:, "
+                                                         "else SLURM's)"),
+                gpus: int = typer.Option(None, min=0, help="slurm: GPUs per job (--gres=gpu:N)"),
+                cpus: int = typer.Option(None, min=1, help="slurm: CPUs per job (--cpus-per-task)"),
+                time: str = typer.Option(None, help="slurm: time limit per job (minutes, H:MM:SS, D-HH:MM:SS)"),
+                account: str = typer.Option(None, help="slurm: the account to charge")):
     """Queue every experiment × seed of the study that no experiment has done yet (the same params, and no
-    stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it. Every
-    run's params pass the check stage's checks first; a bad study file is one line and queues nothing; more
-    runs than the study's max_runs (default 100) are refused unless --yes."""
-    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, yes)
+    stage that would run again) with `dvc exp run --queue`, run the queue with -j workers and follow it, or
+    submit each as a SLURM job (--executor slurm). Every run's params pass the check stage's checks first; a
+    bad study file is one line and queues nothing; more runs than the study's max_runs (default 100) are
+    refused unless --yes."""
+    resources = {"partition": partition, "gpus": gpus, "cpus": cpus, "time": time, "account": account}
+    one_line(run_main)(study, jobs, poll, tracking_uri, experiment, dry, yes, executor, resources)
 
 
 @app.command(name="report")

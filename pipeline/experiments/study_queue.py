@@ -31,6 +31,7 @@ import yaml
 from ddpm.errors import InputError
 from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
+from pipeline.launch import SHARES
 from pipeline.progress import format_seconds
 from pipeline.stages._cli import stopped
 
@@ -180,6 +181,8 @@ def run(study, todo: list, adopted: list, jobs: int, poll: float, tracking_uri: 
     # DVC's workers start `dvc`, and the stages `python`, from PATH: this interpreter's environment, as `make` does
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     ensure_database(tracking_uri, experiment)  # once, before parallel stages would create it at once
+    if jobs > 1:  # each worker's experiment on its own share of the GPUs (pipeline.launch); workers inherit it
+        os.environ.setdefault(SHARES, str(jobs))
     for i, r in enumerate(todo, 1):
         queue(r)
         own = study.experiments[r.experiment]

@@ -33,12 +33,14 @@ from ddpm.model import load_model
 from ddpm.pixels import to_uint8
 from ddpm.samplers import sample
 from pipeline.device import resolve_device
+from pipeline.launch import data_parallel
 from pipeline.images import StripRecorder, write_image_grid
 from pipeline.outputs import check_writable, write_json
 from pipeline.params import base, guidance as guidance_section, sample as sample_section, samplers
 from pipeline.progress import progress
 from pipeline.stages._cli import DEVICE, PARAMS, stage, stage_app
 from pipeline.tracking import system_metrics
+from pipeline.workspace import repo_root
 
 KEYS = ["sample.num_samples", "sample.batch_size", "sample.spacing", "sample.clip", "sample.clip_percentile",
         "sample.precision", "sample.memory_format", "sample.compile", "sample.seed", "sample.weights",
@@ -174,6 +176,7 @@ def main(params: Path = PARAMS,
          device: str = DEVICE):
     """Sample one cell of the sampler × steps (× guidance) matrix (sample.*, samplers.<name>, guidance.<name>);
     sample.weights: ema | raw."""
+    data_parallel(device, repo_root())  # every GPU of the node (or this experiment's share): DDP
     started_ms = int(time.time() * 1000)
     p, guide = stage_params(params, sampler, guidance)
     system_metrics.settings()  # a bad MLFLOW_SYSTEM_METRICS_* variable fails here, before any work

@@ -70,6 +70,7 @@ from ddpm.resume import (RESUME_MODES, data_identity, fingerprint, prepare_stagi
 from ddpm.timestep_sampling import make_timestep_sampler
 from ddpm.training import init_state, learning_rate, load_train_state, to_cpu, train, train_state_dict
 from pipeline.device import resolve_device
+from pipeline.launch import data_parallel
 from pipeline.images import write_image_grid
 from pipeline.outputs import check_writable, write_csv, write_json, write_metrics
 from pipeline.params import base, diffusion, model, train as train_section
@@ -490,6 +491,7 @@ def main(params: Path = PARAMS, data: Path = typer.Option(Path("data/prepared/tr
     hybrid_lambda, model.*, train.*), logging to its MLflow run while it trains.
 
     Resumes from --state when a previous run was interrupted; under torchrun, DDP on all ranks."""
+    data_parallel(device, repo_root())  # every GPU of the node (or this experiment's share): DDP
     started_ms = now_ms()
     outputs = Outputs(out, metrics, plot, lr_plot, timing, system, snapshots, samples, mlflow_run)
     p = base.load(params, "train", KEYS, diffusion, model, train_section)

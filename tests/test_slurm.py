@@ -1,0 +1,159 @@
+"""Studies on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and slurmd on this machine), no
+mock: a study through SLURM gives the local queue's results for the same seeds, a cancelled job is
+submitted again by the next `study run`, a failing job is named with its error, Ctrl-C cancels what
+the run submitted, and training as two srun tasks equals one process."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from slurm_cluster import start, stop, unavailable
+from tiny import cli, max_abs_diff, subprocess_env, weights, workspace
+
+from helpers import make_idx_dir, new_repository, queue_env, sh, tiny_params
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
+
+STUDY = "base:\n  set: ['sample.samplers=[ddpm]', 'sample.steps=[3]']\nexperiments:\n  base: []\nseeds: {seeds}\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("slurm")
+    env = start(folder)
+    yield env
+    subprocess.run(["scancel", "-u", "root"], env=env, capture_output=True)
+    stop(folder)
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory, cluster):
+    """Two copies of a tiny repository (one for the local queue, one for SLURM), its studies in studies/."""
+    root = tmp_path_factory.mktemp("slurm-repos")
+    p = tiny_params(make_idx_dir(root / "idx"))
+    p["timesteps"] = 100  # the bound of the nll stage: T network passes
+    long = "long: [train.steps=600, train.ema_snapshot_every=100]"  # a train long enough to be cancelled in
+    files = {"studies/one.yaml": STUDY.format(seeds="[0, 1]"),
+             "studies/again.yaml": STUDY.format(seeds="[5]").replace("base: []", long),
+             "studies/stop.yaml": STUDY.format(seeds="[9]"),
+             "studies/fails.yaml": STUDY.format(seeds="[0]").replace("base: []", "boom: [train.lr=1.0e+30]")}
+    env = {**queue_env(), "SLURM_CONF": cluster["SLURM_CONF"]}
+    for name in ("local", "slurm"):
+        new_repository(root / name, p, env, files=files)
+    return root / "local", root / "slurm", env
+
+
+def study(root: Path, env: dict, *args: str, code: int = 0) -> str:
+    r = subprocess.run([sys.executable, "-m", "pipeline", "study", *args], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=1200)
+    assert r.returncode == code, r.stdout[-4000:] + r.stderr[-4000:]
+    return r.stdout + r.stderr
+
+
+def results(root: Path, env: dict) -> dict[str, tuple]:
+    """Experiment name → (FID of ddpm-3, bits/dim), read from `dvc exp show --json`."""
+    out = {}
+    for commit in json.loads(sh(["dvc", "exp", "show", "--json", "-A"], root, env)):
+        for exp in commit.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                m = rev["data"]["metrics"]
+                out[rev["name"]] = (m["metrics/fid.json"]["data"]["fid"]["ddpm"]["3"],
+                                    m["metrics/nll.json"]["data"]["nll"]["bits_per_dim"])
+    return out
+
+
+def test_a_study_through_slurm_gives_the_local_queues_results(repos, figure):
+    local, remote, env = repos
+    start_time = time.perf_counter()
+    out = study(local, env, "run", "studies/one.yaml", "-j", "2", "--poll", "1")
+    queue_seconds = time.perf_counter() - start_time
+    start_time = time.perf_counter()
+    out = study(remote, env, "run", "studies/one.yaml", "--executor", "slurm", "--poll", "1")
+    slurm_seconds = time.perf_counter() - start_time
+    assert "submitted one-base-0: SLURM job" in out and "2 of 2 runs done on SLURM" in out, out
+    assert "one-base-1: running stage train" in out, out  # the jobs' stages, from their logs
+    here, there = results(local, env), results(remote, env)
+    assert set(here) == set(there) == {"one-base-0", "one-base-1"} and here == there, (here, there)
+    figure(f"slurm: the 2-run study in {slurm_seconds:.0f} s as SLURM jobs, {queue_seconds:.0f} s in DVC's local "
+           f"queue with 2 workers (this machine, loaded by the other tests)")
+    # the experiments came home: done, also for `study report`
+    assert "2 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
+                                                              "slurm", "--dry")
+    assert "study report:" in study(remote, env, "report", "studies/one.yaml")
+
+
+def wait_for(predicate, seconds: float = 120):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if (found := predicate()):
+            return found
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting")
+
+
+def job_of(root: Path, study_name: str, run: str) -> str | None:
+    path = root / ".dvc/tmp/slurm" / study_name / "jobs.json"
+    return json.loads(path.read_text()).get(run) if path.is_file() else None
+
+
+def test_a_cancelled_job_is_submitted_again_and_resumes_training(repos):
+    """`scancel` mid-training (SIGTERM, as a preemption sends): train writes its resume state in the run's
+    clone; the next `study run` submits the run again, and its job resumes training from that state."""
+    _, remote, env = repos
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/again.yaml", "--executor",
+                          "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    job = wait_for(lambda: job_of(remote, "again", "again-long-5"))
+    clone = remote / ".dvc/tmp/slurm/again/again-long-5"
+    log = clone / f"slurm-{job}.out"
+    wait_for(lambda: log.is_file() and "Running stage 'train'" in log.read_text(), 300)
+    time.sleep(4)  # some steps into the 600
+    subprocess.run(["scancel", job], env=env, check=True)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 1 and f"again-long-5 (error: cancelled (SLURM job {job}))" in out, out
+    assert list((clone / "checkpoints").glob("train-*.pt")), log.read_text()[-3000:]  # the resume state
+    out = study(remote, env, "run", "studies/again.yaml", "--executor", "slurm", "--poll", "1")
+    assert "0 done" in out and "submitted again-long-5" in out and "1 of 1 run done on SLURM" in out, out
+    again = job_of(remote, "again", "again-long-5")
+    assert again != job and "train: resuming from step" in (clone / f"slurm-{again}.out").read_text()
+
+
+def test_a_failing_job_is_named_with_its_error(repos):
+    _, remote, env = repos
+    out = study(remote, env, "run", "studies/fails.yaml", "--executor", "slurm", "--poll", "1", code=1)
+    assert "1 of 1 SLURM jobs failed: fails-boom-0 (error: training loss became inf" in out, out
+
+
+def test_ctrl_c_cancels_what_the_run_submitted(repos):
+    _, remote, env = repos
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/stop.yaml", "--executor",
+                          "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    job = wait_for(lambda: job_of(remote, "stop", "stop-base-9"))
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130 and f"cancelled the 1 SLURM job this run submitted ({job})" in out, out
+    state = wait_for(lambda: subprocess.run(["sacct", "-c", "-n", "-P", "-j", job, "-o", "State"], env=env,
+                                            capture_output=True, text=True).stdout.strip(), 60)
+    assert state.startswith("CANCELLED"), state
+
+
+def test_two_srun_tasks_train_like_one_process(tmp_path, cluster):
+    """Multi-node training reads its rendezvous from SLURM (pipeline.launch.from_slurm): two tasks of one
+    job, here on the one local node, train the model one process trains with the same global batch."""
+    root = workspace(tmp_path, steps=6, batch_size=8, checkpoint_every=0)
+    assert cli(root, "train", "--device", "cpu", "--out", "models/one.pt", "--metrics", "metrics/one.json").exit_code == 0
+    env = {**subprocess_env(), "SLURM_CONF": cluster["SLURM_CONF"], "PIPELINE_LIVE_MLFLOW": "0"}
+    command = (f"srun {sys.executable} -m pipeline.stages.train --device cpu --out models/two.pt "
+               "--metrics metrics/two.json --no-live")
+    r = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks=2", f"--chdir={root}", "--output=srun.out",
+                        "--wrap", command], env=env, capture_output=True, text=True, timeout=600)
+    log = (root / "srun.out").read_text() if (root / "srun.out").is_file() else ""
+    assert r.returncode == 0, r.stderr + log
+    assert "(2 processes)" in log and log.count("train: 6 steps") == 1, log
+    assert max_abs_diff(weights(root / "models/one.pt"), weights(root / "models/two.pt")) < 1e-4

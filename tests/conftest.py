@@ -94,6 +94,11 @@ def pytest_runtest_logreport(report):
 
 
 def pytest_terminal_summary(terminalreporter):
+    """The CPU the durations were measured on (a test suite's time is as much the CPU's as the tests'), and
+    the figures the tests recorded."""
+    imitated = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}
+    terminalreporter.write_line(f"cpu: {torch.backends.cpu.get_cpu_capability()} (torch's kernels), "
+                                f"{os.cpu_count()} cores" + (f", imitated by {imitated}" if imitated else ""))
     if FIGURES:
         terminalreporter.section("figures")
         for line in FIGURES:

@@ -22,6 +22,27 @@ def test_estimate_is_said_once_after_the_first_steps():
     assert lines[0] == "train: 0.5 steps/s; estimated total 3.8 min for 100 steps, 3.2 min to go"
 
 
+def test_estimate_is_measured_again_when_the_rate_changes():
+    """A fake clock: 2 s per step, then, from step 30 on, 4 s per step (a machine that got busier). The first
+    estimate holds while the rate does; the checks every 10 steps say a new one once the slower rate moves it by
+    more than 10%, with the rate of the latest stretch, and nothing more while that holds."""
+    now = [0.0]
+    lines = []
+    eta = Estimate(100, "train", lines.append, clock=lambda: now[0])
+    for step in range(1, 100):
+        now[0] += 2 if step <= 30 else 4
+        eta(1)
+        if step == 29:
+            assert len(lines) == 1  # steady: said once
+    assert len(lines) >= 2 and all("estimated total" in line for line in lines)  # the study's follower reads these
+    # said first at step 4 (8 s, 96 steps left at 2 s: 200 s); checked at steps 14, 24, 34, …: at 34, 6 steps at
+    # 2 s and 4 at 4 s since step 24 (2.8 s a step), 76 s elapsed, 66 steps left: 261 s
+    assert lines[1] == "train: now 0.357 steps/s; estimated total 4.3 min for 100 steps (said 3.3 min), 3.1 min to go"
+    # at 44 the rate is 4 s a step (116 s + 56 × 4 s = 340 s), said once more; from then on it holds
+    assert lines[2] == "train: now 0.25 steps/s; estimated total 5.7 min for 100 steps (said 4.3 min), 3.7 min to go"
+    assert len(lines) == 3
+
+
 def test_no_estimate_when_the_run_ends_first():
     lines = []
     eta = Estimate(3, "train", lines.append, clock=lambda: 0.0)

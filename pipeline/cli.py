@@ -115,8 +115,9 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+# rich_markup_mode=None: plain help, as every command's (pipeline.stages._cli.stage_app says why)
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="The DDPM experiment pipeline: one command per DVC stage (dvc.yaml), and the commands "
+                  rich_markup_mode=None, help="The DDPM experiment pipeline: one command per DVC stage (dvc.yaml), and the commands "
                        "around them.")
 
 

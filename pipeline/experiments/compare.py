@@ -42,7 +42,7 @@ from ddpm.errors import InputError
 from pipeline.outputs import write_atomic
 from pipeline.params.base import flatten
 from pipeline.experiments import dvc_api
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 
 PARAMS_FILE = "params.yaml"
 # (file, keys): the first key an experiment has; the second is where experiments recorded before the
@@ -261,7 +261,7 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
     return "\n".join(lines) + "\n" + render_seeds(rows)
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command()

@@ -46,7 +46,7 @@ from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.params.base import ParamsError
 from pipeline.params.schema import parse_params
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 from pipeline.stages.check import verify
 
 PARAMS = "params.yaml"  # DVC's default params file, the pipeline's
@@ -98,7 +98,7 @@ def experiment_name(args: list[str], runs: list[list[str]] | None, taken: set[st
     return unique
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command("exp-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

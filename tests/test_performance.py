@@ -51,22 +51,28 @@ def test_no_estimate_when_the_run_ends_first():
     assert lines == []
 
 
-def make_repro(tmp_path, *args):
-    """`make repro` in a copy of the Makefile, with this environment as the venv and a stand-in
-    for dvc that prints what it was asked to run."""
-    import shutil
+def subprocess_make(tmp_path, *args):
+    """`make -s repro ARGS` in ``tmp_path`` (a copy of the Makefile: ``make_repro``), this environment as the venv."""
     import subprocess
     import sys
     from pathlib import Path
+
+    venv = Path(sys.prefix)
+    return subprocess.run(["make", "-s", "repro", f"VENV={venv}", f"STAMP={tmp_path / 'stamp'}", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def make_repro(tmp_path, *args):
+    """`make repro` in a copy of the Makefile, with this environment as the venv and a stand-in
+    for dvc (and exp-run) that prints what it was asked to run."""
+    import shutil
 
     from helpers import REPO
 
     for name in ("Makefile", "requirements.txt", "pyproject.toml"):
         shutil.copy2(REPO / name, tmp_path / name)
     (tmp_path / "stamp").touch()  # newer than requirements.txt and pyproject.toml: nothing to install
-    venv = Path(sys.prefix)
-    r = subprocess.run(["make", "-s", "repro", f"VENV={venv}", f"STAMP={tmp_path / 'stamp'}", "DVC=echo DVC-RAN", *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess_make(tmp_path, "DVC=echo DVC-RAN", "EXP_RUN=echo DVC-RAN exp run", *args)
     ran = [line.removeprefix("DVC-RAN ") for line in r.stdout.splitlines() if line.startswith("DVC-RAN")]
     return r, ran
 
@@ -86,7 +92,24 @@ def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
     r, ran = make_repro(tmp_path, "PRESET=cpu")
     assert r.returncode == 0 and len(ran) == 1 and ran[0].startswith("exp run -S ")
     r, ran = make_repro(tmp_path, "PRESET=gpu")
-    assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr
+    assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr and "done" not in r.stdout
+
+
+def test_make_repro_ends_by_saying_where_the_results_are(tmp_path):
+    """Its last lines name the report and the commands of the experiments view and the MLflow UI, which exist."""
+    from pipeline.cli import COMMANDS
+
+    for preset in ("PRESET=cpu", "PRESET=full"):
+        r, ran = make_repro(tmp_path, preset)
+        last = r.stdout.strip().splitlines()[-4:]
+        assert r.returncode == 0 and last[0] == "make repro: done. Where the results are:", r.stdout
+        assert "reports/report.html" in last[1] and "python -m pipeline exp-show" in last[2]
+        assert "make ui" in last[3] and "python -m pipeline ui" in last[3]
+    assert {"exp-show", "ui"} <= set(COMMANDS)
+    make = (tmp_path / "Makefile").read_text()
+    assert "\nui: setup\n\tpython -m pipeline ui\n" in make
+    failed = subprocess_make(tmp_path, "PRESET=cpu", "EXP_RUN=false")
+    assert failed.returncode != 0 and "done" not in failed.stdout  # no pointer to results a failed run did not make
 
 
 @pytest.mark.slow

@@ -49,6 +49,8 @@ PARAMS_FILE = "params.yaml"
 # metrics were named by block (nll.bits_per_dim, classifier.test_accuracy) hold it
 BPD = ("metrics/nll.json", ("nll.bits_per_dim", "bits_per_dim"))
 ACCURACY = ("metrics/classifier.json", ("classifier.test_accuracy", "test_accuracy"))
+FLOOR = ("metrics/fid_floor.json", ("floor.fid",))
+DENOISE = ("metrics/denoise.json", ("denoise.ema_mse",))
 
 
 def _revisions(node, parent_name=None):
@@ -136,7 +138,8 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
                      **{k: _get(params, k) for k in keys},
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
                      "bits_per_dim": _first(data, BPD), "ruler": _metric(data, "metrics/fid.json", "ruler"),
-                     "classifier_accuracy": _first(data, ACCURACY),
+                     "classifier_accuracy": _first(data, ACCURACY), "floor_fid": _first(data, FLOOR),
+                     "denoise_ema_mse": _first(data, DENOISE), "created": data.get("timestamp"),
                      "params": flatten(params), "cells": _cells(data)})
     return rows
 

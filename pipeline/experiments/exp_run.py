@@ -16,7 +16,9 @@ check out, and deletes nothing of the kind.
 This command applies the ``-S`` overrides as DVC does (DVC's own argument parser and its
 ``apply_overrides``, on a copy of params.yaml; each combination of a ``--queue`` sweep), runs the
 `check` stage's checks on the result (``pipeline.stages.check.verify``: params, data files, writable
-outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status.
+outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status
+(DVC's CLI through ``dvc_api.run_cli``: in a workspace without results yet, DVC's ~80 warnings
+"No file hash info found … It won't be created", one per output, are one line).
 A refused value is one ``error:`` line, and nothing in the workspace has changed.
 
 The experiment is named for what it changes: a single experiment with ``-S`` overrides and no
@@ -122,7 +124,7 @@ def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
             args = ["-n", name, *args]
         print(f"exp-run: {len(runs)} set{'s' if len(runs) > 1 else ''} of params passed the check stage's checks; "
               f"running dvc exp run {' '.join(args)}", flush=True)
-    try:
-        return subprocess.run([sys.executable, "-m", "dvc", "exp", "run", *args]).returncode
+    try:  # DVC's CLI, its warnings for outputs without results yet (a fresh clone) folded into one line
+        return subprocess.run([sys.executable, "-m", "pipeline.experiments.dvc_api", "exp", "run", *args]).returncode
     except OSError as e:
         raise ExternalError(f"cannot run dvc: {e}") from None

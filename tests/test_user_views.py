@@ -1,0 +1,132 @@
+"""What a user opens after a run (issue 34): the experiments in one screen (`python -m pipeline exp-show`), in a
+pipe as in a terminal, where `dvc exp show` prints only `…`; the MLflow UI on the workspace's store at the
+address of its training runs (`python -m pipeline ui`). (`make repro`'s last lines: tests/test_performance.py.)"""
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+from helpers import copy_repository, git_env
+from tiny import cli
+
+from pipeline.commands import ui
+from pipeline.experiments import exp_show
+from pipeline.tracking import client as tracking
+
+
+def data(fid: float, seed: int, sigma_rel, ruler: str = "r1", bpd: float = 3.9) -> dict:
+    """One run as `dvc exp show --json` has it (the files the view reads)."""
+    return {"timestamp": "2026-12-07T08:00:00", "params": {"params.yaml": {"data": {
+        "seed": seed, "data": {"root": f"/data/{seed}"}, "ema": {"sigma_rel": sigma_rel}, "train": {"steps": 1200}}}},
+            "metrics": {"metrics/fid.json": {"data": {"best": {"fid": fid, "sampler": "dpmpp", "steps": 20},
+                                                      "ruler": ruler, "fid": {"dpmpp": {"20": fid}, "ddim": {"20": fid + 3}}}},
+                        "metrics/fid_floor.json": {"data": {"floor": {"fid": 1.29}}},
+                        "metrics/nll.json": {"data": {"nll": {"bits_per_dim": bpd}}},
+                        "metrics/denoise.json": {"data": {"denoise": {"ema_mse": 0.0433}}}}}
+
+
+def shown(*experiments, workspace=None) -> list:
+    base = {"rev": "a" * 40, "name": "main", "data": data(22.41, 0, None),
+            "experiments": [{"name": name, "revs": [{"rev": rev * 40, "name": name, "data": d}]}
+                            for name, rev, d in experiments]}
+    return [{"rev": "workspace", "name": None, "data": workspace or base["data"]}, base]
+
+
+def test_the_view_puts_the_best_first_with_what_changed(tmp_path):
+    saved = tmp_path / "show.json"
+    saved.write_text(json.dumps(shown(("sigma05", "b", data(21.96, 0, 0.05)), ("seed1", "c", data(23.1, 1, None)))))
+    r = cli(tmp_path, "exp-show", "--exp-json", str(saved))
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split()[:4] == ["experiment", "created", "best", "FID"]
+    assert [re.split(r"\s{2,}", line.strip())[0] for line in lines[1:]] == ["*", "main (workspace)", "seed1"]
+    best = lines[1]
+    assert best.startswith("*") and "sigma05" in best and "21.96" in best and "dpmpp-20" in best
+    assert best.rstrip().endswith("seed=0, ema.sigma_rel=0.05")  # what differs; data.root (per machine) does not count
+    assert "main (workspace)" in lines[2] and lines[2].rstrip().endswith("seed=0, ema.sigma_rel=null")
+    assert "seed1" in lines[3] and "23.1" in lines[3] and "3.900" in lines[3] and "0.0433" in lines[3]
+    assert all("\x1b" not in line and "…" not in line for line in lines)  # plain text, nothing cut
+    cells = cli(tmp_path, "exp-show", "--exp-json", str(saved), "--cells").output.splitlines()
+    assert "FID ddim-20" in cells[0] and "FID dpmpp-20" in cells[0] and "24.96" in cells[1]
+
+
+def test_fids_of_other_rulers_are_not_the_best(tmp_path):
+    saved = tmp_path / "show.json"
+    saved.write_text(json.dumps(shown(("other", "b", data(5.0, 0, None, ruler="r2")))))
+    lines = cli(tmp_path, "exp-show", "--exp-json", str(saved)).output.splitlines()
+    assert lines[0].startswith("warning: these FIDs were measured with 2 rulers")
+    assert lines[2].startswith("*") and "main" in lines[2] and "other" in lines[3] and "r2" in lines[3]
+
+
+def test_artifacts_recorded_elsewhere_are_noticed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ui.elsewhere({"artifact_location": (tmp_path / "mlruns/ddpm").as_uri()}) is None
+    assert ui.elsewhere({"artifact_location": "file:///srv/old/mlruns/ddpm"}).as_posix() == "/srv/old/mlruns/ddpm"
+    assert ui.elsewhere({"artifact_location": "mlflow-artifacts:/1"}) is None
+
+
+def test_the_runs_link_opens_the_training_runs_with_the_headline_metrics():
+    url = tracking.ui_url("http://127.0.0.1:5000", "7")
+    assert url == ("http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning"
+                   "&viewStateShareKey=ddpm-pipeline")
+    assert tracking.ui_url("http://h:1/", "7", "abc") == "http://h:1/#/experiments/7/runs/abc?workflowType=machine_learning"
+    key, value = tracking.runs_view()
+    view = json.loads(value)
+    state = json.loads(view["state"])
+    assert key == "mlflow.sharedViewState.ddpm-pipeline" and view["name"] and isinstance(view["createdAt"], int)
+    assert {"metrics.`best.fid`", "metrics.`fid`", "tags.`best.sampler`"} <= set(state["selectedColumns"])
+    assert tracking.same_view(tracking.runs_view(created_ms=1)[1], value) and not tracking.same_view(None, value)
+
+
+@pytest.mark.slow
+def test_the_view_read_from_a_pipe_names_the_best_fid(reproduced, tmp_path):
+    """In a pipe (stdout not a terminal): `dvc exp show --no-pager` prints only `…` in its cells at 120 columns,
+    `python -m pipeline exp-show` the best FID of metrics/fid.json on the line marked *."""
+    root = copy_repository(reproduced, tmp_path / "repo")
+    env = {**git_env(system_metrics=False), "COLUMNS": "120"}
+    best = json.loads((root / "metrics/fid.json").read_text())["best"]
+    dvc = subprocess.run(["dvc", "exp", "show", "--no-pager"], cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    assert f"{best['fid']:.4g}" not in dvc.stdout and "…" in dvc.stdout  # DVC's: fitted into the width
+    ours = subprocess.run([sys.executable, "-m", "pipeline", "exp-show"], cwd=root, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, timeout=300)
+    assert ours.returncode == 0, ours.stderr
+    (line,) = [line for line in ours.stdout.splitlines() if line.startswith("*")]
+    assert f"{best['fid']:.4g}" in line.split() and f"{best['sampler']}-{best['steps']}" in line.split()
+
+
+@pytest.mark.slow
+def test_ui_serves_the_store_at_the_address_of_the_training_runs(reproduced, tmp_path):
+    """`python -m pipeline ui` on the store the log stage made: it prints the address of the experiment's runs in
+    the model-training view with the saved view of the headline metrics, the server answers there and holds
+    that view, and Ctrl-C (SIGINT) stops it."""
+    from test_tracking import closed_port
+
+    root = copy_repository(reproduced, tmp_path / "repo")
+    port = closed_port()
+    env = {**git_env(system_metrics=False), "PYTHONUNBUFFERED": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "pipeline", "ui", "--port", str(port)], cwd=root, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in server.stdout:  # until the address (the server answers by then)
+            lines.append(line)
+            if line.startswith("MLflow UI: ") or len(lines) > 200:
+                break
+        address = lines[-1].removeprefix("MLflow UI: ").strip()
+        exp = ui.experiment_of(f"http://127.0.0.1:{port}", "ddpm")
+        assert address == (f"http://127.0.0.1:{port}/#/experiments/{exp['experiment_id']}/runs"
+                           "?workflowType=machine_learning&viewStateShareKey=ddpm-pipeline"), lines
+        with urllib.request.urlopen(address.split("#")[0], timeout=30) as page:
+            assert page.status == 200 and b"<html" in page.read().lower()
+        tags = {t["key"]: t["value"] for t in exp["tags"]}
+        assert tracking.same_view(tags.get("mlflow.sharedViewState.ddpm-pipeline"), tracking.runs_view()[1])
+        assert not any(line.startswith("warning") for line in lines)  # the copy's artifacts are its own
+    finally:
+        server.send_signal(signal.SIGINT)
+        rest = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, rest
+    assert ui.port_free("127.0.0.1", port)

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.parse
 import urllib.request
 
 import pytest
@@ -14,7 +15,6 @@ from helpers import copy_repository, git_env
 from tiny import cli
 
 from pipeline.commands import ui
-from pipeline.experiments import exp_show
 from pipeline.tracking import client as tracking
 
 
@@ -129,4 +129,75 @@ def test_ui_serves_the_store_at_the_address_of_the_training_runs(reproduced, tmp
         server.send_signal(signal.SIGINT)
         rest = server.communicate(timeout=60)[0]
     assert server.returncode == 0, rest
+    with pytest.raises(OSError):  # nothing answers there any more (the server's children stopped with it)
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)
     assert ui.port_free("127.0.0.1", port)
+
+
+def declared_outputs() -> set[str]:
+    """Every output dvc.yaml declares under reports/ and plots/ (outs, metrics and plots of every stage)."""
+    import yaml
+    from helpers import REPO
+
+    found = set()
+    for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
+        for entry in stage.get("outs", []) + stage.get("plots", []) + stage.get("metrics", []):
+            path = entry if isinstance(entry, str) else next(iter(entry))
+            if path.split("/")[0] in ("reports", "plots"):
+                found.add(path)
+    return found
+
+
+def test_the_parent_run_holds_the_declared_outputs_and_nothing_else():
+    from pipeline.tracking.runs import PARENT_ARTIFACTS
+
+    # report.md: its images are relative links MLflow does not show; the preview grids are train's run's
+    assert set(PARENT_ARTIFACTS) == declared_outputs() - {"reports/report.md", "plots/train_samples"}
+
+
+@pytest.mark.slow  # a fresh MLflow database and a whole log stage: 10-20 s
+def test_log_sends_headline_metrics_same_named_cells_and_no_stray_files(tmp_path, monkeypatch):
+    """The parent's Model metrics hold what measures the run (counts and seconds are tags), its artifacts only the
+    stages' outputs (not a study's report left in reports/), every cell's grid is grid.png (Compare shows two side
+    by side), the descriptions show the best cell's grid and train's last preview, the experiment has the runs
+    table's saved view."""
+    import mlflow
+    from PIL import Image
+    from test_tracking import finished_workspace
+
+    for var in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT",
+                "MLFLOW_TRACKING_URI", "DVC_EXP_NAME"):  # as found afterwards (the stage sets MLflow's retry defaults)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    root = finished_workspace(tmp_path / "ws")
+    (root / "reports/report.html").write_text("<html></html>")
+    (root / "reports/study-papers.md").write_text("# a study of another commit\n")
+    (root / "plots/stray.csv").write_text("x\n1\n")
+    (root / "metrics/fid_floor.json").write_text(json.dumps({"floor": {"fid": 1.3, "num_images": 4, "kid_mean": 0.0}}))
+    (root / "plots/train_samples").mkdir()
+    Image.new("L", (8, 8)).save(root / "plots/train_samples/step_0000006.png")
+    r = cli(root, "log", env={"MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db"})
+    assert r.exit_code == 0 and "MLflow run" in r.output, r.output
+    client = mlflow.MlflowClient(f"sqlite:///{root}/mlflow.db")
+    exp = client.get_experiment_by_name("ddpm")
+    assert tracking.same_view(exp.tags.get("mlflow.sharedViewState.ddpm-pipeline"), tracking.runs_view()[1])
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    parent = runs["workspace"]
+    # (best.fid and train.final_loss go to the logged model too, when there is one: not here, no checkpoint)
+    assert {"best.fid", "fid.ddpm.2", "floor.fid", "train.final_loss", "classifier.test_accuracy"} <= set(
+        parent.data.metrics)
+    assert not {"train.final_step", "train.parameters", "classifier.final_loss", "floor.num_images",
+                "floor.kid_mean"} & set(parent.data.metrics)
+    assert parent.data.tags["floor.num_images"] == "4" and parent.data.tags["train.parameters"] == "100"
+    logged = {f.path for folder in ("reports", "plots") for f in client.list_artifacts(parent.info.run_id, folder)}
+    assert logged == {"reports/report.html", "plots/train_loss.csv"}
+    cell = runs["sample/ddpm-2"]
+    assert [a.path for a in client.list_artifacts(cell.info.run_id)] == ["grid.png"]
+    assert set(cell.data.metrics) <= {"fid", "kid_mean", "kid_std", "precision", "recall", "isc_mean", "isc_std",
+                                      "class_accuracy"} | {k for k in cell.data.metrics if k.startswith("system/")}
+    assert cell.data.metrics["fid"] == 11.0 and cell.data.tags["num_samples"] == "4"
+    assert f"get-artifact?path=grid.png&run_uuid={cell.info.run_id}" in parent.data.tags["mlflow.note.content"]
+    train = runs["train"]
+    (image,) = [f.path for f in client.list_artifacts(train.info.run_id, "images") if f.path.endswith(".png")]
+    assert "preview at step 6" in train.data.tags["mlflow.note.content"]
+    assert urllib.parse.quote(image, safe="") in train.data.tags["mlflow.note.content"]

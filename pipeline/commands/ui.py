@@ -18,6 +18,7 @@ not in this workspace.
 """
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -98,7 +99,10 @@ def elsewhere(exp: dict | None) -> Path | None:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether nothing listens on host:port (SO_REUSEADDR, as the server binds: the closed connections of a server
+    stopped a moment ago do not count)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -112,18 +116,35 @@ def start(uri: str, host: str, port: int, log) -> subprocess.Popen:
                                "--port", str(port), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
     local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     deadline = time.monotonic() + START_SECONDS
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            log.seek(0)
-            tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
-            raise ExternalError(f"mlflow ui stopped (exit status {server.returncode}): {' / '.join(tail)}")
+    try:
+        while time.monotonic() < deadline:
+            if server.poll() is not None:
+                log.seek(0)
+                tail = log.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise ExternalError(f"mlflow ui stopped (exit status {server.returncode}): {' / '.join(tail)}")
+            try:
+                with urllib.request.urlopen(f"http://{local}:{port}/health", timeout=2):
+                    return server
+            except OSError:
+                time.sleep(0.5)
+        raise ExternalError(f"mlflow ui did not answer within {START_SECONDS} s")
+    except BaseException:  # not answering, or Ctrl-C while it starts: nothing is left running
+        stop(server)
+        raise
+
+
+def stop(server: subprocess.Popen) -> None:
+    """Stop the server (SIGTERM: mlflow ui stops its children too), killed after 30 s."""
+    if server.poll() is None:
+        server.terminate()
         try:
-            with urllib.request.urlopen(f"http://{local}:{port}/health", timeout=2):
-                return server
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise ExternalError(f"mlflow ui did not answer within {START_SECONDS} s")
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def main(port: int, host: str, tracking_uri: str | None, experiment: str) -> None:
@@ -138,6 +159,11 @@ def main(port: int, host: str, tracking_uri: str | None, experiment: str) -> Non
         raise InputError(f"{db} does not exist yet: the log stage makes it (make repro, dvc repro)")
     if not port_free(host, port):
         raise InputError(f"port {port} on {host} is in use (another MLflow UI?): choose one with --port")
+    # Ctrl-C (SIGINT) and SIGTERM stop the server: Python's SIGINT handler even where this process was started with
+    # SIGINT ignored (a child of a pytest-xdist worker), and the server's own children go with it (mlflow ui
+    # stops its uvicorn and job runners on SIGTERM)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryFile() as log:
         server = start(uri, host, port, log)
         try:
@@ -157,9 +183,4 @@ def main(port: int, host: str, tracking_uri: str | None, experiment: str) -> Non
         except KeyboardInterrupt:
             pass
         finally:
-            if server.poll() is None:
-                server.terminate()
-                try:
-                    server.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    server.kill()
+            stop(server)

@@ -62,6 +62,21 @@ def test_fids_of_other_rulers_are_not_the_best(tmp_path):
     assert lines[2].startswith("*") and "main" in lines[2] and "other" in lines[3] and "r2" in lines[3]
 
 
+def test_experiments_without_their_results_yet_are_named_not_shown(tmp_path):
+    """A running experiment's numbers are the workspace's as its stages write them (partial), a queued one has
+    none: both are named in a last line, and the workspace is no row while an experiment runs in it."""
+    show = shown(("done", "b", data(21.0, 0, 0.05)), ("busy", "c", data(1.0, 0, 0.07)), ("later", "d", data(2.0, 0, 0.1)),
+                 workspace=data(1.0, 0, 0.07))
+    executors = {"busy": {"state": "running", "name": "workspace"}, "later": {"state": "queued", "name": None}}
+    for exp in show[1]["experiments"]:
+        exp["executor"] = executors.get(exp["name"])
+    saved = tmp_path / "show.json"
+    saved.write_text(json.dumps(show))
+    lines = cli(tmp_path, "exp-show", "--exp-json", str(saved)).output.splitlines()
+    assert [line[3:].split()[0] for line in lines[1:3]] == ["done", "main"] and lines[1].startswith("*")
+    assert lines[3] == "(not shown: busy (running), later (queued); `dvc queue status`)" and len(lines) == 4
+
+
 def test_artifacts_recorded_elsewhere_are_noticed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert ui.elsewhere({"artifact_location": (tmp_path / "mlruns/ddpm").as_uri()}) is None

@@ -10,7 +10,8 @@ folds it), when it was made, the best FID and its cell, the real-data floor, bit
 weights' held-out denoising MSE, and the params that differ between the runs shown. A ``*`` marks
 the best FID. ``--cells`` adds the FID of every cell. FIDs measured with different rulers are not
 comparable: then a line says so and a column names each run's ruler, and the ``*`` goes to the best
-of the most common ruler.
+of the most common ruler. Experiments queued, running or failed are named in a last line, not shown
+(a running one's results are the workspace's as it writes them).
 """
 
 import json
@@ -24,6 +25,25 @@ from pipeline.experiments.compare import experiment_rows, rulers, runs
 from pipeline.stages._cli import one_line, stage_app
 
 NOT_COMPARED = {"data.root"}  # where this machine keeps the data: differs between machines, changes no result
+
+
+def settled(shown: list) -> tuple[list, list[tuple[str, str]]]:
+    """``dvc exp show --json`` without the experiments that are queued, running or failed (their results are
+    missing, or partial: a running experiment's are the workspace's as they are written), and without the workspace
+    while an experiment runs there; and those left out, (name, state)."""
+    out, left = [], []
+    for commit in shown:
+        experiments = []
+        for exp in commit.get("experiments") or []:
+            state = (exp.get("executor") or {}).get("state")
+            if state in (None, "success"):
+                experiments.append(exp)
+            else:
+                left.append((exp.get("name") or "?", state))
+        out.append({**commit, "experiments": experiments or None} if commit.get("experiments") else commit)
+    busy = any((exp.get("executor") or {}).get("name") == "workspace" and (exp.get("executor") or {}).get("state")
+               == "running" for commit in shown for exp in commit.get("experiments") or [])
+    return [c for c in out if not (busy and c.get("rev") == "workspace")], left
 
 
 def changed(rows: list[dict]) -> list[str]:
@@ -102,13 +122,14 @@ def main(exp_json: Path | None, commits: str = "head", cells: bool = False) -> N
         shown = json.loads(exp_json.read_text())
     else:
         shown = dvc_api.exp_show(commits)
-    rows = experiment_rows(shown, [])
-    waiting = len(runs(shown)) - len(rows)
+    done, left = settled(shown)
+    rows = experiment_rows(done, [])
     if not rows:
         print("No experiments with results (metrics/fid.json) yet: `make repro`, or `python -m pipeline exp-run -S "
               "key=value`.")
     else:
         print("\n".join(table(rows, cells)))
-    if waiting:
-        print(f"({waiting} more without results: queued, running, failed or not run; `dvc queue status`, `dvc exp "
-              "show`)")
+    if left:
+        print(f"(not shown: {', '.join(f'{name} ({state})' for name, state in left)}; `dvc queue status`)")
+    if (unfinished := len(runs(done)) - len(rows)) > 0:
+        print(f"({unfinished} more without results: `dvc exp show`)")

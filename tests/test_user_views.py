@@ -216,3 +216,32 @@ def test_log_sends_headline_metrics_same_named_cells_and_no_stray_files(tmp_path
     (image,) = [f.path for f in client.list_artifacts(train.info.run_id, "images") if f.path.endswith(".png")]
     assert "preview at step 6" in train.data.tags["mlflow.note.content"]
     assert urllib.parse.quote(image, safe="") in train.data.tags["mlflow.note.content"]
+
+
+def test_plots_that_misled_no_longer_do(monkeypatch):
+    """The study's panels share one FID axis; DVC's FID-vs-steps axis spans the steps run (not Vega's rounded
+    1-100), FID vs σ_rel is ordinal (one experiment: one value) and says so, bits/dim per timestep is on a log axis
+    (t = 0 flattened the rest)."""
+    from pathlib import Path
+
+    import yaml
+    from helpers import REPO
+
+    from pipeline.rendering import figures
+
+    drawn = []
+    monkeypatch.setattr(figures, "save", lambda fig, path: drawn.append(fig))
+    panels = [{"name": name, "n": 3, "lines": {"ddpm": [(10, f, 1.0), (20, f - 2, 1.0)]}}
+              for name, f in (("baseline", 30.0), ("cosine", 128.0))]
+    figures.plot_study(panels, Path("unused.png"))
+    a, b = drawn[0].axes
+    assert a.get_ylim() == b.get_ylim() and a.get_ylim()[0] < 30 and a.get_ylim()[1] > 128
+    templates = {p.stem: json.loads(p.read_text()) for p in (REPO / ".dvc/plots").glob("*.json")}
+    x = templates["fid_by_sampler"]["encoding"]["x"]["scale"]
+    assert x["type"] == "log" and x["nice"] is False
+    assert templates["fid_vs_sigma_rel"]["encoding"]["x"]["type"] == "ordinal"
+    assert "dvc plots diff" in templates["fid_vs_sigma_rel"]["title"]["subtitle"]
+    assert templates["nll_terms"]["encoding"]["y"]["scale"]["type"] == "log"
+    nll = next(p for p in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["nll"]["plots"]
+               if "plots/nll_terms.csv" in p)
+    assert nll["plots/nll_terms.csv"]["template"] == "nll_terms"

@@ -323,17 +323,17 @@ def run_description(run: dict, params: Params, exp_name: str, revision: str, mod
     """The parent run's description (``mlflow.note.content``, markdown): what ran, what came out (with the best
     cell's grid, from its run ``best_cell``), where to look."""
     version = (model or {}).get("version")
-    lines = [f"DVC experiment **{exp_name}** at git revision `{revision[:10]}`: {results(run)}.", "",
+    best = (run["fid"] or {}).get("best") or {}
+    # the best cell's grid first: the Overview shows a description's first lines, "Show more" the rest
+    lines = [] if best_cell is None else [
+        artifact_image(best_cell, "grid.png", f"samples of the best cell, {best.get('sampler')}-{best.get('steps')}"), ""]
+    lines += [f"DVC experiment **{exp_name}** at git revision `{revision[:10]}`: {results(run)}.", "",
              f"Data {params.data.name}; {params.schedule} schedule, {params.prediction}-prediction, "
              f"{params.train.steps} training steps; {params.sample.num_samples} samples per cell, "
              f"extractor {params.fid.extractor}.", ""]
     if version is not None:
         lines += [f"Model: `models:/{version.name}/{version.version}` (the child run *train*; "
                   f"`models:/{version.name}@{BEST}` is the best version scored like it).", ""]
-    best = (run["fid"] or {}).get("best") or {}
-    if best_cell is not None:
-        lines += [f"The best cell's samples ({best.get('sampler')}, {best.get('steps')} steps):", "",
-                  artifact_image(best_cell, "grid.png", "samples of the best cell"), ""]
     lines += ["Where to look: Artifacts → `reports/report.html` (the report); child run *train* → Overview (the last "
               "preview grid) and Model metrics (loss, lr, grad_norm, and the card *samples*: the preview grids, one "
               "per step on its slider); child runs *sample/&lt;sampler&gt;-&lt;steps&gt;* → Artifacts (`grid.png`, "
@@ -348,9 +348,9 @@ def train_description(client, run_id: str, run: dict) -> str | None:
     if not last:
         return None
     step = max(last)
-    return "\n".join([f"Preview of the EMA weights at step {step} of {(run['train'] or {}).get('final_step', step)} "
-                      "(a 4×4 grid, 50 ancestral steps):", "",
-                      artifact_image(run_id, last[step], f"preview at step {step}"), "",
+    return "\n".join([artifact_image(run_id, last[step], f"preview at step {step}"), "",
+                      f"Preview of the EMA weights at step {step} of {(run['train'] or {}).get('final_step', step)} "
+                      "(a 4×4 grid, 50 ancestral steps), above.", "",
                       "Every preview: Model metrics → card *samples* (it opens at step 0, the initial weights: move "
                       "its slider, or expand it with ⤢) or Artifacts → `images/`."])
 

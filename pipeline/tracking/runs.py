@@ -298,7 +298,8 @@ def fill_train(mlflow, client, run_id: str, params: Params, run: dict, fp: str, 
     for step, path in run["previews"]:
         if step not in logged:
             with Image.open(path) as im:
-                mlflow.log_image(im.copy(), key=IMAGE_KEY, step=step, timestamp=int(path.stat().st_mtime * 1000))
+                mlflow.log_image(im.copy(), key=IMAGE_KEY, step=step, timestamp=int(path.stat().st_mtime * 1000),
+                                 synchronous=True)  # fluent log_image is asynchronous by default: listed below
     if (note := train_description(client, run_id, run)) is not None:
         mlflow.set_tag("mlflow.note.content", note)
     data = (run["live"] or {}).get("dataset")

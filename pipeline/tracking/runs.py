@@ -108,6 +108,11 @@ def _numeric(d: dict | None, prefix: str = "") -> dict[str, float]:
             and not isinstance(v, bool)}
 
 
+def _text(value: float) -> str:
+    """A number as a tag: a whole number without its ``.0`` (a count), any other as Python writes it."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else str(value)
+
+
 def _log_history(client, run_id: str, metrics: list) -> None:
     """Metric histories (``Metric`` entities with their steps), in batches MLflow accepts."""
     for i in range(0, len(metrics), 1000):
@@ -163,7 +168,7 @@ def summary_metrics(run: dict) -> tuple[dict[str, float], dict[str, str]]:
     numbers.pop("best.steps", None)
     measures = {f"{block}.{name}" for block, names in PARENT_METRICS.items() for name in names}
     metrics = {k: v for k, v in numbers.items() if k in measures or k == "best.fid" or k.startswith("fid.")}
-    return metrics, {k: f"{v:g}" for k, v in numbers.items() if k not in metrics}
+    return metrics, {k: _text(v) for k, v in numbers.items() if k not in metrics}
 
 
 def evaluation_dataset(run: dict, params: Params) -> dict | None:
@@ -238,8 +243,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                                    **{k: v for k, v in flat.items() if k.startswith("sample.")}})
                 scores = _numeric(cell["metrics"])
                 mlflow.log_metrics({k: v for k, v in scores.items() if k in CELL_METRICS})
-                mlflow.set_tags({**{k: f"{v:g}" for k, v in scores.items() if k not in CELL_METRICS and k != "steps"},
-                                 **{f"sampling.{k}": f"{v:g}" for k, v in _numeric(cell["info"]).items()
+                mlflow.set_tags({**{k: _text(v) for k, v in scores.items() if k not in CELL_METRICS and k != "steps"},
+                                 **{f"sampling.{k}": _text(v) for k, v in _numeric(cell["info"]).items()
                                     if k in ("seconds", "images_per_second")}})
                 _log_history(client, child.info.run_id, system_metrics.mlflow_metrics(cell["system"]))
                 for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0: one name in every cell,

@@ -1,7 +1,8 @@
 # make repro              set up (apt + .venv) and run the pipeline: with a CUDA GPU the full
 #                         experiment (params.yaml), without one the CPU preset (it says so)
 # make repro PRESET=full  the full experiment, `dvc repro` on params.yaml (hours on a CPU)
-# make repro PRESET=cpu   the CPU preset (minutes on 2 cores) as a DVC experiment
+# make repro PRESET=cpu   the CPU preset (minutes on 2 cores) as a DVC experiment (python -m pipeline exp-run)
+# make ui                 the MLflow UI on this workspace's runs (python -m pipeline ui): prints their address
 # make test               set up and run the whole test suite (what CI runs), on TEST_WORKERS
 #                         pytest-xdist workers, with the 25 slowest tests at the end
 # make test-fast          the math, library and CLI tests (not marked slow): the loop while editing
@@ -24,8 +25,10 @@ CPU_PRESET := -S prediction=v -S model.ch=16 -S model.num_res_blocks=1 -S 'model
 # auto: full with CUDA, cpu without
 PRESET ?= auto
 DVC ?= dvc
+# dvc exp run, its params checked first and DVC's warning for every output of a fresh clone one line
+EXP_RUN ?= python -m pipeline exp-run
 
-.PHONY: setup repro test test-deps test-fast gpu-check docs clean-venv
+.PHONY: setup repro ui test test-deps test-fast gpu-check docs clean-venv
 
 setup: $(STAMP)
 
@@ -52,9 +55,17 @@ repro: setup
 	fi; \
 	case "$$preset" in \
 		full) echo "+ $(DVC) repro"; $(DVC) repro ;; \
-		cpu) echo "+ $(DVC) exp run $(CPU_PRESET)"; $(DVC) exp run $(CPU_PRESET) ;; \
+		cpu) echo "+ $(EXP_RUN) $(CPU_PRESET)"; $(EXP_RUN) $(CPU_PRESET) ;; \
 		*) echo "make repro: unknown PRESET=$$preset; choose full, cpu or auto" >&2; exit 2 ;; \
-	esac
+	esac || exit $$?; \
+	echo; \
+	echo "make repro: done. Where the results are:"; \
+	echo "  reports/report.html           the report: open it in a browser (reports/report.md beside it)"; \
+	echo "  python -m pipeline exp-show   the experiments in one screen: best FID, key metrics, changed params"; \
+	echo "  make ui                       the MLflow UI (= python -m pipeline ui): prints the address of the training runs"
+
+ui: setup
+	python -m pipeline ui
 
 GPU_CHECK_ARGS ?=
 gpu-check:

@@ -17,7 +17,7 @@ import typer
 from ddpm.config.fast_path import COMPILE_MODES, MEMORY_FORMATS, PRECISIONS
 from pipeline.stages._cli import DEBUG, DEVICE, FORCED, keep_freed_memory, one_line
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Benchmarks of the DDPM pipeline (not DVC stages).")
 
 

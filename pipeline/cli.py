@@ -23,13 +23,15 @@ STAGES = {name: (f"pipeline.stages.{name.replace('-', '_')}", "app") for name in
     "check", "prepare", "classifier", "train", "ema", "sample", "fid-ref", "fid-floor", "fid", "nll", "denoise",
     "report", "log")}
 COMMANDS = {**STAGES,
+            "exp-show": ("pipeline.experiments.exp_show", "app"),
             "compare": ("pipeline.experiments.compare", "app"),
             "exp-run": ("pipeline.experiments.exp_run", "app"),
             "study": ("pipeline.experiments.study_commands", "app"),
             "deps": ("pipeline.experiments.deps", "app"),
             "sync": ("pipeline.commands.sync", "app"),
             "export": ("pipeline.commands.export", "app"),
-            "ruler": ("pipeline.commands.ruler", "app")}
+            "ruler": ("pipeline.commands.ruler", "app"),
+            "ui": ("pipeline.commands.ui", "app")}
 
 
 def short_help(module: str) -> str:
@@ -115,8 +117,9 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
+# rich_markup_mode=None: plain help, as every command's (pipeline.stages._cli.stage_app says why)
 app = typer.Typer(cls=Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="The DDPM experiment pipeline: one command per DVC stage (dvc.yaml), and the commands "
+                  rich_markup_mode=None, help="The DDPM experiment pipeline: one command per DVC stage (dvc.yaml), and the commands "
                        "around them.")
 
 

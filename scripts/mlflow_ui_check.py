@@ -97,13 +97,15 @@ def main() -> int:
                              f"{args.experiment!r}")
         eid = exp["experiment_id"]
 
-        dom = browse(chromium, f"{base}/#/experiments/{eid}/runs", args.out / "experiment.png")
+        dom = browse(chromium, f"{base}/#/experiments/{eid}/runs?workflowType=machine_learning"
+                               "&viewStateShareKey=ddpm-pipeline", args.out / "experiment.png")
         for r in parents:
             check(r["info"]["run_name"] in dom, f"experiment page lists run {r['info']['run_name']!r}")
 
         for i, parent in enumerate(parents):
             rid, name = parent["info"]["run_id"], parent["info"]["run_name"]
-            dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{rid}", args.out / f"run-{i}.png")
+            dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{rid}?workflowType=machine_learning",
+                         args.out / f"run-{i}.png")
             params = [p["key"] for p in parent["data"].get("params", [])]
             metrics = [m["key"] for m in parent["data"].get("metrics", [])]
             check("schedule" in params and "schedule" in dom, f"run {name!r}: param 'schedule' shown")
@@ -115,7 +117,8 @@ def main() -> int:
             check(bool(system), f"run {name!r}: the train child run holds system metrics ({len(system)} series)")
             if system:
                 tid = train["info"]["run_id"]
-                dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{tid}/system-metrics",
+                dom = browse(chromium, f"{base}/#/experiments/{eid}/runs/{tid}/system-metrics"
+                                       "?workflowType=machine_learning",
                              args.out / f"system-metrics-{i}.png", budget_ms=60000)  # time for the charts to draw
                 check("cpu_utilization_percentage" in dom, f"run {name!r}: the train run's System metrics tab shows "
                                                            "cpu_utilization_percentage")
@@ -124,11 +127,11 @@ def main() -> int:
             if cell is None:
                 continue
             cid, cname = cell["info"]["run_id"], cell["info"]["run_name"].split("/", 1)[1]
-            url = f"{base}/#/experiments/{eid}/runs/{cid}/artifacts/grid_{cname}.png"
+            url = f"{base}/#/experiments/{eid}/runs/{cid}/artifacts/grid.png?workflowType=machine_learning"
             dom = browse(chromium, url, args.out / f"grid-{i}.png")
-            check(f"grid_{cname}.png" in dom and "<img" in dom, f"run {name!r}: sample grid image of {cname} shown")
+            check("grid.png" in dom and "<img" in dom, f"run {name!r}: sample grid image of {cname} shown")
             for kind in ("strip", "grid"):
-                path = f"{kind}_{cname}.png"
+                path = f"{kind}.png"
                 with urllib.request.urlopen(f"{base}/get-artifact?path={path}&run_uuid={cid}", timeout=30) as r:
                     check(r.read(8) == b"\x89PNG\r\n\x1a\n", f"run {name!r}: {path} served as a PNG")
     finally:

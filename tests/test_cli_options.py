@@ -68,3 +68,31 @@ def test_a_project_error_from_inside_a_stage_is_one_line(tmp_path, monkeypatch):
     result = cli(tmp_path, "prepare")
     assert result.exit_code == 1 and errors(result) == ["error: data.root: not a folder"]
     assert isinstance(result.exception, SystemExit)
+
+
+def commands():
+    """(words, click command) of every command and subcommand of ``python -m pipeline``."""
+    from pipeline.cli import COMMANDS, LazyCommand
+
+    def walk(command, words):
+        yield words, command
+        for name, sub in (getattr(command, "commands", None) or {}).items():
+            yield from walk(sub, [*words, name])
+
+    for name, (module, attribute) in COMMANDS.items():
+        yield from walk(LazyCommand(name, module, attribute).real(), [name])
+
+
+def test_every_option_says_what_it_is_and_no_flag_shows_a_type(tmp_path, figure):
+    """Every option and argument of every command has help, and `--help` prints a flag bare (`--dry`, not
+    `--dry <bool>`: Typer's rich help did, stage_app turns it off), the umbrella's too."""
+    seen = 0
+    for words, command in commands():
+        for param in command.params:
+            assert (getattr(param, "help", None) or "").strip(), (words, param.opts)
+            seen += 1
+        text = cli(tmp_path, *words, "--help").output
+        assert "<bool>" not in text and "--help  " in text, (words, text)
+    top = cli(tmp_path, "--help").output
+    assert "<bool>" not in top and "--debug " in top and "--version " in top
+    figure(f"options with help: {seen}")

@@ -347,13 +347,14 @@ def test_report_from_recorded_metrics(tmp_path, idx_dir):
     assert csv[1] == "ddpm,2,31.5,0.0315,0.5,0.25,3.0,ddpm" and csv[4].startswith("ddim,3,9.75,")
     md = (r / "report.md").read_text()
     # DDIM Table 1 layout: rows = samplers, columns = steps
-    assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md and "| ddim | 12.00 | 9.75 |" in md
+    assert "| sampler | 2 steps | 3 steps |" in md and "| ddpm | 31.50 | 20.25 |" in md
+    assert "| ddim | 12.00 | **9.75** |" in md  # the best cell, marked
     assert "**Real-data floor**: FID 0.79, precision 0.700, recall 0.890 (400 real" in md
     assert "0.9123" in md and "](../samples/ddim-3/strip.png)" in md and "](train_loss.png)" in md
     html = (r / "report.html").read_text()
     assert "<tr><th>Real-data floor</th><td>FID 0.79" in html
     assert "<tr><th>sampler</th><th>2 steps</th><th>3 steps</th></tr>" in html
-    assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n">9.75</td></tr>' in html
+    assert '<tr><th>ddim</th><td class="n">12.00</td><td class="n best">9.75</td></tr>' in html
     assert html.count("data:image/png;base64,") == 3 + 2 + 1  # figures, two grids, one strip
     # an unconditional model: precision vs recall per cell, no class accuracy, no guidance table
     assert (tmp_path / "plots" / "sweep.csv").read_text().splitlines()[1] == "ddpm-2,ddpm,2,none,0.0,31.5,,0.5,0.25"

@@ -98,3 +98,29 @@ def test_exp_run_passes_valid_arguments_to_dvc(repo):
     assert "Ran experiment(s): sample.seed=5" in r.stdout
     assert set(re.findall(r"Running stage '([^']+)'", r.stdout)) == {"check", "sample@ddpm-3", "sample@ddim-3"}
     assert yaml.safe_load((root / "params.yaml").read_text())["sample"]["seed"] == 5
+
+
+def test_dvc_warnings_for_outputs_without_results_are_one_line(tmp_path):
+    """`dvc exp run` in a workspace without dvc.lock (a fresh clone: `make repro`) first checks out every output
+    and warns for each that it has no hash of (about 80 lines for the pipeline); through exp-run's DVC
+    (``dvc_api.run_cli``) one note says what they mean. Here a stage with five outputs."""
+    from helpers import REPO
+
+    env = {**queue_env(), "PYTHONPATH": str(REPO)}
+    sh(["git", "init", "-q"], tmp_path, env)
+    sh(["dvc", "init", "-q"], tmp_path, env)
+    outs = [f"out{i}.txt" for i in range(5)]
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"make": {
+        "cmd": "python -c \"import pathlib; [pathlib.Path(f'out{i}.txt').write_text(str(i)) for i in range(5)]\"",
+        "outs": outs}}}))
+    sh(["git", "add", "-A"], tmp_path, env)
+    sh(["git", "commit", "-qm", "five outputs"], tmp_path, env)
+    plain = run(tmp_path, env, "dvc", "exp", "run", "-n", "plain")
+    assert plain.returncode == 0 and (plain.stdout + plain.stderr).count("No file hash info found for") == 5, plain.stderr
+    sh(["git", "checkout", "-q", "--", "."], tmp_path, env)
+    for f in outs + ["dvc.lock"]:
+        (tmp_path / f).unlink(missing_ok=True)
+    folded = run(tmp_path, env, sys.executable, "-m", "pipeline.experiments.dvc_api", "exp", "run", "-n", "folded")
+    text = folded.stdout + folded.stderr
+    assert folded.returncode == 0 and "Ran experiment(s): folded" in text, text
+    assert "No file hash info found for" not in text and text.count("note: this workspace has no recorded results") == 1

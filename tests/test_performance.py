@@ -22,6 +22,27 @@ def test_estimate_is_said_once_after_the_first_steps():
     assert lines[0] == "train: 0.5 steps/s; estimated total 3.8 min for 100 steps, 3.2 min to go"
 
 
+def test_estimate_is_measured_again_when_the_rate_changes():
+    """A fake clock: 2 s per step, then, from step 30 on, 4 s per step (a machine that got busier). The first
+    estimate holds while the rate does; the checks every 10 steps say a new one once the slower rate moves it by
+    more than 10%, with the rate of the latest stretch, and nothing more while that holds."""
+    now = [0.0]
+    lines = []
+    eta = Estimate(100, "train", lines.append, clock=lambda: now[0])
+    for step in range(1, 100):
+        now[0] += 2 if step <= 30 else 4
+        eta(1)
+        if step == 29:
+            assert len(lines) == 1  # steady: said once
+    assert len(lines) >= 2 and all("estimated total" in line for line in lines)  # the study's follower reads these
+    # said first at step 4 (8 s, 96 steps left at 2 s: 200 s); checked at steps 14, 24, 34, …: at 34, 6 steps at
+    # 2 s and 4 at 4 s since step 24 (2.8 s a step), 76 s elapsed, 66 steps left: 261 s
+    assert lines[1] == "train: now 0.357 steps/s; estimated total 4.3 min for 100 steps (said 3.3 min), 3.1 min to go"
+    # at 44 the rate is 4 s a step (116 s + 56 × 4 s = 340 s), said once more; from then on it holds
+    assert lines[2] == "train: now 0.25 steps/s; estimated total 5.7 min for 100 steps (said 4.3 min), 3.7 min to go"
+    assert len(lines) == 3
+
+
 def test_no_estimate_when_the_run_ends_first():
     lines = []
     eta = Estimate(3, "train", lines.append, clock=lambda: 0.0)
@@ -30,22 +51,28 @@ def test_no_estimate_when_the_run_ends_first():
     assert lines == []
 
 
-def make_repro(tmp_path, *args):
-    """`make repro` in a copy of the Makefile, with this environment as the venv and a stand-in
-    for dvc that prints what it was asked to run."""
-    import shutil
+def subprocess_make(tmp_path, *args):
+    """`make -s repro ARGS` in ``tmp_path`` (a copy of the Makefile: ``make_repro``), this environment as the venv."""
     import subprocess
     import sys
     from pathlib import Path
+
+    venv = Path(sys.prefix)
+    return subprocess.run(["make", "-s", "repro", f"VENV={venv}", f"STAMP={tmp_path / 'stamp'}", *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+
+def make_repro(tmp_path, *args):
+    """`make repro` in a copy of the Makefile, with this environment as the venv and a stand-in
+    for dvc (and exp-run) that prints what it was asked to run."""
+    import shutil
 
     from helpers import REPO
 
     for name in ("Makefile", "requirements.txt", "pyproject.toml"):
         shutil.copy2(REPO / name, tmp_path / name)
     (tmp_path / "stamp").touch()  # newer than requirements.txt and pyproject.toml: nothing to install
-    venv = Path(sys.prefix)
-    r = subprocess.run(["make", "-s", "repro", f"VENV={venv}", f"STAMP={tmp_path / 'stamp'}", "DVC=echo DVC-RAN", *args],
-                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    r = subprocess_make(tmp_path, "DVC=echo DVC-RAN", "EXP_RUN=echo DVC-RAN exp run", *args)
     ran = [line.removeprefix("DVC-RAN ") for line in r.stdout.splitlines() if line.startswith("DVC-RAN")]
     return r, ran
 
@@ -65,7 +92,24 @@ def test_make_repro_without_a_gpu_says_so_and_runs_the_cpu_preset(tmp_path):
     r, ran = make_repro(tmp_path, "PRESET=cpu")
     assert r.returncode == 0 and len(ran) == 1 and ran[0].startswith("exp run -S ")
     r, ran = make_repro(tmp_path, "PRESET=gpu")
-    assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr
+    assert r.returncode == 2 and ran == [] and "full, cpu or auto" in r.stderr and "done" not in r.stdout
+
+
+def test_make_repro_ends_by_saying_where_the_results_are(tmp_path):
+    """Its last lines name the report and the commands of the experiments view and the MLflow UI, which exist."""
+    from pipeline.cli import COMMANDS
+
+    for preset in ("PRESET=cpu", "PRESET=full"):
+        r, ran = make_repro(tmp_path, preset)
+        last = r.stdout.strip().splitlines()[-4:]
+        assert r.returncode == 0 and last[0] == "make repro: done. Where the results are:", r.stdout
+        assert "reports/report.html" in last[1] and "python -m pipeline exp-show" in last[2]
+        assert "make ui" in last[3] and "python -m pipeline ui" in last[3]
+    assert {"exp-show", "ui"} <= set(COMMANDS)
+    make = (tmp_path / "Makefile").read_text()
+    assert "\nui: setup\n\tpython -m pipeline ui\n" in make
+    failed = subprocess_make(tmp_path, "PRESET=cpu", "EXP_RUN=false")
+    assert failed.returncode != 0 and "done" not in failed.stdout  # no pointer to results a failed run did not make
 
 
 @pytest.mark.slow

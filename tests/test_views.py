@@ -171,6 +171,28 @@ def test_the_report_header_says_what_ran_and_what_came_out(run):
     assert '<table class="summary">' in html and "<th>Bits/dim</th>" in html
 
 
+def test_the_report_opens_with_the_verdict_and_marks_the_best_cell(run):
+    """Issue 34: the verdict beside the best cell (its FID against the floor, the next cell), the best cell marked in
+    the tables and among the grids, the grids at twice their pixels, the precision-recall figure named for what it
+    shows (no guidance here)."""
+    from pipeline.rendering.documents import png_width
+
+    md, html = (run / "reports/report.md").read_text(), (run / "reports/report.html").read_text()
+    fid = json.loads((run / "metrics/fid.json").read_text())["best"]
+    floor = json.loads((run / "metrics/fid_floor.json").read_text())["floor"]
+    best = f"{fid['sampler']}-{fid['steps']}"
+    opening = md.split("\n\n")[1]
+    assert opening.startswith(f"**Best: {best}.** FID {fid['fid']:.2f} = {fid['fid'] / floor['fid']:.1f}× the "
+                              f"real-data floor {floor['fid']:.2f}"), opening
+    assert "Next best: " in opening and "One training seed" in opening
+    assert f"| {fid['sampler']} | **{fid['fid']:.2f}** |" in md and f"### {best} (best)" in md
+    assert html.count('class="n best"') == md.count(" by sampler and steps (") == 5  # FID, KID, P, R, IS
+    assert f'<div class="cell best"><h3>{best} (best)</h3>' in html and '<p class="verdict">' in html
+    grid = png_width(run / f"samples/{best}/grid.png")
+    assert f'width="{2 * grid}"' in html
+    assert (run / "reports/precision_recall.png").is_file() and not (run / "reports/guidance_sweep.png").exists()
+
+
 def test_the_learning_rate_of_each_step_from_step_1():
     cfg = TrainConfig(steps=10, lr=1.0e-3, warmup_steps=4, compile="none")
     state = init_state(torch.nn.Linear(2, 2), cfg, 0, torch.device("cpu"))

@@ -26,7 +26,7 @@ from ddpm.errors import InputError
 from ddpm.model import ModelSpec, load_model
 from ddpm.unet import UNet
 from pipeline.outputs import check_writable
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 
 TOLERANCE = 1e-4  # max |ours - theirs| / (1 + max |ours|) accepted by the check
 
@@ -88,7 +88,7 @@ def main(checkpoint: Path, out: Path, weights: str = "ema") -> None:
           f"diffusers.DDPMPipeline.from_pretrained({str(out)!r}) or DDIMPipeline")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command()

@@ -24,7 +24,7 @@ from ddpm.files import file_sha256
 from ddpm.ruler import PINNED, PINNED_FILES, identity, weights_file
 from pipeline.outputs import check_writable, read_json, write_atomic, write_json
 from pipeline.params import base, fid
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 
 CLASSIFIER, REFERENCE = Path("models/classifier.pt"), Path("data/reference")
 
@@ -64,9 +64,9 @@ def pin(params: Path, classifier: Path, reference: Path, out: Path | None) -> Pa
     return folder
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, invoke_without_command=True,
-                  help="The ruler FIDs are measured with (extractor, weights, reference statistics): shown, or pinned "
-                       "for a long project. Not a DVC stage.")
+app = stage_app(invoke_without_command=True,
+                help="The ruler FIDs are measured with (extractor, weights, reference statistics): shown, or pinned "
+                     "for a long project. Not a DVC stage.")
 PARAMS = typer.Option(Path("params.yaml"), "--params", help="params file to read (fid.extractor, fid.weights_path)")
 
 

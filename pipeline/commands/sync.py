@@ -6,11 +6,11 @@ import json
 import typer
 
 from pipeline.errors import ExternalError, OutputError
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 from pipeline.tracking import client as tracking
 from pipeline.tracking.outbox import _remove_leftovers, entries, flush, outbox
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command()

@@ -42,13 +42,15 @@ from ddpm.errors import InputError
 from pipeline.outputs import write_atomic
 from pipeline.params.base import flatten
 from pipeline.experiments import dvc_api
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 
 PARAMS_FILE = "params.yaml"
 # (file, keys): the first key an experiment has; the second is where experiments recorded before the
 # metrics were named by block (nll.bits_per_dim, classifier.test_accuracy) hold it
 BPD = ("metrics/nll.json", ("nll.bits_per_dim", "bits_per_dim"))
 ACCURACY = ("metrics/classifier.json", ("classifier.test_accuracy", "test_accuracy"))
+FLOOR = ("metrics/fid_floor.json", ("floor.fid",))
+DENOISE = ("metrics/denoise.json", ("denoise.ema_mse",))
 
 
 def _revisions(node, parent_name=None):
@@ -136,7 +138,8 @@ def experiment_rows(exp_show: list, keys: list[str]) -> list[dict]:
                      **{k: _get(params, k) for k in keys},
                      "best_fid": best["fid"], "best_cell": f"{best.get('sampler')}-{best.get('steps')}",
                      "bits_per_dim": _first(data, BPD), "ruler": _metric(data, "metrics/fid.json", "ruler"),
-                     "classifier_accuracy": _first(data, ACCURACY),
+                     "classifier_accuracy": _first(data, ACCURACY), "floor_fid": _first(data, FLOOR),
+                     "denoise_ema_mse": _first(data, DENOISE), "created": data.get("timestamp"),
                      "params": flatten(params), "cells": _cells(data)})
     return rows
 
@@ -261,7 +264,7 @@ def render(rows: list[dict], row_key: str, col_key: str, extra: list[str]) -> st
     return "\n".join(lines) + "\n" + render_seeds(rows)
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command()

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import typer
 
+from pipeline.stages._cli import stage_app
+
 PACKAGES = ("ddpm", "pipeline")
 SOURCE_SUFFIXES = (".py", ".j2")  # code: modules and the rendering templates
 TEMPLATES_DIR = "pipeline/rendering/templates"
@@ -275,7 +277,7 @@ def main(check: bool = False, fix: bool = False, root: Path = Path(".")) -> None
     print(table(costs, total), end="")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command()

@@ -16,12 +16,19 @@ dependencies under the packages) is another set of files, or when one of its sou
 (those no stage writes) hashes otherwise now; and a stage that did not exist then runs. Stages that
 always run (``always_changed``) never count. What the stages before it wrote is left to them: an
 output is stale only when the stage that writes it runs again.
+
+**DVC's command line** (``run_cli``, ``python -m pipeline.experiments.dvc_api ARGS`` = ``dvc ARGS``): as
+DVC's, but for the warning its checkout gives for each output that ``dvc.lock`` has no hash for, which
+``dvc exp run`` in a workspace without results (a fresh clone) gives for every output of the pipeline
+before any stage runs (about 80 lines of ``No file hash info found for '…'. It won't be created.``):
+one line says what they mean instead.
 """
 
 import json
 import logging
 import os
 import subprocess
+import sys
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -223,3 +230,42 @@ def stale_stages(rev: str, now: dict[str, str], defined: dict | None = None) -> 
                 or code_then != _code(spec) or any(p in now and now[p] != h for p, h in deps.items()):
             stale.append(name)
     return stale
+
+
+# ----------------------------------------------------------------------------- DVC's command line
+NO_HASH = "No file hash info found"  # dvc_data's checkout, for an output dvc.lock records no hash of
+CHECKOUT_LOGGERS = ("dvc_data.index.checkout", "dvc_data.hashfile.checkout")
+NO_HASH_NOTE = ("note: this workspace has no recorded results of some outputs yet (a fresh clone, or new stages), "
+                "so DVC's checkout before the run warns 'No file hash info found … It won't be created' for each of "
+                "them; those warnings are not shown: nothing is wrong, the stages make the outputs")
+
+
+class NoHashOnce(logging.Filter):
+    """Drops DVC's no-hash warnings, saying NO_HASH_NOTE once (to ``say``) in their place."""
+
+    def __init__(self, say):
+        super().__init__()
+        self.say, self.dropped = say, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if NO_HASH not in record.getMessage():
+            return True
+        if not self.dropped:
+            self.say(NO_HASH_NOTE)
+        self.dropped += 1
+        return False
+
+
+def run_cli(args: list[str]) -> int:
+    """``dvc ARGS`` in this process (DVC's own ``main``), its no-hash warnings folded into one line
+    (``NoHashOnce``); DVC's exit status."""
+    from dvc.cli import main
+
+    quiet = NoHashOnce(lambda line: print(line, file=sys.stderr, flush=True))
+    for name in CHECKOUT_LOGGERS:
+        logging.getLogger(name).addFilter(quiet)
+    return main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(sys.argv[1:]))

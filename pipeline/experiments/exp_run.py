@@ -16,7 +16,9 @@ check out, and deletes nothing of the kind.
 This command applies the ``-S`` overrides as DVC does (DVC's own argument parser and its
 ``apply_overrides``, on a copy of params.yaml; each combination of a ``--queue`` sweep), runs the
 `check` stage's checks on the result (``pipeline.stages.check.verify``: params, data files, writable
-outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status.
+outputs), and only then runs ``dvc exp run`` with the same arguments, returning its exit status
+(DVC's CLI through ``dvc_api.run_cli``: in a workspace without results yet, DVC's ~80 warnings
+"No file hash info found … It won't be created", one per output, are one line).
 A refused value is one ``error:`` line, and nothing in the workspace has changed. A SIGTERM
 is passed on to ``dvc exp run`` (which then has ``STOP_GRACE`` seconds to stop).
 
@@ -47,7 +49,7 @@ from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.params.base import ParamsError
 from pipeline.params.schema import parse_params
-from pipeline.stages._cli import STOP_GRACE, Terminated, one_line
+from pipeline.stages._cli import STOP_GRACE, Terminated, one_line, stage_app
 from pipeline.stages.check import verify
 
 PARAMS = "params.yaml"  # DVC's default params file, the pipeline's
@@ -99,7 +101,7 @@ def experiment_name(args: list[str], runs: list[list[str]] | None, taken: set[st
     return unique
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+app = stage_app()
 
 
 @app.command("exp-run", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -123,8 +125,8 @@ def main(args: list[str], dvc_yaml: Path = Path("dvc.yaml")) -> int:
             args = ["-n", name, *args]
         print(f"exp-run: {len(runs)} set{'s' if len(runs) > 1 else ''} of params passed the check stage's checks; "
               f"running dvc exp run {' '.join(args)}", flush=True)
-    try:
-        dvc = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", *args])
+    try:  # DVC's CLI, its warnings for outputs without results yet (a fresh clone) folded into one line
+        dvc = subprocess.Popen([sys.executable, "-m", "pipeline.experiments.dvc_api", "exp", "run", *args])
     except OSError as e:
         raise ExternalError(f"cannot run dvc: {e}") from None
     try:

@@ -10,7 +10,7 @@ import typer
 
 from pipeline.experiments.study import StudyError, baselines, check, load, match, plan, row
 from pipeline.outputs import check_writable
-from pipeline.stages._cli import one_line
+from pipeline.stages._cli import one_line, stage_app
 
 
 EXECUTORS = ("local", "slurm")  # DVC's local queue, or one SLURM job per run (pipeline.experiments.slurm)
@@ -86,9 +86,9 @@ def report_main(study_path: Path, out_dir: Path, readme: Path | None, tracking_u
     study_mlflow.log(doc, paths, tracking_uri, experiment)
 
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="A study: experiments × seeds as DVC experiments, and claims about them judged over the seeds "
-                       "(see pipeline/experiments/study.py). Not a DVC stage.")
+app = stage_app(no_args_is_help=True,
+                help="A study: experiments × seeds as DVC experiments, and claims about them judged over the seeds "
+                     "(see pipeline/experiments/study.py). Not a DVC stage.")
 STUDY_FILE = typer.Argument(..., help="the study file, e.g. studies/papers.yaml")
 TRACKING_URI = typer.Option(None, envvar="MLFLOW_TRACKING_URI", help="default: sqlite:///<repo root>/mlflow.db")
 MLFLOW_EXPERIMENT = typer.Option("ddpm", envvar="MLFLOW_EXPERIMENT_NAME", help="MLflow experiment name")

@@ -87,10 +87,12 @@ def plot_loss(losses: list[tuple[int, float]], figure: Path) -> None:
 
 
 def plot_study(panels: list[dict], figure: Path) -> None:
-    """One panel per experiment (``{"name", "n", "lines": {sampler: [(steps, mean, std), ...]}}``, each its
-    own FID scale): FID against sampling steps, a line per sampler, error bars ± std."""
+    """One panel per experiment (``{"name", "n", "lines": {sampler: [(steps, mean, std), ...]}}``, all on one
+    FID scale, so that a panel of FIDs near 130 does not look like one near 20): FID against sampling steps, a
+    line per sampler, error bars ± std."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.8), dpi=120, squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 0.6, 3.8), dpi=120, squeeze=False,
+                             sharey=True)
     for ax, panel in zip(axes[0], panels):
         for sampler, points in panel["lines"].items():
             points = sorted(points)

@@ -47,8 +47,13 @@ DEVICE = typer.Option("auto", "--device", parser=device_name, metavar="[auto|cpu
                       help="auto (CUDA when present), cpu, cuda or cuda:N")
 
 
-def stage_app() -> typer.Typer:
-    return typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+def stage_app(**settings) -> typer.Typer:
+    """The Typer app of a command (every stage's, and the commands around them: ``settings`` adds to it).
+    Help and usage errors are click's plain text (``rich_markup_mode=None``): Typer 0.29's rich help
+    prints a ``<bool>`` metavar after every flag (``--dry <bool>``, ``--help <bool>``: its rich
+    formatter asks each option for its type, flags included, where the plain one skips flags), and
+    plain text also reads the same in a pipe or a CI log as in a terminal (no boxes cut at 80 columns)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, **settings)
 
 
 def keep_freed_memory() -> bool:

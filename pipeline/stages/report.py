@@ -9,11 +9,13 @@ cells' own files (``metrics/cells/``, not DVC metrics) and goes to the plots: FI
 metric of every cell, the guidance sweep.
 
 The report, in markdown and HTML: a header saying what was run (the DVC experiment, the git
-revision, the date, the key params) and what came out (best FID and the real-data floor,
+revision, the date, the key params) and what came out (the best cell and, beside it, a verdict:
+its FID against the real-data floor and the margin to the next cell; the floor itself,
 bits/dim from `nll`, the denoising MSE from `denoise`, the extractor's test accuracy, which
 weights the cells sampled), the FID table (rows = sampler, columns = steps, as in the DDIM
 paper's Table 1), KID / precision / recall / Inception Score tables with their units, the
-figures, and per cell the sample grid and the denoising strip. Samplers whose samples are the
+figures, and per cell the sample grid and the denoising strip, the best cell marked in the
+tables and among the grids (shown at twice their size). Samplers whose samples are the
 same images up to rounding at every step count (no pixel more than one grey level apart:
 DDIM with η = 0 and Euler, one ODE step rule written twice) are one line of the FID figure,
 labelled ``ddim ≈ euler``, and so in the CSV's ``line`` column, which the DVC template colours
@@ -30,7 +32,7 @@ from sample.guidance) with FID, class accuracy, precision and recall, as a table
 for `dvc plots` (precision vs recall, one point per w) and a PNG (FID vs class accuracy
 and precision vs recall: the trade-off curves of Ho & Salimans 2022, fig. 4). Its sample
 grids show one row per class. Without guidance the precision-vs-recall figure has one
-point per cell and no w labels.
+point per cell and no w labels; either way it is ``reports/precision_recall.png``.
 
 The markdown links images relative to itself; the HTML embeds them (base64), so it
 opens anywhere as one file (also in MLflow's artifact viewer, which shows no markdown images).
@@ -90,6 +92,11 @@ def table(cells: dict, samplers: list[str], steps: list[int], key: str, fmt: str
     return [[s] + [fmt.format(cells[s, k][key]) if key in cells[s, k] else "–" for k in steps] for s in samplers]
 
 
+def best_position(samplers: list[str], steps: list[int], best: tuple) -> tuple[int, int]:
+    """(row, column) of the best cell in a table of ``table`` (column 0 is the sampler): the report marks it."""
+    return samplers.index(best[0]), 1 + steps.index(best[1])
+
+
 def same_lines(samples_dir: Path, samplers: list[str], steps: list[int]) -> tuple[dict[str, str], dict[str, float]]:
     """({sampler: the label of its line}, {label: the largest share of pixels that differ at a step count}):
     samplers whose samples (``<samples_dir>/<sampler>-<steps>/samples.pt``) are the same images up to
@@ -146,7 +153,8 @@ def summary(doc: dict) -> list[tuple[str, str]]:
     run = doc["run"]
     items = [("Run", f"DVC experiment {run['experiment']}, git revision {run['revision']}, made {run['date']}"),
              ("Params", ", ".join(f"{k} {v}" for k, v in doc["params"].items())),
-             ("Best", f"{doc['best'][0]} with {doc['best'][1]} steps: FID {doc['best_fid']:.2f}")]
+             ("Best", f"{doc['best'][0]}-{doc['best'][1]} ({doc['best'][0]} with {doc['best'][1]} steps): FID "
+                      f"{doc['best_fid']:.2f}")]
     if doc["floor"]:
         items.append(("Real-data floor", floor_line(doc["floor"])))
     nll = doc["nll"]
@@ -170,6 +178,28 @@ def summary(doc: dict) -> list[tuple[str, str]]:
                                      "the same scores but for the last digits; one line in the FID figure, "
                                      "labelled so"))
     return items
+
+
+def verdict(cells: dict, best: tuple, floor: dict | None, lines: dict[str, str]) -> str:
+    """What the best cell's FID says, beside it (sentences, without the last full stop): how far above the
+    real-data floor (the scale of every FID here) and the margin to the next best cell (of other images than the
+    best one's: ``ddim ≈ euler`` are one)."""
+    fid = cells[best]["fid"]
+    if floor and floor.get("fid") is not None:
+        times = f" = {fid / floor['fid']:.1f}×" if floor["fid"] > 0 else ""
+        parts = [f"FID {fid:.2f}{times} the real-data floor {floor['fid']:.2f} (what {floor.get('num_images', '?')} "
+                 "real images score: a model's FID can approach it, not 0)"]
+    else:
+        parts = [f"FID {fid:.2f}, no real-data floor to scale it (run the fid_floor stage)"]
+    twins = lines.get(best[0], best[0]).split(" ≈ ")
+    others = sorted((c for c in cells if c[0] not in twins or c[1] != best[1]), key=lambda c: cells[c]["fid"])
+    if others:
+        nxt, worst = others[0], others[-1]
+        parts.append(f"Next best: {nxt[0]}-{nxt[1]}, {cells[nxt]['fid']:.2f} (+{cells[nxt]['fid'] - fid:.2f})"
+                     + (f"; worst: {worst[0]}-{worst[1]}, {cells[worst]['fid']:.2f}" if worst != nxt else ""))
+    parts.append("One training seed: a margin between cells is real only beyond the spread over seeds "
+                 "(python -m pipeline compare groups seeds)")
+    return ". ".join(parts)
 
 
 GUIDANCE_NOTE = ("Classifier-free guidance ε̃ = (1 + w) ε(x, y) − w ε(x, ∅) (Ho & Salimans 2022); w = 0 is the "
@@ -315,7 +345,7 @@ def identical_note(label: str, infos: dict) -> str:
 
 def report_doc(cells: dict, best: tuple, samplers: list[str], steps: list[int], guidance: list[str], *,
                accuracy: float | None, figures: list, inputs: dict, infos: dict, sweep: list[dict],
-               conditional: bool, samples_dir: Path, same: dict[str, float]) -> dict:
+               conditional: bool, samples_dir: Path, same: dict[str, float], lines: dict[str, str]) -> dict:
     """What the markdown and the HTML report show (``render_markdown``, ``render_html``)."""
     sweep_table = None
     if conditional:
@@ -326,6 +356,8 @@ def report_doc(cells: dict, best: tuple, samplers: list[str], steps: list[int], 
     doc = {"steps": steps, "extractor": first["extractor"], "ruler": first["ruler"]["id"],
            "num_samples": first["num_samples"], "reference_images": first.get("reference_images", "?"),
            "classifier_accuracy": accuracy, "best": best, "best_fid": first["fid"], "figures": figures,
+           "verdict": verdict(cells, best, inputs["floor"], lines), "best_at": best_position(samplers, steps, best),
+           "best_name": f"{best[0]}-{best[1]}",
            "floor": inputs["floor"], "nll": inputs["nll"], "denoise": inputs["denoise"], "run": inputs["run"],
            "params": inputs["params"], "weights": describe_weights(list(infos.values()), inputs["ema"]),
            "same": [(identical_note(label, infos), share) for label, share in same.items()],
@@ -366,13 +398,15 @@ def main(params: Path = PARAMS,
          sweep_plot: Path = typer.Option(Path("plots/guidance_sweep.csv"),
                                          help="one row per cell and guidance weight w (FID, precision, recall, "
                                               "class accuracy)"),
-         sweep_figure: Path = typer.Option(Path("reports/guidance_sweep.png"), help="the guidance sweep's figure"),
+         sweep_figure: Path = typer.Option(Path("reports/precision_recall.png"),
+                                           help="precision vs recall per cell (with guidance: through its w, beside "
+                                                "FID vs class accuracy: the guidance sweep)"),
          floor: Path = typer.Option(Path("metrics/fid_floor.json"), help="the real-data floor (fid-floor)"),
          nll_metrics: Path = typer.Option(Path("metrics/nll.json"), help="bits/dim for the header (nll)"),
          denoise_metrics: Path = typer.Option(Path("metrics/denoise.json"),
                                               help="the denoising MSE for the header (denoise)")):
-    """Collect the cells into metrics/fid.json, the FID-vs-steps and guidance-sweep plots and the markdown + HTML
-    report."""
+    """Collect the cells into metrics/fid.json, the FID-vs-steps and precision-recall (guidance-sweep) plots and the
+    markdown + HTML report."""
     p = base.load(params, "report", KEYS, diffusion, data, model, train, sample, fid)
     check_writable(metrics, plot, figure, markdown, html, loss_figure, sweep_plot, sweep_figure)
     samplers, steps, guidance = list(p.sample.samplers), sorted(p.sample.steps), list(p.sample.guidance)
@@ -394,7 +428,7 @@ def main(params: Path = PARAMS,
     figs = plot_figures(cell_metrics, samplers, steps, sweep, conditional, figure, sweep_figure, loss, loss_figure,
                         lines)
     doc = report_doc(cell_metrics, best, samplers, steps, guidance, accuracy=accuracy, figures=figs, inputs=inputs,
-                     infos=infos, sweep=sweep, conditional=conditional, samples_dir=samples, same=same)
+                     infos=infos, sweep=sweep, conditional=conditional, samples_dir=samples, same=same, lines=lines)
     text = render(TEMPLATES[0], **doc, here=markdown.parent)
     write_atomic(markdown, text)
     write_atomic(html, render(TEMPLATES[1], **doc))

@@ -10,6 +10,13 @@ sidebar's switch, kept in the browser (GenAI when never made). So the pipeline p
 links that carry the parameter (``ui_url``), and still tags the experiment
 ``custom_model_development`` for the UI's experiment-type selector and older 3.x UIs.
 
+The runs table. Its default columns (Source, Models, Dataset) show no metric; the table's state is
+the browser's. A saved view of the experiment (the UI's "Views" menu: an experiment tag
+``mlflow.sharedViewState.<id>`` holding ``{"name", "createdAt", "state"}``, the state the UI's
+"Save view" writes) opens the table with the headline metrics as columns, and the link of the
+runs page names it (``viewStateShareKey``): ``RUNS_VIEW``, written with the experiment
+(``experiment_id``) and by ``python -m pipeline ui``.
+
 Nothing here imports MLflow at module level (``import mlflow`` takes about 2 s).
 """
 
@@ -24,6 +31,13 @@ from pipeline.workspace import git_revision, repo_root
 
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 UI_VIEW = "workflowType=machine_learning"  # the model-training view of MLflow 3.17's UI
+VIEW_TAG = "mlflow.sharedViewState."  # + the id of a saved view of the runs table (MLflow 3.17's UI)
+RUNS_VIEW = "ddpm-pipeline"  # the id of ours, opened by the link of the runs page
+RUNS_VIEW_NAME = "Headline metrics (ddpm-pipeline)"
+# its columns: the parent runs' best FID and cell, floor, bits/dim, denoising MSE; the sample cells' FID; the model
+RUNS_COLUMNS = (("metrics", "best.fid"), ("tags", "best.sampler"), ("tags", "best.steps"), ("metrics", "floor.fid"),
+                ("metrics", "nll.bits_per_dim"), ("metrics", "denoise.ema_mse"), ("metrics", "fid"),
+                ("attributes", "Models"))
 DIGEST_CHARS = 36  # MLflow's limit on a dataset digest (MAX_DATASET_DIGEST_SIZE)
 
 
@@ -82,12 +96,33 @@ def experiment_id(client, name: str, tracking_uri: str) -> str:
         if exp is None:
             try:
                 return client.create_experiment(name, artifact_location=artifact_location(tracking_uri, name),
-                                                tags=dict([EXPERIMENT_KIND]))
+                                                tags=dict([EXPERIMENT_KIND, runs_view()]))
             except MlflowException:  # created meanwhile by a process that does not share the lock
                 exp = client.get_experiment_by_name(name)
         if EXPERIMENT_KIND[0] not in exp.tags:
             client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
+        key, value = runs_view()
+        if not same_view(exp.tags.get(key), value):
+            client.set_experiment_tag(exp.experiment_id, key, value)
         return exp.experiment_id
+
+
+def runs_view(created_ms: int | None = None) -> tuple[str, str]:
+    """The experiment tag of the runs table's saved view ``RUNS_VIEW`` (see the module docstring): the headline
+    metrics as columns, the newest runs first (so that the child runs stay under their parents)."""
+    state = {"selectedColumns": [f"{kind}.`{name}`" for kind, name in RUNS_COLUMNS],
+             "orderByKey": "attributes.start_time", "orderByAsc": False}
+    created = created_ms if created_ms is not None else now_ms()
+    return VIEW_TAG + RUNS_VIEW, json.dumps({"name": RUNS_VIEW_NAME, "createdAt": created, "updatedAt": created,
+                                             "state": json.dumps(state)})
+
+
+def same_view(a: str | None, b: str) -> bool:
+    """Whether two saved views (tag values) show the same: name and state (not when they were made)."""
+    try:
+        return a is not None and all(json.loads(a).get(k) == json.loads(b)[k] for k in ("name", "state"))
+    except (ValueError, AttributeError):
+        return False
 
 
 def _git(*args: str) -> str | None:
@@ -132,11 +167,12 @@ def git_branch() -> str | None:
 
 
 def ui_url(tracking_uri: str, experiment: str, run_id: str | None = None) -> str | None:
-    """The page of a run (or experiment) in the model-training view, for an HTTP tracking URI."""
+    """The page of a run in the model-training view, or without ``run_id`` the experiment's runs in that view
+    and ``RUNS_VIEW``, for an HTTP tracking URI (the UI's address)."""
     if not tracking_uri.startswith(("http://", "https://")):
         return None
-    page = f"/runs/{run_id}" if run_id else "/runs"
-    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}{page}?{UI_VIEW}"
+    page = f"/runs/{run_id}?{UI_VIEW}" if run_id else f"/runs?{UI_VIEW}&viewStateShareKey={RUNS_VIEW}"
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment}{page}"
 
 
 def training_dataset(mlflow, info: dict):

@@ -174,14 +174,19 @@ class LiveRun:
             self.sent["images"] += 1
 
 
-def image_steps(client, run_id: str, key: str = IMAGE_KEY) -> set[int]:
-    """The steps of the step-indexed images ``key`` a run has (MLflow stores them as
-    ``images/<key>+step+<step>+timestamp+…``; older versions used ``%`` for ``+``)."""
+def image_files(client, run_id: str, key: str = IMAGE_KEY) -> dict[int, str]:
+    """Step → artifact path of the step-indexed PNG images ``key`` of a run (MLflow stores them as
+    ``images/<key>+step+<step>+timestamp+…png``, beside a compressed copy; older versions used ``%`` for ``+``)."""
     import re
 
-    steps = set()
+    files = {}
     for f in client.list_artifacts(run_id, "images"):
         m = re.match(rf"images/{re.escape(key)}[+%]step[+%](\d+)[+%]", f.path)
         if m and f.path.endswith(".png"):
-            steps.add(int(m.group(1)))
-    return steps
+            files[int(m.group(1))] = f.path
+    return files
+
+
+def image_steps(client, run_id: str, key: str = IMAGE_KEY) -> set[int]:
+    """The steps of the step-indexed images ``key`` a run has (``image_files``)."""
+    return set(image_files(client, run_id, key))

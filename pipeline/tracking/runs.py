@@ -14,7 +14,7 @@ from pipeline.params.base import flatten
 from pipeline.params.schema import Params, load_params, to_flat_dict
 from pipeline.tracking import client as tracking
 from pipeline.tracking import system_metrics
-from pipeline.tracking.live import IMAGE_KEY, image_steps
+from pipeline.tracking.live import IMAGE_KEY, image_files, image_steps
 from pipeline.tracking.registry import (BEST, best_tags, describe_version, log_model, model_tags, results,
                                         train_params)
 from pipeline.tracking.tidy import FINGERPRINT, LOGGING, tidy, untag
@@ -22,7 +22,23 @@ from pipeline.workspace import repo_root
 
 ATTACHED = "pipeline.attached"  # tag of train's own run once a parent holds it (not LOGGING: never deleted by tidy)
 HISTORY = ("loss", "lr", "grad_norm")  # train's metric histories (plots/train_loss.csv)
-NOT_LOGGED = ("report.md",)  # its images are relative links, which MLflow's markdown viewer does not show
+# the stage outputs the parent run holds, file by file (the report stage's and the plot data; report.md is not:
+# its images are relative links, which MLflow's markdown viewer does not show), so that nothing else in those
+# folders rides along (a study's report, a file of another commit)
+PARENT_ARTIFACTS = ("reports/report.html", "reports/fid_vs_steps.png", "reports/precision_recall.png",
+                    "reports/train_loss.png", "plots/fid_vs_steps.csv", "plots/fid_vs_sigma_rel.csv",
+                    "plots/guidance_sweep.csv", "plots/train_loss.csv", "plots/train_lr.csv", "plots/nll_terms.csv",
+                    "plots/denoise_by_timestep.csv")
+# The parent's metrics: what measures the run (one chart each in its "Model metrics" tab, a column in the runs
+# table), per block of the DVC metrics files; the other numbers there (counts, seconds, steps, the terms of the
+# bound) are tags. Every cell's FID (fid.<sampler>.<steps>) and best.fid are metrics too.
+PARENT_METRICS = {"floor": ("fid", "precision", "recall"), "nll": ("bits_per_dim", "bits_per_dim_stderr"),
+                  "denoise": ("ema_mse", "raw_mse", "untrained_mse", "ema_over_raw"),
+                  "classifier": ("test_accuracy",), "train": ("final_loss",)}
+# A sample cell's metrics (the others, and f_score, are tags): the same names in every cell, so that any two cells
+# (of one experiment or two) line up in MLflow's compare view, whose parallel-coordinates plot opens on the first
+# metric by name: fid (class_accuracy for a class-conditional model). f_score is precision and recall in one.
+CELL_METRICS = ("fid", "kid_mean", "kid_std", "precision", "recall", "isc_mean", "isc_std", "class_accuracy")
 # the parent's metrics that describe the logged model, and the split each was measured on
 MODEL_METRICS = {"train.final_loss": "train", "best.fid": "test", "nll.bits_per_dim": "test",
                  "denoise.ema_mse": "test"}
@@ -55,6 +71,7 @@ def collect(params: Params, root: Path = Path(".")) -> dict:
             "classifier_timing": _read(root / "logs/classifier_timing.json"),
             "pipeline": _read(root / "logs/pipeline_started.json"),
             "model": root / "models/model_ema.pt",  # the weights the sample stages use (ema stage)
+            "artifacts": [path for path in PARENT_ARTIFACTS if (root / path).is_file()],
             "cells": cells,
             "system": system_metrics.read(root / "logs/train_system.json")}
 
@@ -89,6 +106,11 @@ def fingerprint(flat_params: dict, run: dict, exp_name: str, revision: str) -> s
 def _numeric(d: dict | None, prefix: str = "") -> dict[str, float]:
     return {k: float(v) for k, v in flatten(d or {}, prefix).items() if isinstance(v, (int, float))
             and not isinstance(v, bool)}
+
+
+def _text(value: float) -> str:
+    """A number as a tag: a whole number without its ``.0`` (a count), any other as Python writes it."""
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else str(value)
 
 
 def _log_history(client, run_id: str, metrics: list) -> None:
@@ -141,22 +163,17 @@ def attachable(client, live: dict | None, uri: str, experiment_id: str, fp: str)
     return run
 
 
-def summary_metrics(run: dict) -> dict[str, float]:
-    """The parent's metrics: every number of the DVC metrics files, under the names `dvc exp show` gives
-    them (``best.steps`` is a tag: it names the best cell, it measures nothing)."""
+def summary_metrics(run: dict) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent's (metrics, tags): the numbers of the DVC metrics files under the names `dvc exp show` gives
+    them, those that measure the run (``best.fid``, every ``fid.<sampler>.<steps>``, PARENT_METRICS) as
+    metrics, the rest as tags (``best.steps`` is a tag of ``best_tags``: it names the best cell)."""
     numbers = {}
     for key in ("fid", "floor", "nll", "denoise", "ema", "classifier", "train"):
         numbers.update(_numeric(run.get(key)))
     numbers.pop("best.steps", None)
-    return numbers
-
-
-def _log_folder(mlflow, folder: Path, artifact_path: str) -> None:
-    """The files under ``folder`` (recursively) as artifacts, but dotfiles (DVC's .gitignore) and NOT_LOGGED."""
-    for f in sorted(folder.rglob("*")):
-        rel = f.relative_to(folder)
-        if f.is_file() and not any(part.startswith(".") for part in rel.parts) and f.name not in NOT_LOGGED:
-            mlflow.log_artifact(str(f), str(Path(artifact_path, *rel.parts[:-1]).as_posix()))
+    measures = {f"{block}.{name}" for block, names in PARENT_METRICS.items() for name in names}
+    metrics = {k: v for k, v in numbers.items() if k in measures or k == "best.fid" or k.startswith("fid.")}
+    return metrics, {k: _text(v) for k, v in numbers.items() if k not in metrics}
 
 
 def evaluation_dataset(run: dict, params: Params) -> dict | None:
@@ -189,9 +206,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
         parent_id = parent.info.run_id
         mlflow.log_params({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in flat.items()})
         mlflow.log_artifact(str(params_path))
-        for folder in ("reports", "plots"):
-            if (root / folder).is_dir():
-                _log_folder(mlflow, root / folder, folder)
+        for path in run["artifacts"]:
+            mlflow.log_artifact(str(root / path), str(Path(path).parent.as_posix()))
         if test is not None:
             mlflow.log_input(tracking.training_dataset(mlflow, test), context="evaluation",
                              tags={"sha256": test["sha256"]})
@@ -216,10 +232,12 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                 mlflow.log_metrics(_numeric(run["classifier"]))
 
         sampled = model_tags(model)
+        cell_runs = {}
         for name, cell in run["cells"].items():
             with _run(mlflow, client, experiment_id, f"sample/{name}",
                       {**std("python -m pipeline sample"), **tags, **sampled},
                       parent=parent_id, times=stage_times(cell["info"])) as child:
+                cell_runs[name] = child.info.run_id
                 sampler = params.samplers[cell["sampler"]].model_dump()
                 guidance = params.guidance[cell["guidance"]].model_dump() if cell["guidance"] else {}
                 mlflow.log_params({"sampler": cell["sampler"], "steps": cell["steps"],
@@ -228,16 +246,18 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
                                    **{f"guidance.{k}": json.dumps(v) if isinstance(v, tuple) else v
                                       for k, v in guidance.items()},
                                    **{k: v for k, v in flat.items() if k.startswith("sample.")}})
-                mlflow.log_metrics({**_numeric(cell["metrics"]), **{f"sampling.{k}": v for k, v in
-                                                                     _numeric(cell["info"]).items()
-                                                                     if k in ("seconds", "images_per_second")}})
+                scores = _numeric(cell["metrics"])
+                mlflow.log_metrics({k: v for k, v in scores.items() if k in CELL_METRICS})
+                mlflow.set_tags({**{k: _text(v) for k, v in scores.items() if k not in CELL_METRICS and k != "steps"},
+                                 **{f"sampling.{k}": _text(v) for k, v in _numeric(cell["info"]).items()
+                                    if k in ("seconds", "images_per_second")}})
                 _log_history(client, child.info.run_id, system_metrics.mlflow_metrics(cell["system"]))
-                for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0
-                    if cell[kind].is_file():
-                        from PIL import Image
-
-                        mlflow.log_image(Image.open(cell[kind]), artifact_file=f"{kind}_{name}.png")
-        mlflow.set_tag("mlflow.note.content", run_description(run, params, exp_name, revision, model))
+                for kind in ("grid", "strip"):  # sample grid, denoising strip x_T … x_0: one name in every cell,
+                    if cell[kind].is_file():   # so that the compare view shows two cells' side by side
+                        mlflow.log_artifact(str(cell[kind]))
+        best = (run["fid"] or {}).get("best") or {}
+        best_cell = cell_runs.get(f"{best.get('sampler')}-{best.get('steps')}")
+        mlflow.set_tag("mlflow.note.content", run_description(run, params, exp_name, revision, model, best_cell))
         # last: a run cut off half-way has no fingerprint, so it is logged again in full
         mlflow.set_tag(FINGERPRINT, fp)
     untag(client, experiment_id, fp)
@@ -247,7 +267,8 @@ def log_run(mlflow, params: Params, params_path: Path, run: dict, exp_name: str,
 def log_summary(mlflow, run: dict, model: dict | None, test: dict | None) -> None:
     """The parent's metrics; those that describe the logged model (MODEL_METRICS) linked to it and to the
     split they were measured on (the model page's metrics and "Datasets used")."""
-    metrics = summary_metrics(run)
+    metrics, others = summary_metrics(run)
+    mlflow.set_tags(others)
     train = (run["live"] or {}).get("dataset")
     splits = {"train": tracking.training_dataset(mlflow, train) if train else None,
               "test": tracking.training_dataset(mlflow, test) if test else None}
@@ -287,7 +308,10 @@ def fill_train(mlflow, client, run_id: str, params: Params, run: dict, fp: str, 
     for step, path in run["previews"]:
         if step not in logged:
             with Image.open(path) as im:
-                mlflow.log_image(im.copy(), key=IMAGE_KEY, step=step, timestamp=int(path.stat().st_mtime * 1000))
+                mlflow.log_image(im.copy(), key=IMAGE_KEY, step=step, timestamp=int(path.stat().st_mtime * 1000),
+                                 synchronous=True)  # fluent log_image is asynchronous by default: listed below
+    if (note := train_description(client, run_id, run)) is not None:
+        mlflow.set_tag("mlflow.note.content", note)
     data = (run["live"] or {}).get("dataset")
     if data:
         ds = tracking.training_dataset(mlflow, data)
@@ -297,20 +321,49 @@ def fill_train(mlflow, client, run_id: str, params: Params, run: dict, fp: str, 
         return log_model(mlflow, client, have, run, params, data, fp, exp_name, revision, model_name)
     return None
 
-def run_description(run: dict, params: Params, exp_name: str, revision: str, model: dict | None) -> str:
-    """The parent run's description (``mlflow.note.content``, markdown): what ran, what came out, where to look."""
+def artifact_image(run_id: str, path: str, alt: str) -> str:
+    """Markdown that shows the image artifact ``path`` of the run ``run_id`` in a run's description: a link to the
+    UI's server, relative to the page (``get-artifact``), so it works wherever the UI is served."""
+    from urllib.parse import quote
+
+    return f"![{alt}](get-artifact?path={quote(path, safe='')}&run_uuid={run_id})"
+
+
+def run_description(run: dict, params: Params, exp_name: str, revision: str, model: dict | None,
+                    best_cell: str | None = None) -> str:
+    """The parent run's description (``mlflow.note.content``, markdown): what ran, what came out (with the best
+    cell's grid, from its run ``best_cell``), where to look."""
     version = (model or {}).get("version")
-    lines = [f"DVC experiment **{exp_name}** at git revision `{revision[:10]}`: {results(run)}.", "",
+    best = (run["fid"] or {}).get("best") or {}
+    # the best cell's grid first: the Overview shows a description's first lines, "Show more" the rest
+    lines = [] if best_cell is None else [
+        artifact_image(best_cell, "grid.png", f"samples of the best cell, {best.get('sampler')}-{best.get('steps')}"), ""]
+    lines += [f"DVC experiment **{exp_name}** at git revision `{revision[:10]}`: {results(run)}.", "",
              f"Data {params.data.name}; {params.schedule} schedule, {params.prediction}-prediction, "
              f"{params.train.steps} training steps; {params.sample.num_samples} samples per cell, "
              f"extractor {params.fid.extractor}.", ""]
     if version is not None:
         lines += [f"Model: `models:/{version.name}/{version.version}` (the child run *train*; "
                   f"`models:/{version.name}@{BEST}` is the best version scored like it).", ""]
-    lines += ["Where to look: Artifacts → `reports/report.html` (the report); child run *train* → Model metrics "
-              "(loss, lr, grad_norm, and the card *samples*: the preview grids, one per step on its slider); "
-              "child runs *sample/&lt;sampler&gt;-&lt;steps&gt;* → Artifacts (grid, denoising strip)."]
+    lines += ["Where to look: Artifacts → `reports/report.html` (the report); child run *train* → Overview (the last "
+              "preview grid) and Model metrics (loss, lr, grad_norm, and the card *samples*: the preview grids, one "
+              "per step on its slider); child runs *sample/&lt;sampler&gt;-&lt;steps&gt;* → Artifacts (`grid.png`, "
+              "`strip.png`: the same names in every cell, so that Compare shows two side by side)."]
     return "\n".join(lines)
+
+
+def train_description(client, run_id: str, run: dict) -> str | None:
+    """train's run description (markdown): the last preview grid, shown on its Overview (MLflow's *samples* card
+    opens on step 0, the initial weights), and where the others are. None when the run has no preview."""
+    last = image_files(client, run_id)
+    if not last:
+        return None
+    step = max(last)
+    return "\n".join([artifact_image(run_id, last[step], f"preview at step {step}"), "",
+                      f"Preview of the EMA weights at step {step} of {(run['train'] or {}).get('final_step', step)} "
+                      "(a 4×4 grid, 50 ancestral steps), above.", "",
+                      "Every preview: Model metrics → card *samples* (it opens at step 0, the initial weights: move "
+                      "its slider, or expand it with ⤢) or Artifacts → `images/`."])
 
 
 def publish(mlflow, experiment: str, params_path: Path, meta: dict, root: Path = Path(".")) -> str:

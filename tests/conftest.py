@@ -51,11 +51,13 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscri
     torch.set_num_threads(1)
 
 
-# The longest files, measured (README, Tests), handed out first and in this order. test_study
-# (a tiny study through DVC's queue: about 6 minutes of one core) starts at once on one worker,
-# so that it never runs alone at the end; on the other, test_e2e builds the ``reproduced``
-# repository, then test_performance's gpu-check and test_e2e_sweeps (which copies it) follow.
-FIRST = ("tests/test_study.py", "tests/test_e2e.py", "tests/test_performance.py", "tests/test_e2e_sweeps.py")
+# The longest files, measured (docs/guides/contributing.md), handed out first and in this order. test_study
+# (a tiny study through DVC's queue: about 6 minutes of one core) and test_slurm (studies on a real
+# SLURM cluster: about 4) start at once, one on each worker, so that neither runs alone at the end;
+# then test_e2e builds the ``reproduced`` repository, and test_performance's gpu-check and
+# test_e2e_sweeps (which copies it) follow.
+FIRST = ("tests/test_study.py", "tests/test_slurm.py", "tests/test_e2e.py", "tests/test_performance.py",
+         "tests/test_e2e_sweeps.py")
 
 
 def pytest_collection_modifyitems(config, items):

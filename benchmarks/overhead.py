@@ -3,7 +3,7 @@ and what DVC adds around the stages. ``python -m benchmarks overhead`` prints it
 
 It runs the whole pipeline once as ``dvc exp run`` in a copy of the repository (like
 ``make repro PRESET=cpu``), on the real data set but with next to no work in any stage
-(``ZERO_WORK``: a 1-step, 8-channel U-Net with T = 10, 2-sample cells of the CPU preset's
+(``ZERO_WORK``: a 1-step, 8-channel U-Net with T = 50 (at T = 10 the linear schedule's β reach 0.999 and ᾱ_T 1e-17: every sample NaN), 10-sample cells (the fewest the metrics take) of the CPU preset's
 shape: 5 samplers × 2 step counts; one intra-op thread). Every stage command goes through a
 ``python`` shim on PATH that records its wall and CPU time (its own start-up, a ``python -S``,
 is in the figures: a few tens of milliseconds), so
@@ -36,10 +36,10 @@ from pathlib import Path
 from ddpm.errors import InputError
 
 # next to no work in every stage; the sample matrix has the CPU preset's shape
-ZERO_WORK = {"timesteps": 10, "model.ch": 8, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
+ZERO_WORK = {"timesteps": 50, "model.ch": 8, "model.ch_mult": [1, 2], "model.num_res_blocks": 1,
              "model.attn_resolutions": [], "train.steps": 1, "train.batch_size": 2, "train.warmup_steps": 1,
              "train.log_every": 1, "train.checkpoint_every": 0, "classifier.steps": 1, "classifier.batch_size": 2,
-             "sample.steps": [2, 3], "sample.num_samples": 8, "sample.batch_size": 8, "fid.kid_subset_size": 4,
+             "sample.steps": [2, 3], "sample.num_samples": 10, "sample.batch_size": 10, "fid.kid_subset_size": 4,
              "nll.num_images": 1, "nll.batch_size": 1}
 
 SHIM = """#!{python} -S

@@ -34,6 +34,7 @@ How the suite runs (``make test`` = CI; ``make test-fast`` = the loop while edit
 """
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,10 @@ from helpers import build_once, build_reproduced, make_idx_dir, tiny_params
 # train logs live to MLflow unless told not to; a fresh sqlite database per test workspace costs
 # seconds, so the tests that are not about MLflow train without it (test_live and test_e2e turn it on)
 os.environ["PIPELINE_LIVE_MLFLOW"] = "0"
+
+# torch.compile's kernels in a cache of this test run (as CI's fresh machine has): a cache another run left
+# (of another CPU capability: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) is never read
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="torchinductor-tests-"))
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscription
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -1,7 +1,7 @@
 """Studies on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and slurmd on this machine), no
-mock: a study through SLURM gives the local queue's results for the same seeds, a cancelled job is
-submitted again by the next `study run`, a failing job is named with its error, Ctrl-C cancels what
-the run submitted, and training as two srun tasks equals one process."""
+mock: a study through SLURM gives the local queue's results for the same seed, also when its job is
+cancelled mid-training and submitted again by the next `study run` (it resumes), a failing job is named
+with its error, Ctrl-C cancels what the run submitted, and training as two srun tasks equals one process."""
 
 import json
 import signal
@@ -37,8 +37,7 @@ def repos(tmp_path_factory, cluster):
     p = tiny_params(make_idx_dir(root / "idx"))
     p["timesteps"] = 100  # the bound of the nll stage: T network passes
     long = "long: [train.steps=400, train.ema_snapshot_every=100]"  # a train long enough to be cancelled in
-    files = {"studies/one.yaml": STUDY.format(seeds="[0]"),
-             "studies/again.yaml": STUDY.format(seeds="[5]").replace("base: []", long),
+    files = {"studies/one.yaml": STUDY.format(seeds="[0]").replace("base: []", long),
              "studies/stop.yaml": STUDY.format(seeds="[9]"),
              "studies/fails.yaml": STUDY.format(seeds="[0]").replace("base: []", "boom: [train.lr=1.0e+30]")}
     env = {**queue_env(), "SLURM_CONF": cluster["SLURM_CONF"]}
@@ -66,26 +65,6 @@ def results(root: Path, env: dict) -> dict[str, tuple]:
     return out
 
 
-def test_a_study_through_slurm_gives_the_local_queues_results(repos, figure):
-    local, remote, env = repos
-    start_time = time.perf_counter()
-    out = study(local, env, "run", "studies/one.yaml", "--poll", "1")
-    queue_seconds = time.perf_counter() - start_time
-    start_time = time.perf_counter()
-    out = study(remote, env, "run", "studies/one.yaml", "--executor", "slurm", "--poll", "1")
-    slurm_seconds = time.perf_counter() - start_time
-    assert "submitted one-base-0: SLURM job" in out and "1 of 1 run done on SLURM" in out, out
-    assert "one-base-0: running stage train" in out, out  # the job's stages, from its log
-    here, there = results(local, env), results(remote, env)
-    assert set(here) == set(there) == {"one-base-0"} and here == there, (here, there)
-    figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as a SLURM job, {queue_seconds:.0f} s in DVC's local "
-           f"queue (this machine, shared with the other tests)")
-    # the experiment came home: done, also for `study report`
-    assert "1 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
-                                                              "slurm", "--dry")
-    assert "study report:" in study(remote, env, "report", "studies/one.yaml")
-
-
 def wait_for(predicate, seconds: float = 120):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -100,26 +79,43 @@ def job_of(root: Path, study_name: str, run: str) -> str | None:
     return json.loads(path.read_text()).get(run) if path.is_file() else None
 
 
-def test_a_cancelled_job_is_submitted_again_and_resumes_training(repos):
-    """`scancel` mid-training (SIGTERM, as a preemption sends): train writes its resume state in the run's
-    clone; the next `study run` submits the run again, and its job resumes training from that state."""
-    _, remote, env = repos
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/again.yaml", "--executor",
+def test_a_study_through_slurm_gives_the_local_queues_results_also_after_a_cancel(repos, figure):
+    """The study's run as a SLURM job, cancelled mid-training (`scancel`: SIGTERM, as a preemption sends):
+    train writes its resume state in the run's clone, the next `study run` submits the run again, its job
+    resumes training from that state, and the experiment that comes home has the results of the same run
+    in DVC's local queue (a resumed training ends with an uninterrupted one's weights)."""
+    local, remote, env = repos
+    start_time = time.perf_counter()
+    study(local, env, "run", "studies/one.yaml", "--poll", "1")
+    queue_seconds = time.perf_counter() - start_time
+    start_time = time.perf_counter()
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/one.yaml", "--executor",
                           "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True)
-    job = wait_for(lambda: job_of(remote, "again", "again-long-5"))
-    clone = remote / ".dvc/tmp/slurm/again/again-long-5"
+    job = wait_for(lambda: job_of(remote, "one", "one-long-0"))
+    clone = remote / ".dvc/tmp/slurm/one/one-long-0"
     log = clone / f"slurm-{job}.out"
     wait_for(lambda: log.is_file() and "Running stage 'train'" in log.read_text(), 300)
     time.sleep(3)  # some steps into the 400
     subprocess.run(["scancel", job], env=env, check=True)
     out = p.communicate(timeout=300)[0]
-    assert p.returncode == 1 and f"again-long-5 (error: cancelled (SLURM job {job}))" in out, out
+    assert p.returncode == 1 and f"one-long-0 (error: cancelled (SLURM job {job}))" in out, out
     assert list((clone / "checkpoints").glob("train-*.pt")), log.read_text()[-3000:]  # the resume state
-    out = study(remote, env, "run", "studies/again.yaml", "--executor", "slurm", "--poll", "1")
-    assert "0 done" in out and "submitted again-long-5" in out and "1 of 1 run done on SLURM" in out, out
-    again = job_of(remote, "again", "again-long-5")
+
+    out = study(remote, env, "run", "studies/one.yaml", "--executor", "slurm", "--poll", "1")
+    slurm_seconds = time.perf_counter() - start_time
+    assert "0 done" in out and "submitted one-long-0" in out and "1 of 1 run done on SLURM" in out, out
+    assert "one-long-0: running stage train" in out, out  # the job's stages, from its log
+    again = job_of(remote, "one", "one-long-0")
     assert again != job and "train: resuming from step" in (clone / f"slurm-{again}.out").read_text()
+    here, there = results(local, env), results(remote, env)
+    assert set(here) == set(there) == {"one-long-0"} and here == there, (here, there)
+    figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as SLURM jobs (cancelled, then resumed), "
+           f"{queue_seconds:.0f} s in DVC's local queue (this machine, shared with the other tests)")
+    # the experiment came home: done, also for `study report`
+    assert "1 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
+                                                              "slurm", "--dry")
+    assert "study report:" in study(remote, env, "report", "studies/one.yaml")
 
 
 def test_a_failing_job_is_named_with_its_error(repos):

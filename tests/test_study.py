@@ -24,7 +24,7 @@ base:
 seeds: [0, 1]
 experiments:
   baseline: []
-  cosine: [schedule=cosine]
+  trailing: [sample.spacing=trailing]
 claims:
   ddim:
     source: Song et al. 2021
@@ -35,11 +35,11 @@ claims:
       holds: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
       reversed: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
       not established: DDIM {baseline fid.ddim.3} against DDPM {baseline fid.ddpm.3}.
-  cosine:
-    source: Nichol & Dhariwal 2021
-    says: cosine at least as good as linear on bits/dim
-    metric: nll.bits_per_dim
-    compare: cosine <= baseline
+  trailing:
+    source: Lin et al. 2024
+    says: trailing spacing at least as good as linspace for DDIM at 3 steps
+    metric: fid.ddim.3
+    compare: trailing <= baseline
 """
 
 
@@ -48,7 +48,8 @@ def E2E(test):
     return pytest.mark.slow(pytest.mark.e2e(test))
 
 
-NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-cosine-0", "tiny-cosine-1"]
+# the second experiment changes sampling only: its runs restore the baseline's training from DVC's run-cache
+NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-trailing-0", "tiny-trailing-1"]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,8 @@ def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
     root, env = repo
     out = study(root, env, "run", "studies/tiny.yaml", "--dry")
     assert "0 done, 0 queued or running, 4 to queue" in out and out.count("would queue: dvc exp run --queue") == 4, out
-    assert "-n tiny-cosine-1 -S 'sample.samplers=[ddpm,ddim]' -S 'sample.steps=[3]' -S schedule=cosine -S seed=1" in out
+    assert ("-n tiny-trailing-1 -S 'sample.samplers=[ddpm,ddim]' -S 'sample.steps=[3]' -S sample.spacing=trailing "
+            "-S seed=1") in out
     assert "Queued" not in queue_status(root, env) and not experiments(root, env)
 
 
@@ -150,8 +152,9 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     assert "study tiny: 4 of 4 runs done in" in out, out
     exps = experiments(root, env)
     assert set(exps) == set(NAMES), exps
-    assert [(exps[n]["params"]["schedule"], exps[n]["params"]["seed"]) for n in NAMES] == \
-        [("linear", 0), ("linear", 1), ("cosine", 0), ("cosine", 1)]
+    assert [(exps[n]["params"]["sample"]["spacing"], exps[n]["params"]["seed"]) for n in NAMES] == \
+        [("linspace", 0), ("linspace", 1), ("trailing", 0), ("trailing", 1)]
+    assert "tiny-trailing-0: stage train restored from the run-cache" in out, out
     assert all(exps[n]["params"]["sample"]["samplers"] == ["ddpm", "ddim"] for n in NAMES)
 
     out = study(root, env, "report", "studies/tiny.yaml", "--readme", "NOTES.md")
@@ -159,8 +162,8 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     assert doc["missing"] == [] and [r["dvc_experiment"] for r in doc["runs"]] == NAMES
     ddim = [exps[n]["fid"]["ddim"]["3"] for n in NAMES[:2]]
     ddpm = [exps[n]["fid"]["ddpm"]["3"] for n in NAMES[:2]]
-    bpd_cos, bpd_lin = [exps[n]["bpd"] for n in NAMES[2:]], [exps[n]["bpd"] for n in NAMES[:2]]
-    for claim, left, right in ((doc["claims"][0], ddim, ddpm), (doc["claims"][1], bpd_cos, bpd_lin)):
+    trailing = [exps[n]["fid"]["ddim"]["3"] for n in NAMES[2:]]
+    for claim, left, right in ((doc["claims"][0], ddim, ddpm), (doc["claims"][1], trailing, ddim)):
         ci = stats.ttest_ind(left, right, equal_var=False).confidence_interval(0.95)
         assert claim["difference"] == pytest.approx(sum(left) / 2 - sum(right) / 2, rel=1e-9)
         assert (claim["low"], claim["high"]) == (pytest.approx(ci.low, rel=1e-9), pytest.approx(ci.high, rel=1e-9))
@@ -172,7 +175,7 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
 
     md = (root / "reports/study-tiny.md").read_text()
     assert "## Verdicts" in md and "![FID vs sampling steps per experiment](study-tiny-fid.png)" in md
-    assert f"**{doc['claims'][0]['verdict']}**" in md and "| tiny-cosine-1 | cosine | 1 | tiny-cosine-1 |" in md
+    assert f"**{doc['claims'][0]['verdict']}**" in md and "| tiny-trailing-1 | trailing | 1 | tiny-trailing-1 |" in md
     assert (root / "reports/study-tiny-fid.png").stat().st_size > 1000
     assert "data:image/png;base64," in (root / "reports/study-tiny.html").read_text()
     notes = (root / "NOTES.md").read_text()
@@ -188,7 +191,7 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
     parents = mlflow.search_runs(experiment_names=["ddpm"], filter_string="tags.`study.name` = 'tiny'",
                                  output_format="list")
-    assert len(parents) == 1 and parents[0].data.tags["claim.cosine.verdict"] == doc["claims"][1]["verdict"]
+    assert len(parents) == 1 and parents[0].data.tags["claim.trailing.verdict"] == doc["claims"][1]["verdict"]
     children = mlflow.search_runs(experiment_names=["ddpm"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     assert sorted(c.data.tags["dvc.exp_name"] for c in children) == NAMES
@@ -257,13 +260,13 @@ def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypat
 
     monkeypatch.chdir(root)
     plan = {r.name: r for r in load(Path("studies/tiny.yaml")).runs}
-    sh(["dvc", "exp", "remove", "tiny-baseline-1", "tiny-cosine-1"], root, env)
+    sh(["dvc", "exp", "remove", "tiny-baseline-1", "tiny-trailing-1"], root, env)
     sh(["dvc", "exp", "run", "--queue", "-n", "tiny-baseline-1",
         *[a for o in plan["tiny-baseline-1"].overrides for a in ("-S", o)]], root, env)
     out = study(root, env, "run", "studies/tiny.yaml", "--poll", "1")
-    assert "2 done, 1 queued or running, 1 to queue" in out and "queued tiny-cosine-1" in out, out
+    assert "2 done, 1 queued or running, 1 to queue" in out and "queued tiny-trailing-1" in out, out
     assert "queued tiny-baseline-1" not in out and "tiny-baseline-1: done in" in out, out
-    assert "tiny-cosine-1: stage train restored from the run-cache" in out, out
+    assert "tiny-trailing-1: stage train restored from the run-cache" in out, out
     assert "2 of 2 runs done" in out and "every stage of 2" in out, out
     assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
 

@@ -6,7 +6,12 @@ for a folder of files written together. A full device (or quota) becomes one
 ``DiskFullError`` naming the file and the space it needs, with the temporary file removed.
 ``load_torch_file`` loads plain data with ``torch.load(weights_only=True)`` and turns a
 missing or unreadable file into the caller's own error type, naming the file.
+
+torch is imported by the functions that use it: the commands that only write files (the log stage,
+which runs in every experiment) start without its second of import.
 """
+
+from __future__ import annotations
 
 import errno
 import glob
@@ -16,11 +21,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from ddpm.errors import DiskFullError
+
+if TYPE_CHECKING:
+    import torch
 
 FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left on the device; disk quota exceeded
 
@@ -186,6 +192,8 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file beside ``path``, then rename over it."""
+    import torch
+
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
@@ -194,6 +202,8 @@ def load_torch_file(path: str | os.PathLike, error: type[Exception], missing: st
     """``parse(torch.load(path, weights_only=True))``. Raises ``error(missing)`` when ``path`` is not a
     file, and ``error("<corrupt>: <first line of the cause>")`` when it does not load or ``parse`` fails
     (a truncated zip, a pickle of foreign objects, a missing key, …)."""
+    import torch
+
     if not Path(path).is_file():
         raise error(missing)
     try:

@@ -98,3 +98,16 @@ def test_the_library_imports_no_glue():
             names = deps.imported(ast.parse((REPO / f).read_text()), "ddpm")
             bad = sorted(n for n in names if n.split(".")[0] in forbidden)
             assert not bad, (f, bad)
+
+
+def test_the_log_stage_starts_without_torch():
+    """log runs in every experiment (always changed, also when every other stage is restored from the
+    run-cache): it writes files and talks to MLflow, and starts without torch's second of import."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.stages.log; print('torch' in sys.modules)"
+    r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+    chain = [line for line in r.stderr.splitlines() if line.rstrip().endswith((" torch", "ddpm.files"))]
+    assert r.stdout.strip() == "False", chain  # its importers, from -X importtime

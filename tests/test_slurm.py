@@ -1,9 +1,11 @@
 """Studies on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and slurmd on this machine), no
-mock: a study through SLURM gives the local queue's results for the same seed, also when its job is
-cancelled mid-training and submitted again by the next `study run` (it resumes), a failing job is named
+mock: a study's run through SLURM trains the weights of a local uninterrupted training of the same params,
+also when its job is cancelled mid-training and submitted again by the next `study run` (it resumes), and
+comes home with its metrics; a failing job is named
 with its error, Ctrl-C cancels what the run submitted, and training as two srun tasks equals one process."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -32,7 +34,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def repos(tmp_path_factory, cluster):
-    """Two copies of a tiny repository (one for the local queue, one for SLURM), its studies in studies/."""
+    """Two copies of a tiny repository (one for a local training, one for SLURM), its studies in studies/."""
     root = tmp_path_factory.mktemp("slurm-repos")
     p = tiny_params(make_idx_dir(root / "idx"))
     p["timesteps"] = 100  # the bound of the nll stage: T network passes
@@ -53,16 +55,10 @@ def study(root: Path, env: dict, *args: str, code: int = 0) -> str:
     return r.stdout + r.stderr
 
 
-def results(root: Path, env: dict) -> dict[str, tuple]:
-    """Experiment name → (FID of ddpm-3, bits/dim), read from `dvc exp show --json`."""
-    out = {}
-    for commit in json.loads(sh(["dvc", "exp", "show", "--json", "-A"], root, env)):
-        for exp in commit.get("experiments") or []:
-            for rev in exp.get("revs") or []:
-                m = rev["data"]["metrics"]
-                out[rev["name"]] = (m["metrics/fid.json"]["data"]["fid"]["ddpm"]["3"],
-                                    m["metrics/nll.json"]["data"]["nll"]["bits_per_dim"])
-    return out
+def experiments(root: Path, env: dict) -> dict[str, dict]:
+    """Experiment name → its `data` in `dvc exp show --json` (params, metrics, outs with their md5)."""
+    return {rev["name"]: rev["data"] for commit in json.loads(sh(["dvc", "exp", "show", "--json", "-A"], root, env))
+            for exp in commit.get("experiments") or [] for rev in exp.get("revs") or []}
 
 
 def wait_for(predicate, seconds: float = 120):
@@ -79,15 +75,20 @@ def job_of(root: Path, study_name: str, run: str) -> str | None:
     return json.loads(path.read_text()).get(run) if path.is_file() else None
 
 
-def test_a_study_through_slurm_gives_the_local_queues_results_also_after_a_cancel(repos, figure):
+def test_a_study_through_slurm_trains_like_a_local_run_also_after_a_cancel(repos, figure):
     """The study's run as a SLURM job, cancelled mid-training (`scancel`: SIGTERM, as a preemption sends):
     train writes its resume state in the run's clone, the next `study run` submits the run again, its job
-    resumes training from that state, and the experiment that comes home has the results of the same run
-    in DVC's local queue (a resumed training ends with an uninterrupted one's weights)."""
+    resumes training from that state, and the experiment that comes home has the weights of an
+    uninterrupted local training of the same params (`dvc exp run train`, the same md5 in dvc.lock) and
+    every metric of the pipeline. (That the stages after train give the same results from the same weights
+    is test_e2e's and test_study's: the run-cache restores them.)"""
+    from pipeline.experiments.study import load
+
     local, remote, env = repos
     start_time = time.perf_counter()
-    study(local, env, "run", "studies/one.yaml", "--poll", "1")
-    queue_seconds = time.perf_counter() - start_time
+    overrides = next(r.overrides for r in load(local / "studies/one.yaml").runs if r.name == "one-long-0")
+    sh(["dvc", "exp", "run", "train", "-n", "one-long-0", *[a for o in overrides for a in ("-S", o)]], local, env)
+    local_seconds = time.perf_counter() - start_time
     start_time = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/one.yaml", "--executor",
                           "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
@@ -95,8 +96,8 @@ def test_a_study_through_slurm_gives_the_local_queues_results_also_after_a_cance
     job = wait_for(lambda: job_of(remote, "one", "one-long-0"))
     clone = remote / ".dvc/tmp/slurm/one/one-long-0"
     log = clone / f"slurm-{job}.out"
-    wait_for(lambda: log.is_file() and "Running stage 'train'" in log.read_text(), 300)
-    time.sleep(3)  # some steps into the 400
+    # train's estimate of its time: printed after its first steps, some seconds before the 400th
+    wait_for(lambda: log.is_file() and re.search(r"^train: .*estimated total", log.read_text(), re.M), 300)
     subprocess.run(["scancel", job], env=env, check=True)
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 1 and f"one-long-0 (error: cancelled (SLURM job {job}))" in out, out
@@ -108,10 +109,17 @@ def test_a_study_through_slurm_gives_the_local_queues_results_also_after_a_cance
     assert "one-long-0: running stage train" in out, out  # the job's stages, from its log
     again = job_of(remote, "one", "one-long-0")
     assert again != job and "train: resuming from step" in (clone / f"slurm-{again}.out").read_text()
-    here, there = results(local, env), results(remote, env)
-    assert set(here) == set(there) == {"one-long-0"} and here == there, (here, there)
-    figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as SLURM jobs (cancelled, then resumed), "
-           f"{queue_seconds:.0f} s in DVC's local queue (this machine, shared with the other tests)")
+    here, there = experiments(local, env), experiments(remote, env)
+    assert set(here) == set(there) == {"one-long-0"}, (here.keys(), there.keys())
+    here, there = here["one-long-0"], there["one-long-0"]
+    assert here["params"]["params.yaml"]["data"] == there["params"]["params.yaml"]["data"]
+    md5s = [d["outs"]["models/model.pt"]["hash"] for d in (here, there)]
+    assert md5s[0] and md5s[0] == md5s[1], md5s  # resumed on SLURM = uninterrupted here, bit for bit
+    metrics = there["metrics"]
+    fid, bpd = metrics["metrics/fid.json"]["data"]["fid"]["ddpm"]["3"], metrics["metrics/nll.json"]["data"]["nll"]
+    assert fid > 0 and bpd["bits_per_dim"] > 0, metrics
+    figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as SLURM jobs (cancelled, then resumed), its weights "
+           f"those of a local uninterrupted training ({local_seconds:.0f} s) (this machine, shared with the other tests)")
     # the experiment came home: done, also for `study report`
     assert "1 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
                                                               "slurm", "--dry")
@@ -126,9 +134,11 @@ def test_a_failing_job_is_named_with_its_error(repos):
 
 def test_ctrl_c_cancels_what_the_run_submitted(repos):
     _, remote, env = repos
+    # Ctrl-C's default action in the child, also where the test run itself ignores SIGINT (started in the background)
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/stop.yaml", "--executor",
                           "slurm", "--poll", "1"], cwd=remote, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         stderr=subprocess.STDOUT, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     job = wait_for(lambda: job_of(remote, "stop", "stop-base-9"))
     time.sleep(2)
     p.send_signal(signal.SIGINT)

@@ -3,8 +3,9 @@ and what DVC adds around the stages. ``python -m benchmarks overhead`` prints it
 
 It runs the whole pipeline once as ``dvc exp run`` in a copy of the repository (like
 ``make repro PRESET=cpu``), on the real data set but with next to no work in any stage
-(``ZERO_WORK``: a 1-step, 8-channel U-Net with T = 50 (at T = 10 the linear schedule's β reach 0.999 and ᾱ_T 1e-17: every sample NaN), 10-sample cells (the fewest the metrics take) of the CPU preset's
-shape: 5 samplers × 2 step counts; one intra-op thread). Every stage command goes through a
+(``ZERO_WORK``: a 1-step, 8-channel U-Net with T = 50 (at T = 10 the linear schedule's β reach
+0.999 and ᾱ_T 1e-17: every sample NaN), 10-sample cells (the fewest the metrics take) of the CPU
+preset's shape: 5 samplers × 2 step counts; one intra-op thread). Every stage command goes through a
 ``python`` shim on PATH that records its wall and CPU time (its own start-up, a ``python -S``,
 is in the figures: a few tens of milliseconds), so
 

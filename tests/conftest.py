@@ -33,7 +33,9 @@ How the suite runs (``make test`` = CI; ``make test-fast`` = the loop while edit
   ``OMP_NUM_THREADS=1``: two workers on two cores, not four threads fighting for them.
 """
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,7 +50,9 @@ os.environ["PIPELINE_LIVE_MLFLOW"] = "0"
 
 # torch.compile's kernels in a cache of this test run (as CI's fresh machine has): a cache another run left
 # (of another CPU capability: ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA) is never read
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="torchinductor-tests-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # set here, in pytest's first process; its workers inherit it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="torchinductor-tests-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscription
     os.environ.setdefault("OMP_NUM_THREADS", "1")

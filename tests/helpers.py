@@ -50,9 +50,17 @@ def make_idx_dir(root: Path, n_train: int = 256, n_test: int = 128, compress: bo
     return root
 
 
+def committed_params_text() -> str:
+    """params.yaml as committed (git's HEAD), else the file: the defaults the tests build on. After
+    `make repro` the workspace's params.yaml is the CPU preset's (DVC applies the experiment to it),
+    and `make test` must pass there too."""
+    r = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True)
+    return r.stdout if r.returncode == 0 else (REPO / "params.yaml").read_text()
+
+
 def tiny_params(data_root: Path) -> dict:
     """A params.yaml that runs the whole pipeline in seconds on synthetic data."""
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = yaml.safe_load(committed_params_text())
     p["data"].update(root=str(data_root), download=False)
     p["model"].update(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[14], dropout=0.0)
     p["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, ema_snapshot_every=2)

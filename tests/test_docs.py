@@ -14,7 +14,7 @@ import sys
 import pytest
 import typer
 import yaml
-from helpers import REPO
+from helpers import REPO, committed_params_text
 
 from pipeline.cli import COMMANDS
 from pipeline.params.schema import Params
@@ -66,7 +66,7 @@ def yaml_keys(named: set[str]) -> set[str]:
                 keys.add(".".join(here))
                 visit(v, here)
 
-    visit(yaml.safe_load((REPO / "params.yaml").read_text()), [])
+    visit(yaml.safe_load(committed_params_text()), [])
     return keys
 
 
@@ -80,8 +80,9 @@ def reference_rows(markdown: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_the_params_reference_lists_every_key_with_its_meaning():
-    markdown = docs_site().params_markdown(REPO)
+def test_the_params_reference_lists_every_key_with_its_meaning(tmp_path):
+    (tmp_path / "params.yaml").write_text(committed_params_text())  # the committed defaults, also after `make repro`
+    markdown = docs_site().params_markdown(tmp_path)
     rows = reference_rows(markdown)
     named = {"samplers", "guidance"}
     expected = schema_keys()

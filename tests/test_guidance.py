@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO
+from helpers import REPO, committed_params_text
 from PIL import Image
 from gaussian import F64, M, S, W, gaussian_eps, mixture_eps
 from test_samplers_family import FAMILY, FAMILY_IDS, tolerance
@@ -300,7 +300,7 @@ def test_dvc_sweep_plot_template_draws_one_line_per_cell_through_its_w():
 
 
 def test_params_guidance_needs_a_class_model():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = yaml.safe_load(committed_params_text())
     raw["sample"]["guidance"] = ["w3"]
     with pytest.raises(ParamsError, match="needs conditioning: class"):
         parse_params(raw)

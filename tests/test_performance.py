@@ -292,9 +292,9 @@ def test_default_repro_is_params_yaml():
     import yaml
 
     from benchmarks.gpu_check import DEFAULT_REPRO
-    from helpers import REPO
+    from helpers import committed_params_text
 
-    p = yaml.safe_load((REPO / "params.yaml").read_text())
+    p = yaml.safe_load(committed_params_text())
     assert (DEFAULT_REPRO["train_steps"], DEFAULT_REPRO["batch_size"]) == (p["train"]["steps"], p["train"]["batch_size"])
     assert list(DEFAULT_REPRO["samplers"]) == p["sample"]["samplers"] and list(DEFAULT_REPRO["steps"]) == p["sample"]["steps"]
     assert DEFAULT_REPRO["num_samples"] == p["sample"]["num_samples"] and DEFAULT_REPRO["timesteps"] == p["timesteps"]

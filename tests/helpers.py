@@ -143,9 +143,14 @@ def queue_env() -> dict:
 def new_repository(repo: Path, params: dict, env: dict | None = None, files: dict[str, str] | None = None) -> None:
     """``repo``: the repository's files (tracked or not ignored; not tests/) with ``params`` as
     its params.yaml and ``files`` (path → text) added, in a fresh git repository, committed ("tiny")."""
-    tracked = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                             capture_output=True, text=True, check=True).stdout.split()
-    for f in tracked:
+    def listed(*options: str) -> list[str]:
+        return subprocess.run(["git", "ls-files", *options], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.split()
+
+    # new source files too, but not what a pipeline run left in this workspace (after `make repro`: its
+    # dvc.lock, whose hashes the new repository's cache lacks, and the .gitignore files DVC writes for outputs)
+    untracked = [f for f in listed("--others", "--exclude-standard") if Path(f).name not in ("dvc.lock", ".gitignore")]
+    for f in [f for f in listed("--cached") if f != "dvc.lock"] + untracked:
         if (REPO / f).is_file() and not f.startswith("tests/"):
             (repo / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, repo / f)

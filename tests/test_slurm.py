@@ -1,8 +1,8 @@
 """Studies on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and slurmd on this machine), no
 mock: a study's run through SLURM trains the weights of a local uninterrupted training of the same params,
 also when its job is cancelled mid-training and submitted again by the next `study run` (it resumes), and
-comes home with its metrics; a failing job is named
-with its error, Ctrl-C cancels what the run submitted, and training as two srun tasks equals one process."""
+comes home with its metrics; a failing job is named with its error, Ctrl-C cancels what the run
+submitted, and training as two srun tasks equals one process."""
 
 import json
 import re

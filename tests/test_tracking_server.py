@@ -46,8 +46,9 @@ class Server:
                "--artifacts-destination", str(self.root / "artifacts"), "--host", "127.0.0.1",
                "--port", str(self.port), "--workers", "1"]
         with open(self.root / "server.log", "ab") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.root, env=subprocess_env(), stdout=log, stderr=log,
-                                         start_new_session=True)
+            # no GenAI job runner (huey consumers), as `python -m pipeline ui` starts it: tracking needs none
+            env = {**subprocess_env(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+            self.proc = subprocess.Popen(cmd, cwd=self.root, env=env, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 90
         while True:
             try:

@@ -3,13 +3,20 @@ and the class names (``Split``), saved and loaded as one torch file each (``save
 ``load_split``: a malformed file is refused with one line naming it). The readers of the
 data sets themselves are ``ddpm.datasets``."""
 
+from __future__ import annotations
+
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ddpm.errors import InputError
 from ddpm.files import atomic_save, load_torch_file
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where a tensor is made or checked: the `check` stage reads the data set's files
+# (``ddpm.datasets``) without importing it (about 2 s of every pipeline run)
 
 SPLITS = ("train", "test")
 
@@ -25,7 +32,9 @@ class Split:
     classes: list[str]
     dataset: str = ""  # the data set it came from (``ddpm.config.data.DATASETS``)
 
-    def validate(self, name: str = "split") -> "Split":
+    def validate(self, name: str = "split") -> Split:
+        import torch
+
         im, lb = self.images, self.labels
         if not (isinstance(im, torch.Tensor) and im.dtype == torch.uint8 and im.ndim == 4):
             raise DataError(f"{name}: images must be a uint8 tensor [N, C, H, W]")

@@ -31,14 +31,13 @@ import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
-import torch
-
 from ddpm.config.data import DATASETS, DECODE_BYTES_PER_PIXEL, pixel_limit
 from ddpm.data import SPLITS, DataError, Split
 from ddpm.files import atomic_write, first_line
 
-# torchvision is imported inside the readers: importing it costs a second or more (it loads
-# torch._dynamo).
+# torch and torchvision are imported inside the readers: the `check` stage calls ``check_source`` and
+# ``check_files`` alone, which need neither (importing torch costs about 2 s, torchvision a second more:
+# it loads torch._dynamo).
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
@@ -249,6 +248,7 @@ def _unpickle_cifar(path: Path, md5: str) -> dict:
 def _read_cifar_batch(path: Path, md5: str, num_classes: int) -> tuple:
     """(uint8 images [N, 3, 32, 32], int64 labels [N]) of one batch file, checked."""
     import numpy as np
+    import torch
 
     entry = _unpickle_cifar(path, md5)
     data, labels = entry.get("data"), entry.get("labels", entry.get("fine_labels"))
@@ -266,6 +266,7 @@ def _read_cifar_batch(path: Path, md5: str, num_classes: int) -> tuple:
 
 def _read_cifar10(where: Path) -> dict[str, Split]:
     """The splits of ``where``/cifar-10-batches-py, read as ``_unpickle_cifar`` says and checked."""
+    import torch
     import torchvision
 
     cifar = torchvision.datasets.CIFAR10  # the file names and published MD5s
@@ -349,6 +350,7 @@ def load_image_folder(root, image_size: int, channels: int, test_fraction: float
     """The train and test splits of an image folder, each image resized and centre-cropped to ``image_size``;
     an image of more pixels than ``ddpm.config.data.pixel_limit(image_size, max_pixels)`` is refused
     (naming it) before it is decoded."""
+    import torch
     import torchvision
     from torchvision.transforms import v2 as T
 

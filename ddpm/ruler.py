@@ -19,14 +19,18 @@ its identity. ``read_pinned`` checks every file against it, so a folder that was
 is refused.
 """
 
+from __future__ import annotations
+
 import hashlib
 import json
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ddpm.data import DataError
 from ddpm.files import file_sha256, load_torch_file, tensor_sha256
+
+if TYPE_CHECKING:  # torch itself where a tensor is read: `check` reads a pinned ruler without it
+    import torch
 
 FORMAT = "ddpm-reference/1"
 PINNED = "ddpm-ruler/1"
@@ -111,6 +115,8 @@ def weights_file(extractor: str, weights_path, classifier) -> Path | None:
     elif weights_path is not None:
         weights = Path(weights_path)
     else:
+        import torch
+
         cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
         return cached if cached.is_file() else None
     if not weights.is_file():

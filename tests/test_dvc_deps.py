@@ -100,14 +100,16 @@ def test_the_library_imports_no_glue():
             assert not bad, (f, bad)
 
 
-def test_the_log_stage_starts_without_torch():
-    """log runs in every experiment (always changed, also when every other stage is restored from the
-    run-cache): it writes files and talks to MLflow, and starts without torch's second of import."""
+@pytest.mark.parametrize("stage", ["check", "log"])
+def test_the_stages_of_every_run_start_without_torch(stage):
+    """check and log run in every experiment (always changed, also when every other stage is restored from the
+    run-cache): check reads params.yaml, the data set's files and a pinned ruler's records, log writes files and
+    talks to MLflow; neither pays torch's seconds of import."""
     import subprocess
     import sys
 
-    code = "import sys, pipeline.stages.log; print('torch' in sys.modules)"
+    code = f"import sys, pipeline.stages.{stage}; print('torch' in sys.modules)"
     r = subprocess.run([sys.executable, "-X", "importtime", "-c", code], cwd=REPO, capture_output=True, text=True,
                        check=True)
-    chain = [line for line in r.stderr.splitlines() if line.rstrip().endswith((" torch", "ddpm.files"))]
+    chain = [line for line in r.stderr.splitlines() if line.rstrip().endswith((" torch", "ddpm.files", "ddpm.data"))]
     assert r.stdout.strip() == "False", chain  # its importers, from -X importtime

@@ -16,7 +16,7 @@ from scipy import stats
 from test_e2e import sh
 from tiny import cli
 
-from helpers import REPO, copy_repository, queue_env
+from helpers import REPO, copy_repository, e2e_params, new_repository, queue_env
 
 TINY = """
 description: A tiny study of the tests.
@@ -69,6 +69,14 @@ def repo(tmp_path_factory, reproduced):
     return root, env
 
 
+@pytest.fixture(scope="module")
+def bare(tmp_path_factory, idx_dir):
+    """A tiny repository with the params of ``reproduced`` and nothing run: for the tests that queue nothing."""
+    root = tmp_path_factory.mktemp("study-bare") / "repo"
+    new_repository(root, e2e_params(idx_dir), queue_env())
+    return root
+
+
 def study(root, env, *args, timeout=1500):
     r = subprocess.run([sys.executable, "-m", "pipeline", "study", *args], cwd=root, env=env, capture_output=True,
                        text=True, timeout=timeout)
@@ -119,8 +127,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("text, naming", BAD)
-def test_a_bad_study_file_is_one_line_and_queues_nothing(repo, text, naming):
-    root, env = repo
+def test_a_bad_study_file_is_one_line_and_queues_nothing(bare, text, naming):
+    root = bare
     (root / "studies/bad.yaml").write_text(text)
     try:
         r = cli(root, "study", "run", "studies/bad.yaml")
@@ -133,8 +141,9 @@ def test_a_bad_study_file_is_one_line_and_queues_nothing(repo, text, naming):
 
 
 @E2E
-def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(repo):
+def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(bare, repo):
     root, env = repo
+    assert "Queued" not in queue_status(bare, env) and not experiments(bare, env)
     out = study(root, env, "run", "studies/tiny.yaml", "--dry")
     assert "1 done, 0 queued or running, 3 to queue" in out and out.count("would queue: dvc exp run --queue") == 3, out
     assert "tiny-baseline-0: done (DVC experiment master, " in out, out  # the commit's own results

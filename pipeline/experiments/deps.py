@@ -159,10 +159,10 @@ def matrix_size(matrix: dict, params: dict) -> int:
 
 
 def stages(root: Path) -> list[Stage]:
-    import yaml
+    from pipeline import yamlio
 
-    spec = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
-    params = yaml.safe_load((root / "params.yaml").read_text())
+    spec = yamlio.load((root / "dvc.yaml").read_text())["stages"]
+    params = yamlio.load((root / "params.yaml").read_text())
     out = []
     for name, s in spec.items():
         declared = frozenset(d for d in s.get("deps", []) if isinstance(d, str) and d.split("/")[0] in PACKAGES)

@@ -33,8 +33,7 @@ from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
 
-import yaml
-
+from pipeline import yamlio
 from pipeline.errors import ExternalError
 
 PACKAGES = ("ddpm", "pipeline")  # the code a stage imports (pipeline.experiments.deps)
@@ -196,7 +195,7 @@ def source_hashes() -> dict[str, str]:
 
 def _git_yaml(rev: str, path: str) -> dict | None:
     shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True)
-    return (yaml.safe_load(shown.stdout) or {}) if shown.returncode == 0 else None
+    return (yamlio.load(shown.stdout) or {}) if shown.returncode == 0 else None
 
 
 def _definition(spec: dict) -> dict:
@@ -214,7 +213,7 @@ def stale_stages(rev: str, now: dict[str, str], defined: dict | None = None) -> 
     code and dvc.yaml (see the module docstring): ``now`` is ``source_hashes()``, ``defined`` today's
     stages (dvc.yaml's). Empty when nothing would run again."""
     lock, then = _git_yaml(rev, "dvc.lock"), _git_yaml(rev, "dvc.yaml")
-    defined = defined if defined is not None else yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    defined = defined if defined is not None else yamlio.load(Path("dvc.yaml").read_text())["stages"]
     if not lock or not then:
         return ["(no dvc.lock)"]
     locked, before = lock.get("stages") or {}, then.get("stages") or {}

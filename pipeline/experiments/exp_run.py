@@ -45,6 +45,7 @@ from pathlib import Path
 import typer
 import yaml
 
+from pipeline import yamlio
 from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.params.base import ParamsError
@@ -79,7 +80,7 @@ def apply(params: Path, override: list[str]) -> dict:
             except ValueError as e:
                 raise ParamsError(f"-S {' -S '.join(override)}: {e}") from None
         try:
-            return yaml.safe_load(copy.read_text())
+            return yamlio.load(copy.read_text())
         except yaml.YAMLError as e:
             raise ParamsError(f"{params} is not valid YAML: {e}") from None
 

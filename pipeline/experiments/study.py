@@ -46,6 +46,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpm.errors import InputError
+from pipeline import yamlio
 from pipeline.experiments import compare, verdicts
 from pipeline.params.base import flatten
 
@@ -263,7 +264,7 @@ def read(path: Path) -> StudySpec:
     if not path.is_file():
         raise StudyError(f"study file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yamlio.load(path.read_text())
     except yaml.YAMLError as e:
         raise StudyError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     try:
@@ -341,7 +342,7 @@ def check(study: Study, params_path: Path = Path("params.yaml"), dvc_yaml: Path 
 
     if not params_path.is_file():
         raise StudyError(f"params file {params_path} does not exist")
-    flat = flatten(yaml.safe_load(params_path.read_text()) or {})
+    flat = flatten(yamlio.load(params_path.read_text()) or {})
     for where, overrides in [("base", study.base), *((f"experiment {e}", own) for e, own in study.experiments.items()),
                              ("the study's seeds", [f"{SEED_KEY}={study.seeds[0]}"])]:
         for o in overrides:

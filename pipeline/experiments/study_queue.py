@@ -29,6 +29,7 @@ from pathlib import Path
 import yaml
 
 from ddpm.errors import InputError
+from pipeline import yamlio
 from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
 from pipeline.launch import SHARES
@@ -51,7 +52,7 @@ def current_check():
     """``current(rev)`` for ``study.match``: no stage of the experiment or commit ``rev`` would run again
     with today's code and dvc.yaml."""
     now = dvc_api.source_hashes()
-    defined = yaml.safe_load(Path("dvc.yaml").read_text())["stages"]
+    defined = yamlio.load(Path("dvc.yaml").read_text())["stages"]
     memo: dict[str, bool] = {}
 
     def current(rev: str) -> bool:

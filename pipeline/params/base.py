@@ -28,6 +28,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from ddpm.errors import InputError
+from pipeline import yamlio
 
 
 class ParamsError(InputError):
@@ -210,7 +211,7 @@ def read_yaml(path: str | Path) -> Any:
     if not path.is_file():
         raise ParamsError(f"params file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        return yamlio.load(path.read_text())
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from None
 

@@ -27,6 +27,7 @@ import yaml
 from ddpm.data import DataError
 from ddpm.datasets import check_files, check_source
 from ddpm.ruler import read_pinned
+from pipeline import yamlio
 from pipeline.outputs import check_writable, write_json
 from pipeline.params.schema import Params, load_params
 from pipeline.stages._cli import PARAMS, stage, stage_app
@@ -42,7 +43,7 @@ def declared_outputs(dvc_yaml: Path) -> tuple[list[Path], list[Path]]:
     """(files, folders) that the stages of ``dvc_yaml`` write. A templated path
     (``samples/${item.sampler}-${item.steps}``) stands for the folder its fixed part names."""
     try:
-        stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
+        stages = (yamlio.load(dvc_yaml.read_text()) or {}).get("stages", {})
     except (OSError, yaml.YAMLError) as e:
         raise DataError(f"cannot read the stages in {dvc_yaml}: {e}") from None
     files, folders = [], []

@@ -609,7 +609,9 @@ def test_sigterm_stops_train_at_the_end_of_its_step_with_a_resume_state(tmp_path
 def test_a_second_sigterm_stops_train_at_once_keeping_the_last_resume_state(tmp_path, monkeypatch,
                                                                              sigterm_safety_net):
     import ddpm.training
+    import pipeline.stages._cli
 
+    monkeypatch.setattr(pipeline.stages._cli, "SAME_STOP_SECONDS", 0.0)  # the second comes later than that
     root = workspace(tmp_path, steps=8, checkpoint_every=2)
     real, calls = ddpm.training.training_terms, [0]
 
@@ -687,7 +689,30 @@ def test_sigterm_to_torchrun_stops_every_rank_at_the_same_step(tmp_path):
     assert torch.load(root / state_of(root), weights_only=True)["step"] == step
 
 
-def test_a_deferred_sigterm_stops_at_once_when_no_safe_point_comes(sigterm_safety_net):
+def test_a_sigterm_delivered_twice_at_once_is_one_stop(tmp_path, monkeypatch, sigterm_safety_net):
+    """`scancel` (and a preemption) signals every process of a SLURM job, and the job's script passes the signal
+    on to the run: train gets SIGTERM twice within milliseconds, and must still stop at its step's end with its
+    resume state (a test of the SLURM study found it stopping at once, with none)."""
+    import ddpm.training
+
+    root = workspace(tmp_path, steps=8, checkpoint_every=2)
+    real, calls = ddpm.training.training_terms, [0]
+
+    def twice(*args, **kwargs):  # in step 4: SIGTERM from SLURM, and the same from the batch script
+        calls[0] += 1
+        if calls[0] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ddpm.training, "training_terms", twice)
+    stops(root, ("train", "--device", "cpu", "--state", STATE),
+          says=f"at step 4 of 8; its resume state is {STATE}: the same command resumes from step 4")
+    assert torch.load(root / STATE, weights_only=True)["step"] == 4
+
+
+def test_a_deferred_sigterm_stops_at_once_when_no_safe_point_comes(monkeypatch, sigterm_safety_net):
+    import pipeline.stages._cli
     from pipeline.stages._cli import Terminated, stop_at_safe_point
 
     with stop_at_safe_point(grace=0.2) as stop:  # a safe point: the stop is asked for, and nothing is raised
@@ -699,6 +724,11 @@ def test_a_deferred_sigterm_stops_at_once_when_no_safe_point_comes(sigterm_safet
         os.kill(os.getpid(), signal.SIGTERM)
         while time.monotonic() - start < 5:  # work that never asks: stopped by the grace timer, not by its end
             time.sleep(0.01)
+    with stop_at_safe_point(grace=60) as stop:  # the same SIGTERM twice at once: one stop, asked for
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop()
+    monkeypatch.setattr(pipeline.stages._cli, "SAME_STOP_SECONDS", 0.0)
     with pytest.raises(Terminated), stop_at_safe_point(grace=60):  # a second SIGTERM: at once
         os.kill(os.getpid(), signal.SIGTERM)
         os.kill(os.getpid(), signal.SIGTERM)

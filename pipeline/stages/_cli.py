@@ -25,6 +25,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -118,6 +119,9 @@ def debugging() -> bool:
 # ----------------------------------------------------------------------------- SIGTERM: a stop, as Ctrl-C
 SIGINT_STATUS, SIGTERM_STATUS = 130, 143  # 128 + the signal's number, as a shell reports a process it killed
 STOP_GRACE = 20.0  # seconds a deferred SIGTERM waits for a safe point before it stops the work where it is
+# a SIGTERM this soon after the first is the same stop, not a second one: `scancel` and a preemption signal every
+# process of a SLURM job, and its batch script passes the signal on to the run, so train gets it twice at once
+SAME_STOP_SECONDS = 1.0
 
 
 class Terminated(KeyboardInterrupt):
@@ -164,17 +168,22 @@ class StopRequest:
 def stop_at_safe_point(grace: float | None = None):
     """Within the block the first SIGTERM only sets the ``StopRequest`` it yields; the work asks it at its
     safe points and stops there itself (raising ``Terminated`` once it has saved what it can). A second
-    SIGTERM, or ``grace`` seconds without reaching a safe point, raise ``Terminated`` at once, as outside
-    the block. Outside the main thread the request is never set (and SIGTERM is left as it was)."""
+    SIGTERM (``SAME_STOP_SECONDS`` or more after the first: one sooner is the same stop, delivered twice),
+    or ``grace`` seconds without reaching a safe point, raise ``Terminated`` at once, as outside the block.
+    Outside the main thread the request is never set (and SIGTERM is left as it was)."""
     request, grace = StopRequest(), STOP_GRACE if grace is None else grace
     if not _in_main_thread():
         yield request
         return
+    first: list[float] = []
 
     def on_sigterm(signum, frame):
         if request.requested:
+            if time.monotonic() - first[0] < SAME_STOP_SECONDS:
+                return
             raise Terminated()
         request.requested = True
+        first.append(time.monotonic())
         signal.setitimer(signal.ITIMER_REAL, grace)
 
     def on_alarm(signum, frame):

@@ -61,10 +61,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscri
 
 
 # The longest files, measured (docs/guides/contributing.md), handed out first and in this order. test_study
-# (a tiny study through DVC's queue: about 6 minutes of one core) and test_slurm (studies on a real
-# SLURM cluster: about 4) start at once, one on each worker, so that neither runs alone at the end;
-# then test_e2e builds the ``reproduced`` repository, and test_performance's gpu-check and
-# test_e2e_sweeps (which copies it) follow.
+# (a tiny study through DVC's queue, in a copy of ``reproduced``, which it builds first) and test_slurm (studies
+# on a real SLURM cluster) start at once, one on each worker, so that neither runs alone at the end; then
+# test_e2e (``reproduced`` is built by then), test_performance's gpu-check and test_e2e_sweeps follow.
 FIRST = ("tests/test_study.py", "tests/test_slurm.py", "tests/test_e2e.py", "tests/test_performance.py",
          "tests/test_e2e_sweeps.py")
 

@@ -606,23 +606,29 @@ def test_sigterm_stops_train_at_the_end_of_its_step_with_a_resume_state(tmp_path
     assert (root / "plots/train_loss.csv").read_text() == (ref / "plots/train_loss.csv").read_text()
 
 
-def test_a_second_sigterm_stops_train_at_once_keeping_the_last_resume_state(tmp_path, monkeypatch,
-                                                                             sigterm_safety_net):
+def sigterm_twice_in_step(step: int, monkeypatch) -> None:
+    """Train's ``step``-th step sends this process SIGTERM twice at once, before the step ends."""
     import ddpm.training
-    import pipeline.stages._cli
 
-    monkeypatch.setattr(pipeline.stages._cli, "SAME_STOP_SECONDS", 0.0)  # the second comes later than that
-    root = workspace(tmp_path, steps=8, checkpoint_every=2)
     real, calls = ddpm.training.training_terms, [0]
 
-    def twice(*args, **kwargs):  # in step 4: SIGTERM, and again before the step ends
+    def twice(*args, **kwargs):
         calls[0] += 1
-        if calls[0] == 4:
+        if calls[0] == step:
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ddpm.training, "training_terms", twice)
+
+
+def test_a_second_sigterm_stops_train_at_once_keeping_the_last_resume_state(tmp_path, monkeypatch,
+                                                                             sigterm_safety_net):
+    import pipeline.stages._cli
+
+    monkeypatch.setattr(pipeline.stages._cli, "SAME_STOP_SECONDS", 0.0)  # the second comes later than that
+    root = workspace(tmp_path, steps=8, checkpoint_every=2)
+    sigterm_twice_in_step(4, monkeypatch)
     stops(root, ("train", "--device", "cpu", "--state", STATE),
           says=f"at step 3 of 8; the last resume state is {STATE} at step 2: the same command resumes from there")
     assert torch.load(root / STATE, weights_only=True)["step"] == 2
@@ -693,19 +699,8 @@ def test_a_sigterm_delivered_twice_at_once_is_one_stop(tmp_path, monkeypatch, si
     """`scancel` (and a preemption) signals every process of a SLURM job, and the job's script passes the signal
     on to the run: train gets SIGTERM twice within milliseconds, and must still stop at its step's end with its
     resume state (a test of the SLURM study found it stopping at once, with none)."""
-    import ddpm.training
-
     root = workspace(tmp_path, steps=8, checkpoint_every=2)
-    real, calls = ddpm.training.training_terms, [0]
-
-    def twice(*args, **kwargs):  # in step 4: SIGTERM from SLURM, and the same from the batch script
-        calls[0] += 1
-        if calls[0] == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(ddpm.training, "training_terms", twice)
+    sigterm_twice_in_step(4, monkeypatch)  # SIGTERM from SLURM, and the same from the batch script
     stops(root, ("train", "--device", "cpu", "--state", STATE),
           says=f"at step 4 of 8; its resume state is {STATE}: the same command resumes from step 4")
     assert torch.load(root / STATE, weights_only=True)["step"] == 4

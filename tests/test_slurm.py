@@ -70,6 +70,12 @@ def wait_for(predicate, seconds: float = 120):
     raise AssertionError("timed out waiting")
 
 
+def final_state(job: str, env: dict) -> str:
+    """The job's final state from SLURM's job-completion log ("" while it runs)."""
+    return subprocess.run(["sacct", "-c", "-n", "-P", "-j", job, "-o", "State"], env=env, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def job_of(root: Path, study_name: str, run: str) -> str | None:
     path = root / ".dvc/tmp/slurm" / study_name / "jobs.json"
     return json.loads(path.read_text()).get(run) if path.is_file() else None
@@ -144,8 +150,7 @@ def test_ctrl_c_cancels_what_the_run_submitted(repos):
     p.send_signal(signal.SIGINT)
     out = p.communicate(timeout=120)[0]
     assert p.returncode == 130 and f"cancelled the 1 SLURM job this run submitted ({job})" in out, out
-    state = wait_for(lambda: subprocess.run(["sacct", "-c", "-n", "-P", "-j", job, "-o", "State"], env=env,
-                                            capture_output=True, text=True).stdout.strip(), 60)
+    state = wait_for(lambda: final_state(job, env), 60)
     assert state.startswith("CANCELLED"), state
 
 
@@ -157,9 +162,11 @@ def test_two_srun_tasks_train_like_one_process(tmp_path, cluster):
     env = {**subprocess_env(), "SLURM_CONF": cluster["SLURM_CONF"], "PIPELINE_LIVE_MLFLOW": "0"}
     command = (f"srun {sys.executable} -m pipeline.stages.train --device cpu --out models/two.pt "
                "--metrics metrics/two.json --no-live")
-    r = subprocess.run(["sbatch", "--parsable", "--wait", "--ntasks=2", f"--chdir={root}", "--output=srun.out",
-                        "--wrap", command], env=env, capture_output=True, text=True, timeout=600)
+    # not `sbatch --wait`: it polls at 2, 6, 14, 30 s..., so a job of 15 s would keep the test 30 s
+    job = subprocess.run(["sbatch", "--parsable", "--ntasks=2", f"--chdir={root}", "--output=srun.out", "--wrap",
+                          command], env=env, capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    state = wait_for(lambda: final_state(job, env), 600)
     log = (root / "srun.out").read_text() if (root / "srun.out").is_file() else ""
-    assert r.returncode == 0, r.stderr + log
+    assert state == "COMPLETED", state + log
     assert "(2 processes)" in log and log.count("train: 6 steps") == 1, log
     assert max_abs_diff(weights(root / "models/one.pt"), weights(root / "models/two.pt")) < 1e-4

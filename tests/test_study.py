@@ -1,9 +1,10 @@
 """`python -m pipeline study run|report` on a real tiny DVC repository (a copy of ``reproduced``, whose
-commit is one of the study's runs): a study of 2 experiments × 2 seeds runs its other 3 runs through
-DVC's queue and is reported with its verdicts (checked against the experiments as `dvc exp show` has
-them and against scipy); a second `study run` does nothing, also after a commit that changed no code,
-and an edit is stale exactly where DVC would re-run a stage; a run lost after an interruption is all
-that runs again, restored from DVC's run-cache; a bad study file is one line and queues nothing."""
+commit is one of the study's runs): a study of 2 experiments × 2 seeds follows the run an interruption
+left in DVC's queue, runs its other 2 runs there and is reported with its verdicts (checked against the
+experiments as `dvc exp show` has them and against scipy); a second `study run` does nothing, also after
+a commit that changed no code, and an edit is stale exactly where DVC would re-run a stage; a run lost
+after an interruption is all that runs again, restored from DVC's run-cache; a bad study file is one
+line and queues nothing."""
 
 import json
 import re
@@ -25,7 +26,7 @@ base:
 seeds: [0, 1]
 experiments:
   baseline: []
-  trailing: [sample.spacing=trailing]
+  trailing: [sample.spacing=trailing, 'sample.samplers=[ddim]']
 claims:
   ddim:
     source: Song et al. 2021
@@ -49,8 +50,10 @@ def E2E(test):
     return pytest.mark.slow(pytest.mark.e2e(test))
 
 
-# the second experiment changes sampling only: its runs restore the baseline's training from DVC's run-cache.
-# tiny-baseline-0 has the params of the repository's commit (``reproduced``): that commit is its run
+# the second experiment changes sampling only (and samples with DDIM alone, all its claim reads): its runs
+# restore the baseline's training from DVC's run-cache. tiny-baseline-0 has the params of the repository's
+# commit (``reproduced``): that commit is its run. tiny-baseline-1 is queued by hand before the study runs, as
+# an interrupted `study run` leaves a run: the study follows it and queues the other two
 NAMES = ["tiny-baseline-0", "tiny-baseline-1", "tiny-trailing-0", "tiny-trailing-1"]
 QUEUED = NAMES[1:]
 
@@ -147,7 +150,7 @@ def test_nothing_was_queued_by_the_bad_files_nor_by_a_dry_run(bare, repo):
     out = study(root, env, "run", "studies/tiny.yaml", "--dry")
     assert "1 done, 0 queued or running, 3 to queue" in out and out.count("would queue: dvc exp run --queue") == 3, out
     assert "tiny-baseline-0: done (DVC experiment master, " in out, out  # the commit's own results
-    assert ("-n tiny-trailing-1 -S 'sample.samplers=[ddpm,ddim]' -S 'sample.steps=[3]' -S sample.spacing=trailing "
+    assert ("-n tiny-trailing-1 -S 'sample.samplers=[ddim]' -S 'sample.steps=[3]' -S sample.spacing=trailing "
             "-S seed=1") in out
     assert "Queued" not in queue_status(root, env) and not experiments(root, env)
 
@@ -165,10 +168,18 @@ def test_the_cpu_preset_is_read_from_the_makefile():
 
 @E2E
 def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
+    """Its commit is one run, one run waits in DVC's queue (queued by hand, as an interrupted `study run`
+    leaves it): the study follows that one and queues the other two."""
     root, env = repo
+    from pipeline.experiments.study import load
+
+    adopted = next(r for r in load(root / "studies/tiny.yaml").runs if r.name == "tiny-baseline-1")
+    sh(["dvc", "exp", "run", "--queue", "-n", adopted.name, *[a for o in adopted.overrides for a in ("-S", o)]],
+       root, env)
     out = study(root, env, "run", "studies/tiny.yaml", "-j", "1", "--poll", "1")
-    assert "study tiny: 4 runs (2 experiments × 2 seeds): 1 done, 0 queued or running, 3 to queue" in out, out
-    assert all(f"queued {n}" in out and f"{n}: done in" in out for n in QUEUED) and "queued tiny-baseline-0" not in out
+    assert "study tiny: 4 runs (2 experiments × 2 seeds): 1 done, 1 queued or running, 2 to queue" in out, out
+    assert all(f"queued {n}" in out for n in QUEUED[1:]) and "queued tiny-baseline-" not in out, out
+    assert all(f"{n}: done in" in out for n in QUEUED), out
     assert "tiny-baseline-1: stage prepare unchanged from the baseline commit" in out, out
     assert "tiny-baseline-1: running stage train" in out and "[3/3]" in out
     assert "study tiny: 3 of 3 runs done in" in out, out
@@ -180,7 +191,8 @@ def test_a_tiny_study_runs_through_the_dvc_queue_and_reports_its_verdicts(repo):
     # shared stages: DVC's run-cache (tiny-baseline-1's training, for seed 1 with trailing spacing)
     assert "tiny-trailing-1: stage train restored from the run-cache" in out, out
     assert "tiny-trailing-0: stage train unchanged from the baseline commit" in out, out
-    assert all(exps[n]["params"]["sample"]["samplers"] == ["ddpm", "ddim"] for n in NAMES)
+    assert [exps[n]["params"]["sample"]["samplers"] for n in NAMES] == [["ddpm", "ddim"]] * 2 + [["ddim"]] * 2
+    assert "tiny-baseline-1: running stage fid@ddpm-3" in out and not re.search(r"tiny-trailing-\d: .*ddpm-3", out), out
 
     out = study(root, env, "report", "studies/tiny.yaml", "--readme", "NOTES.md")
     doc = json.loads((root / "reports/study-tiny.json").read_text())
@@ -257,22 +269,15 @@ def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo
 
 
 @E2E
-def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo, monkeypatch):
-    """One run lost, one left queued (as a killed `study run` leaves it): the next `study run` queues the
-    lost one, follows the queued one, and DVC's run-cache restores every stage of both."""
+def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo):
+    """A run lost (its experiment removed): the next `study run` queues it alone, and DVC's run-cache
+    restores every stage of it. (A run left in the queue is followed, not queued again: the tiny study.)"""
     root, env = repo
-    from pipeline.experiments.study import load
-
-    monkeypatch.chdir(root)
-    plan = {r.name: r for r in load(Path("studies/tiny.yaml")).runs}
-    sh(["dvc", "exp", "remove", "tiny-baseline-1", "tiny-trailing-1"], root, env)
-    sh(["dvc", "exp", "run", "--queue", "-n", "tiny-baseline-1",
-        *[a for o in plan["tiny-baseline-1"].overrides for a in ("-S", o)]], root, env)
+    sh(["dvc", "exp", "remove", "tiny-trailing-1"], root, env)
     out = study(root, env, "run", "studies/tiny.yaml", "--poll", "1")
-    assert "2 done, 1 queued or running, 1 to queue" in out and "queued tiny-trailing-1" in out, out
-    assert "queued tiny-baseline-1" not in out and "tiny-baseline-1: done in" in out, out
+    assert "3 done, 0 queued or running, 1 to queue" in out and "queued tiny-trailing-1" in out, out
     assert "tiny-trailing-1: stage train restored from the run-cache" in out, out
-    assert "2 of 2 runs done" in out and "every stage of 2" in out, out
+    assert "1 of 1 run done" in out and "every stage of 1" in out, out
     assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
 
 
@@ -289,6 +294,37 @@ def test_a_run_that_fails_is_named_with_its_error(repo):
     assert "fails-boom-0: FAILED (error: " in r.stdout and re.search(diverged, r.stdout), r.stdout
     assert r.stderr.startswith("error: 1 of 1 experiments failed: fails-boom-0 (error: ") \
         and re.search(diverged, r.stderr) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+HOLDS = """
+import os
+from pipeline.experiments import dvc_api
+read, write = os.pipe()
+stdout = os.dup(1)
+os.dup2(write, 1)
+os.close(write)
+dvc_api.start_workers(1)
+os.dup2(stdout, 1)  # the pipe's write end is now held by whatever inherited it, if anything
+os.set_blocking(read, False)
+try:
+    print("eof" if os.read(read, 1024) == b"" else "data")
+except BlockingIOError:
+    print("held")
+"""
+
+
+@pytest.mark.slow
+def test_the_queue_workers_hold_no_pipe_of_the_study(tmp_path):
+    """DVC forks a daemon per queue worker that lives as long as the worker (until some seconds after the
+    queue empties): it must not inherit `study run`'s stdout, else a pipe reading it (`| tee`, this suite's
+    capture) stays open that long after the study ended."""
+    env = {**queue_env(), "PYTHONPATH": str(REPO)}
+    sh(["git", "init", "-q"], tmp_path, env)
+    sh(["dvc", "init", "-q"], tmp_path, env)
+    sh(["git", "commit", "-qm", "dvc"], tmp_path, env)
+    r = subprocess.run([sys.executable, "-c", HOLDS], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "eof", r.stdout + r.stderr
 
 
 def test_a_follower_names_the_experiment_that_failed(tmp_path):

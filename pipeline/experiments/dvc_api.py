@@ -166,8 +166,20 @@ def queue_states() -> tuple[dict[str, str], dict[str, str | None]]:
 
 
 def start_workers(jobs: int) -> None:
-    with repository() as repo:
-        repo.experiments.celery_queue.start_workers(jobs)
+    """Start ``jobs`` queue workers: `dvc queue start -j`, in a process of its own whose standard streams are
+    /dev/null and a file. DVC forks a daemon per worker that lives as long as the worker (until some seconds
+    after the queue empties), and a fork keeps every file its parent had open: from this process, the daemon
+    would hold its stdout, so that `study run | tee`, or a test capturing its output, would end only when the
+    idle worker quits."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out:
+        r = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
+                           stdin=subprocess.DEVNULL, stdout=out, stderr=out, text=True)
+        if r.returncode != 0:
+            out.seek(0)
+            lines = out.read().strip().splitlines()
+            raise ExternalError(f"dvc queue start -j {jobs} failed" + (f": {lines[-1]}" if lines else ""))
 
 
 # ----------------------------------------------------------------------------- which stages would run again

@@ -57,9 +57,6 @@ if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # set here, in pytest's first p
 if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscription
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    # inductor compiles its kernels in a pool of worker processes: on a core of its own, one worker
-    # compiles in the worker itself (the compiled-vs-eager test: 90 → 82 CPU s on the 2-core AVX2 VM)
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
     torch.set_num_threads(1)
 
 

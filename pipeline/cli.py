@@ -10,6 +10,7 @@ one-line message; ``--version`` prints the version.
 """
 
 import ast
+import functools
 import importlib
 import importlib.util
 from pathlib import Path
@@ -34,8 +35,10 @@ COMMANDS = {**STAGES,
             "ui": ("pipeline.commands.ui", "app")}
 
 
+@functools.cache
 def short_help(module: str) -> str:
-    """The first line of the help of ``module``'s command, read from its source (nothing is imported)."""
+    """The first line of the help of ``module``'s command, read from its source (nothing is imported; once
+    per process)."""
     origin = importlib.util.find_spec(module).origin
     tree = ast.parse(Path(origin).read_text())
     for node in tree.body:

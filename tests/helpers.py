@@ -4,6 +4,7 @@ file formats, tiny params, something built once per test run for every xdist wor
 DVC's queue runs), and a reproduced one with a way to copy it (``build_reproduced``,
 ``copy_repository``). The fixtures that use them are in conftest.py."""
 
+import functools
 import gzip
 import os
 import shutil
@@ -199,10 +200,12 @@ def copy_repository(src: Path, dest: Path) -> Path:
     return dest
 
 
+@functools.cache
 def stage_keys() -> dict[str, list[str]]:
     """Each stage's declared params as its module declares them (``KEYS``, or ``STAGE_KEYS[stage]`` for a
     module that runs two stages of dvc.yaml), for the stages that read part of params.yaml (not `check`
-    and `log`, which read all of it)."""
+    and `log`, which read all of it). Once per test process (test_params_schema asks for each bad value):
+    do not change what it returns."""
     import importlib
 
     from pipeline.experiments import deps

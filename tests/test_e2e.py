@@ -46,14 +46,13 @@ def test_repro_then_ablation(repo, reproduced):
         rows.append(commit)
         for exp in commit.get("experiments") or []:
             rows.extend(exp.get("revs", []))
-    schedules, fids = [], []
+    schedules = []
     for row in rows:
         data = (row.get("data") or {})
         params = data.get("params", {}).get("params.yaml", {}).get("data", {})
         metrics = data.get("metrics", {}).get("metrics/fid.json", {}).get("data", {})
         if params and metrics:
             schedules.append(params["schedule"])
-            fids.append(metrics["fid"]["ddim"]["3"])
     assert "linear" in schedules and "cosine" in schedules, show
 
     import mlflow
@@ -64,12 +63,8 @@ def test_repro_then_ablation(repo, reproduced):
     logged = {r.data.params["schedule"] for r in runs}
     assert logged == {"linear", "cosine"}
     assert any(r.data.tags.get("dvc.exp_name", "workspace") != "workspace" for r in runs)
-
-    # back to the baseline's params: every stage that does work comes from DVC's run-cache
-    out = sh(["dvc", "exp", "run", "-S", "schedule=linear"], root, env)
-    assert set(re.findall(r"Running stage '([^']+)'", out)) == {"check", "log"}, out
-    assert "Stage 'train' is cached - skipping run" in out, out
-    assert json.loads((root / "metrics/fid.json").read_text())["fid"]["ddim"]["3"] == fids[schedules.index("linear")]
+    # (an experiment run again restores every stage that does work from DVC's run-cache, with the same
+    # metrics: test_study's rerun after an interruption)
 
 
 def outputs(root: Path) -> dict[str, bytes]:

@@ -271,13 +271,16 @@ def test_a_second_run_does_nothing_also_after_a_commit_that_changes_no_code(repo
 @E2E
 def test_a_rerun_after_an_interruption_does_only_what_is_missing(repo):
     """A run lost (its experiment removed): the next `study run` queues it alone, and DVC's run-cache
-    restores every stage of it. (A run left in the queue is followed, not queued again: the tiny study.)"""
+    restores every stage of it, with the same metrics. (A run left in the queue is followed, not queued again:
+    the tiny study.)"""
     root, env = repo
+    before = experiments(root, env)["tiny-trailing-1"]
     sh(["dvc", "exp", "remove", "tiny-trailing-1"], root, env)
     out = study(root, env, "run", "studies/tiny.yaml", "--poll", "1")
     assert "3 done, 0 queued or running, 1 to queue" in out and "queued tiny-trailing-1" in out, out
     assert "tiny-trailing-1: stage train restored from the run-cache" in out, out
     assert "1 of 1 run done" in out and "every stage of 1" in out, out
+    assert experiments(root, env)["tiny-trailing-1"] == before  # its params and metrics, restored
     assert "nothing to run" in study(root, env, "run", "studies/tiny.yaml")
 
 

@@ -380,8 +380,10 @@ def mount_tmpfs(where: Path, size: str) -> bool:
                           capture_output=True).returncode == 0
 
 
+@pytest.mark.slow
 def test_a_real_full_tmpfs(trained, tmp_path):
-    """The reproduction of the issue, on a real 16 KiB and a real 600 KiB tmpfs (root only)."""
+    """The reproduction of the issue, on a real 16 KiB and a real 600 KiB tmpfs (root only): two stage
+    processes (slow; the simulated full disk above is the quick check)."""
     small, medium = tmp_path / "16k", tmp_path / "600k"
     if not mount_tmpfs(small, "16k"):
         pytest.skip("cannot mount a tmpfs here (needs root)")

@@ -29,6 +29,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -171,8 +172,6 @@ def start_workers(jobs: int) -> None:
     after the queue empties), and a fork keeps every file its parent had open: from this process, the daemon
     would hold its stdout, so that `study run | tee`, or a test capturing its output, would end only when the
     idle worker quits."""
-    import tempfile
-
     with tempfile.TemporaryFile("w+") as out:
         r = subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)],
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out, text=True)

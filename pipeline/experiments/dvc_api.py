@@ -27,6 +27,7 @@ one line says what they mean instead.
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -143,6 +144,16 @@ def apply_overrides(path: Path, overrides: list[str]) -> None:
                                    else "")) from None
 
 
+ERROR = re.compile(r"^(ERROR|error):? .*$")  # DVC's error line, or a stage's own
+
+
+def last_line(text: str) -> str:
+    """What DVC's output says went wrong: its last error line, else its last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if ERROR.match(line)]
+    return (errors or lines or ["(no output)"])[-1]
+
+
 # ----------------------------------------------------------------------------- the queue
 def queued() -> dict[str, str]:
     """Name → stash rev of the named experiments queued or running in DVC's queue."""
@@ -177,8 +188,7 @@ def start_workers(jobs: int) -> None:
                            stdin=subprocess.DEVNULL, stdout=out, stderr=out, text=True)
         if r.returncode != 0:
             out.seek(0)
-            lines = out.read().strip().splitlines()
-            raise ExternalError(f"dvc queue start -j {jobs} failed" + (f": {lines[-1]}" if lines else ""))
+            raise ExternalError(f"dvc queue start -j {jobs} failed: {last_line(out.read())}")
 
 
 # ----------------------------------------------------------------------------- which stages would run again

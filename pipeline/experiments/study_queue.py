@@ -32,6 +32,7 @@ from ddpm.errors import InputError
 from pipeline import yamlio
 from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
+from pipeline.experiments.dvc_api import ERROR, last_line
 from pipeline.launch import SHARES
 from pipeline.progress import format_seconds
 from pipeline.stages._cli import stopped
@@ -40,7 +41,6 @@ RAN = re.compile(r"Running stage '([^']+)'")
 CACHED = re.compile(r"Stage '([^']+)' is cached - skipping run")
 UNCHANGED = re.compile(r"Stage '([^']+)' didn't change, skipping")
 ESTIMATE = re.compile(r"^train: .*estimated total.*$")
-ERROR = re.compile(r"^(ERROR|error):? .*$")
 
 
 def exp_show() -> list:
@@ -70,12 +70,6 @@ def _dvc(*args: str) -> subprocess.CompletedProcess:
         raise ExternalError(f"cannot run dvc: {e}") from None
 
 
-def _last_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    errors = [line for line in lines if ERROR.match(line)]
-    return (errors or lines or ["(no output)"])[-1]
-
-
 def queue(run) -> None:
     """``dvc exp run --queue -n <name> -S ...`` of one run, after removing a stale experiment of HEAD
     with its name (``study.match`` found none with its params and code)."""
@@ -83,12 +77,12 @@ def queue(run) -> None:
         print(f"  {run.name}: replacing the experiment of that name, made by other params or code", flush=True)
         r = _dvc("exp", "remove", run.name)
         if r.returncode:
-            raise ExternalError(f"experiment {run.name}: dvc exp remove failed: {_last_line(r.stdout + r.stderr)}")
+            raise ExternalError(f"experiment {run.name}: dvc exp remove failed: {last_line(r.stdout + r.stderr)}")
     args = ["exp", "run", "--queue", "-n", run.name, *[a for o in run.overrides for a in ("-S", o)]]
     r = _dvc(*args)
     if r.returncode:
         raise ExternalError(f"experiment {run.name}: dvc {' '.join(args[:5])} ... failed: "
-                            f"{_last_line(r.stdout + r.stderr)}")
+                            f"{last_line(r.stdout + r.stderr)}")
 
 
 class Follower:

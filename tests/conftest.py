@@ -61,10 +61,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: no oversubscri
 
 
 # The longest files, measured (docs/guides/contributing.md), handed out first and in this order. test_study
-# (a tiny study through DVC's queue, in a copy of ``reproduced``, which it builds first) and test_slurm (studies
-# on a real SLURM cluster) start at once, one on each worker, so that neither runs alone at the end; then
-# test_e2e (``reproduced`` is built by then), test_performance's gpu-check and test_e2e_sweeps follow.
-FIRST = ("tests/test_study.py", "tests/test_slurm.py", "tests/test_e2e.py", "tests/test_performance.py",
+# (a tiny study through DVC's queue, in a copy of ``reproduced``, which it builds first) and test_performance
+# (gpu-check's dry run: no DVC repository) start at once, one on each worker; then test_slurm (studies on a real
+# SLURM cluster, in a copy of ``reproduced``: built by then), test_e2e and test_e2e_sweeps follow.
+FIRST = ("tests/test_study.py", "tests/test_performance.py", "tests/test_slurm.py", "tests/test_e2e.py",
          "tests/test_e2e_sweeps.py")
 
 

@@ -64,7 +64,10 @@ def tiny_params(data_root: Path) -> dict:
     p = yaml.safe_load(committed_params_text())
     p["data"].update(root=str(data_root), download=False)
     p["model"].update(ch=8, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[14], dropout=0.0)
-    p["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, ema_snapshot_every=2)
+    # no preview grids: at 28×28 the two of a run (step 0 and the last: 2 × 50 network passes of 16 images)
+    # cost 4–6 CPU s, most of a tiny train stage; the tests of the previews turn them on (test_cli, test_guidance,
+    # test_live, test_reliability)
+    p["train"].update(steps=6, batch_size=8, warmup_steps=2, log_every=2, ema_snapshot_every=2, sample_every=0)
     p["classifier"].update(steps=20, batch_size=32, arch={"width": 8, "feature_dim": 16})
     p["sample"].update(steps=[2, 3], num_samples=24, batch_size=12)
     p["fid"].update(batch_size=64, kid_subset_size=12)

@@ -27,7 +27,9 @@ def invoke(*args):
 def workdir(tmp_path_factory, idx_dir):
     """Runs prepare → classifier → train → ema → sample → fid → report once for the module."""
     wd = tmp_path_factory.mktemp("cli")
-    (wd / "params.yaml").write_text(yaml.safe_dump(tiny_params(idx_dir)))
+    p = tiny_params(idx_dir)
+    p["train"]["sample_every"] = 1000  # the preview grids, as params.yaml has them
+    (wd / "params.yaml").write_text(yaml.safe_dump(p))
     mp = pytest.MonkeyPatch()
     mp.chdir(wd)
     for args in (["prepare"], ["classifier", "--device", "cpu"], ["train", "--device", "cpu"], ["ema"],

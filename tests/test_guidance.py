@@ -325,7 +325,7 @@ def test_params_guidance_needs_a_class_model():
 @pytest.fixture(scope="module")
 def conditional(tmp_path_factory):
     """prepare's outputs → classifier → train (conditioning: class) → sample (w = 0 and w3) → fid → report."""
-    root = workspace(tmp_path_factory.mktemp("cfg"))
+    root = workspace(tmp_path_factory.mktemp("cfg"), sample_every=1000)  # with train's preview grids
     p = yaml.safe_load((root / "params.yaml").read_text())
     p.update(conditioning="class")
     p["sample"].update(samplers=["ddim"], steps=[3], guidance=["w3"])

@@ -1,11 +1,13 @@
 """Studies on a real SLURM cluster (tests/slurm_cluster.py: slurmctld and slurmd on this machine), no
-mock: a study's run through SLURM trains the weights of a local uninterrupted training of the same params,
+mock: a study's run through SLURM trains the weights of an uninterrupted training of the same params here,
 also when its job is cancelled mid-training and submitted again by the next `study run` (it resumes), and
 comes home with its metrics; a failing job is named with its error, Ctrl-C cancels what the run
 submitted, and training as two srun tasks equals one process."""
 
+import hashlib
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,10 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 from slurm_cluster import start, stop, unavailable
 from tiny import cli, max_abs_diff, subprocess_env, weights, workspace
 
-from helpers import make_idx_dir, new_repository, queue_env, sh, tiny_params
+from helpers import copy_repository, queue_env, sh
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
 
@@ -33,19 +37,47 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def repos(tmp_path_factory, cluster):
-    """Two copies of a tiny repository (one for a local training, one for SLURM), its studies in studies/."""
+def repos(tmp_path_factory, cluster, reproduced):
+    """A copy of ``reproduced`` (the tiny repository after `dvc repro`, committed: its data, classifier and FID
+    reference are restored in the jobs, not made again) with its studies in studies/, committed; and a folder
+    for the training here."""
     root = tmp_path_factory.mktemp("slurm-repos")
-    p = tiny_params(make_idx_dir(root / "idx"))
-    p["timesteps"] = 100  # the bound of the nll stage: T network passes
+    remote = copy_repository(reproduced, root / "slurm")
     long = "long: [train.steps=400, train.ema_snapshot_every=100]"  # a train long enough to be cancelled in
     files = {"studies/one.yaml": STUDY.format(seeds="[0]").replace("base: []", long),
              "studies/stop.yaml": STUDY.format(seeds="[9]"),
              "studies/fails.yaml": STUDY.format(seeds="[0]").replace("base: []", "boom: [train.lr=1.0e+30]")}
+    for f, text in files.items():
+        (remote / f).write_text(text)
     env = {**queue_env(), "SLURM_CONF": cluster["SLURM_CONF"]}
-    for name in ("local", "slurm"):
-        new_repository(root / name, p, env, files=files)
-    return root / "local", root / "slurm", env
+    sh(["git", "add", "-A"], remote, env)
+    sh(["git", "commit", "-qm", "the studies"], remote, env)
+    return root / "local", remote, env
+
+
+def train_here(local: Path, remote: Path, overrides: list[str]) -> Path:
+    """`python -m pipeline train` in this process, on one thread as the jobs' stages (queue_env), on the data
+    of ``remote`` with its params.yaml and ``overrides`` (``key.path=yaml value``, as `dvc exp run -S`):
+    the model an uninterrupted training of the run writes."""
+    p = yaml.safe_load((remote / "params.yaml").read_text())
+    for override in overrides:
+        key, value = override.split("=", 1)
+        *parents, last = key.split(".")
+        node = p
+        for k in parents:
+            node = node[k]
+        node[last] = yaml.safe_load(value)
+    (local / "data").mkdir(parents=True)
+    shutil.copytree(remote / "data/prepared", local / "data/prepared")
+    (local / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = cli(local, "train", "--device", "cpu", "--no-live")
+    finally:
+        torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.output
+    return local / "models/model.pt"
 
 
 def study(root: Path, env: dict, *args: str, code: int = 0) -> str:
@@ -85,15 +117,15 @@ def test_a_study_through_slurm_trains_like_a_local_run_also_after_a_cancel(repos
     """The study's run as a SLURM job, cancelled mid-training (`scancel`: SIGTERM, as a preemption sends):
     train writes its resume state in the run's clone, the next `study run` submits the run again, its job
     resumes training from that state, and the experiment that comes home has the weights of an
-    uninterrupted local training of the same params (`dvc exp run train`, the same md5 in dvc.lock) and
+    uninterrupted training of the same params in this process (`train_here`: the same md5) and
     every metric of the pipeline. (That the stages after train give the same results from the same weights
     is test_e2e's and test_study's: the run-cache restores them.)"""
     from pipeline.experiments.study import load
 
     local, remote, env = repos
     start_time = time.perf_counter()
-    overrides = next(r.overrides for r in load(local / "studies/one.yaml").runs if r.name == "one-long-0")
-    sh(["dvc", "exp", "run", "train", "-n", "one-long-0", *[a for o in overrides for a in ("-S", o)]], local, env)
+    overrides = next(r.overrides for r in load(remote / "studies/one.yaml").runs if r.name == "one-long-0")
+    model = train_here(local, remote, overrides)
     local_seconds = time.perf_counter() - start_time
     start_time = time.perf_counter()
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "study", "run", "studies/one.yaml", "--executor",
@@ -115,17 +147,17 @@ def test_a_study_through_slurm_trains_like_a_local_run_also_after_a_cancel(repos
     assert "one-long-0: running stage train" in out, out  # the job's stages, from its log
     again = job_of(remote, "one", "one-long-0")
     assert again != job and "train: resuming from step" in (clone / f"slurm-{again}.out").read_text()
-    here, there = experiments(local, env), experiments(remote, env)
-    assert set(here) == set(there) == {"one-long-0"}, (here.keys(), there.keys())
-    here, there = here["one-long-0"], there["one-long-0"]
-    assert here["params"]["params.yaml"]["data"] == there["params"]["params.yaml"]["data"]
-    md5s = [d["outs"]["models/model.pt"]["hash"] for d in (here, there)]
-    assert md5s[0] and md5s[0] == md5s[1], md5s  # resumed on SLURM = uninterrupted here, bit for bit
+    there = experiments(remote, env)
+    assert set(there) == {"one-long-0"}, there.keys()
+    there = there["one-long-0"]
+    assert there["params"]["params.yaml"]["data"] == yaml.safe_load((local / "params.yaml").read_text())
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    assert there["outs"]["models/model.pt"]["hash"] == md5, md5  # resumed on SLURM = uninterrupted here, bit for bit
     metrics = there["metrics"]
     fid, bpd = metrics["metrics/fid.json"]["data"]["fid"]["ddpm"]["3"], metrics["metrics/nll.json"]["data"]["nll"]
     assert fid > 0 and bpd["bits_per_dim"] > 0, metrics
     figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as SLURM jobs (cancelled, then resumed), its weights "
-           f"those of a local uninterrupted training ({local_seconds:.0f} s) (this machine, shared with the other tests)")
+           f"those of an uninterrupted training here ({local_seconds:.0f} s, in process) (this machine, shared with the other tests)")
     # the experiment came home: done, also for `study report`
     assert "1 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
                                                               "slurm", "--dry")

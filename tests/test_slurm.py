@@ -57,19 +57,13 @@ def repos(tmp_path_factory, cluster, reproduced):
 
 def train_here(local: Path, remote: Path, overrides: list[str]) -> Path:
     """`python -m pipeline train` in this process, on one thread as the jobs' stages (queue_env), on the data
-    of ``remote`` with its params.yaml and ``overrides`` (``key.path=yaml value``, as `dvc exp run -S`):
-    the model an uninterrupted training of the run writes."""
-    p = yaml.safe_load((remote / "params.yaml").read_text())
-    for override in overrides:
-        key, value = override.split("=", 1)
-        *parents, last = key.split(".")
-        node = p
-        for k in parents:
-            node = node[k]
-        node[last] = yaml.safe_load(value)
-    (local / "data").mkdir(parents=True)
+    of ``remote`` with its params.yaml and ``overrides`` applied as `dvc exp run -S` applies them: the model an
+    uninterrupted training of the run writes."""
+    from pipeline.experiments.dvc_api import apply_overrides
+
     shutil.copytree(remote / "data/prepared", local / "data/prepared")
-    (local / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    shutil.copyfile(remote / "params.yaml", local / "params.yaml")
+    apply_overrides(local / "params.yaml", overrides)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -15,14 +15,14 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from slurm_cluster import start, stop, unavailable
 from tiny import cli, max_abs_diff, subprocess_env, weights, workspace
 
 from helpers import copy_repository, queue_env, sh
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or "")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(unavailable() is not None, reason=unavailable() or ""),
+              pytest.mark.usefixtures("one_thread")]  # the trainings in process: one thread, as the jobs' stages
 
 STUDY = "base:\n  set: ['sample.samplers=[ddpm]', 'sample.steps=[3]']\nexperiments:\n  base: []\nseeds: {seeds}\n"
 
@@ -56,20 +56,15 @@ def repos(tmp_path_factory, cluster, reproduced):
 
 
 def train_here(local: Path, remote: Path, overrides: list[str]) -> Path:
-    """`python -m pipeline train` in this process, on one thread as the jobs' stages (queue_env), on the data
-    of ``remote`` with its params.yaml and ``overrides`` applied as `dvc exp run -S` applies them: the model an
-    uninterrupted training of the run writes."""
+    """`python -m pipeline train` in this process (on one thread: ``one_thread``), on the data of ``remote``
+    with its params.yaml and ``overrides`` applied as `dvc exp run -S` applies them: the model an uninterrupted
+    training of the run writes."""
     from pipeline.experiments.dvc_api import apply_overrides
 
     shutil.copytree(remote / "data/prepared", local / "data/prepared")
     shutil.copyfile(remote / "params.yaml", local / "params.yaml")
     apply_overrides(local / "params.yaml", overrides)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        r = cli(local, "train", "--device", "cpu", "--no-live")
-    finally:
-        torch.set_num_threads(threads)
+    r = cli(local, "train", "--device", "cpu", "--no-live")
     assert r.exit_code == 0, r.output
     return local / "models/model.pt"
 
@@ -151,7 +146,8 @@ def test_a_study_through_slurm_trains_like_a_local_run_also_after_a_cancel(repos
     fid, bpd = metrics["metrics/fid.json"]["data"]["fid"]["ddpm"]["3"], metrics["metrics/nll.json"]["data"]["nll"]
     assert fid > 0 and bpd["bits_per_dim"] > 0, metrics
     figure(f"slurm: a 1-run study in {slurm_seconds:.0f} s as SLURM jobs (cancelled, then resumed), its weights "
-           f"those of an uninterrupted training here ({local_seconds:.0f} s, in process) (this machine, shared with the other tests)")
+           f"those of an uninterrupted training here ({local_seconds:.0f} s, in process) (this machine, shared with "
+           "the other tests)")
     # the experiment came home: done, also for `study report`
     assert "1 done, 0 queued or running, 0 to queue" in study(remote, env, "run", "studies/one.yaml", "--executor",
                                                               "slurm", "--dry")

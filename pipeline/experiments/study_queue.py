@@ -32,7 +32,6 @@ from ddpm.errors import InputError
 from pipeline import yamlio
 from pipeline.errors import ExternalError
 from pipeline.experiments import dvc_api
-from pipeline.experiments.dvc_api import ERROR, last_line
 from pipeline.launch import SHARES
 from pipeline.progress import format_seconds
 from pipeline.stages._cli import stopped
@@ -77,12 +76,13 @@ def queue(run) -> None:
         print(f"  {run.name}: replacing the experiment of that name, made by other params or code", flush=True)
         r = _dvc("exp", "remove", run.name)
         if r.returncode:
-            raise ExternalError(f"experiment {run.name}: dvc exp remove failed: {last_line(r.stdout + r.stderr)}")
+            raise ExternalError(f"experiment {run.name}: dvc exp remove failed: "
+                                f"{dvc_api.last_line(r.stdout + r.stderr)}")
     args = ["exp", "run", "--queue", "-n", run.name, *[a for o in run.overrides for a in ("-S", o)]]
     r = _dvc(*args)
     if r.returncode:
         raise ExternalError(f"experiment {run.name}: dvc {' '.join(args[:5])} ... failed: "
-                            f"{last_line(r.stdout + r.stderr)}")
+                            f"{dvc_api.last_line(r.stdout + r.stderr)}")
 
 
 class Follower:
@@ -130,7 +130,7 @@ class Follower:
                 self.say(f"{name}: stage {m[1]} unchanged from the baseline commit")
             elif ESTIMATE.match(line):
                 self.say(f"{name}: {line}")
-            elif ERROR.match(line):
+            elif dvc_api.ERROR.match(line):
                 self.errors.setdefault(name, []).append(line)
 
     def update(self, states: dict[str, str], logs: dict[str, str | None]) -> None:
